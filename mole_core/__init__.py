@@ -1,0 +1,1 @@
+"""MoLE Studio engine: Mixture of LoRA Experts on unmodified diffusers / transformers models."""
