@@ -2,18 +2,36 @@
 
 Canonical form: a `Lora` is a dict from target-module key to `LoraWeights(A, B, scale)`.
 Keys are "<component>.<module path>", e.g. "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-or "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", so that
-`components.get_submodule(key)` finds the module (components = nn.ModuleDict of the pipeline's models).
+or "text_encoder.encoder.layers.0.self_attn.q_proj" (transformers 5 has no `.text_model` level in
+CLIPTextModel; files that carry it are read without it), so that `components.get_submodule(key)` finds the
+module (components = nn.ModuleDict of the pipeline's models, see `pipeline_components`).
+
+Files: `load_lora` reads diffusers/PEFT and kohya/A1111 .safetensors through diffusers' own key
+conversion; `validate_lora` checks a LoRA against a model; `save_lora` writes either format atomically.
 
 `delta_weight` is the one function that owns ΔW = s · B A (Linear and Conv2d, float32).
 
-References: MoLE (Wu et al., ICLR 2024); peft `Linear.get_delta_weight` for the convention.
+References: MoLE (Wu et al., ICLR 2024); peft `Linear.get_delta_weight` for the convention; diffusers
+`StableDiffusionLoraLoaderMixin.lora_state_dict` and kohya-ss sd-scripts for the file layouts.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 
 @dataclass
@@ -49,3 +67,346 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor
         return scale * (B32 @ A32)
     r = A.shape[0]
     return scale * (B32.reshape(B32.shape[0], r) @ A32.reshape(r, -1)).reshape(B.shape[0], *A.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading LoRA files
+# ----------------------------------------------------------------------------------------------
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")     # the pipeline models a LoRA may target
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # refused: loading them runs arbitrary code
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_TE_PREFIX = {"text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+METADATA_KEY = "lora_adapter_metadata"                      # diffusers' key for the PEFT LoraConfig
+
+# key marker -> what the file is. Checked before anything else reads the weights.
+UNSUPPORTED_MARKERS = {
+    "hada_w": "a LyCORIS LoHa (hada_*) file",
+    "lokr_w": "a LyCORIS LoKr (lokr_*) file",
+    "oft_": "an OFT / BOFT file",
+    "lora_mid": "a LyCORIS LoCon file with a Tucker mid weight (lora_mid)",
+    "dora_scale": "a DoRA file (dora_scale)",
+    "lora_magnitude_vector": "a DoRA file (lora_magnitude_vector)",
+    ".diff": "a full-weight difference (LyCORIS 'full'), not a LoRA",
+    "w_norm": "a LyCORIS norm-layer file (w_norm)",
+}
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be read or does not fit: the message names file, module and shapes."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a .safetensors file. Never unpickles anything."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFileError(f"{path}: '{path.suffix}' files are Python pickles, which can run arbitrary code when "
+                            f"loaded; they are refused. Convert the LoRA to .safetensors first.")
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such file.")
+    if path.stat().st_size == 0:
+        raise LoraFileError(f"{path}: the file is empty (0 bytes).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
+        raise LoraFileError(f"{path}: not a readable .safetensors file (truncated, corrupt or another format): "
+                            f"{e}") from e
+    if not tensors:
+        raise LoraFileError(f"{path}: the file holds no tensors.")
+    return tensors, metadata
+
+
+def _refuse_unsupported(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse LyCORIS / DoRA / OFT variants and non-finite weights, naming the first offending key."""
+    for key in state:
+        for marker, what in UNSUPPORTED_MARKERS.items():
+            if marker in key:
+                raise LoraFileError(f"{path}: this is {what} (key '{key}'); only plain LoRA (A/B or "
+                                    f"lora_down/lora_up with optional alpha) is supported.")
+    for key, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise LoraFileError(f"{path}: tensor '{key}' contains {bad} NaN/Inf value(s).")
+
+
+def _rename_map(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Old key -> new key of a diffusers key conversion, matched by tensor identity (values are not copied)."""
+    new_by_id = {id(v): k for k, v in after.items()}
+    return {k: new_by_id[id(v)] for k, v in before.items() if id(v) in new_by_id}
+
+
+def _to_peft_keys(path: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers' own conversion of every component's keys to PEFT form '<comp>.<path>.lora_A.weight'.
+
+    Returns the converted dict and old key -> new key (so alphas can follow their weights).
+    """
+    out, renamed = {}, {}
+    for comp in COMPONENTS:
+        part = {k[len(comp) + 1:]: v for k, v in state.items() if k.startswith(comp + ".")}
+        if not part:
+            continue
+        if any("lora_A" in k or "lora_B" in k for k in part):
+            conv = dict(part)                                          # already PEFT form
+        elif comp == "unet":
+            conv = convert_unet_state_dict_to_peft(dict(part))         # what unet.load_lora_adapter does
+        else:
+            # kohya text-encoder keys come back mixed: attention in the old layout (`to_q_lora.down`), MLP in
+            # the newer one (`lora_linear_layer`). diffusers' type sniffing picks one layout per dict (and then
+            # leaves the other unconverted), so name the layouts explicitly, oldest first.
+            conv = dict(part)
+            if any("_lora." in k for k in conv):
+                conv = convert_state_dict_to_peft(conv, original_type=StateDictType.DIFFUSERS_OLD)
+            if any("lora_linear_layer" in k for k in conv):
+                conv = convert_state_dict_to_peft(conv, original_type=StateDictType.DIFFUSERS)
+        for old, new in _rename_map(part, conv).items():
+            renamed[f"{comp}.{old}"] = f"{comp}.{new}"
+        out.update({f"{comp}.{k}": v for k, v in conv.items()})
+    stray = [k for k in state if k.split(".")[0] not in COMPONENTS]
+    if stray:
+        raise LoraFileError(f"{path}: key '{stray[0]}' belongs to none of {COMPONENTS}; this does not look like a "
+                            f"LoRA for a Stable Diffusion pipeline ({len(stray)} such key(s)).")
+    return out, renamed
+
+
+def _module_key(peft_key: str) -> str:
+    """'<comp>.<path>.lora_A.weight' -> canonical module key '<comp>.<path>'.
+
+    transformers 5 flattened CLIPTextModel (no `.text_model`), so the text-encoder prefix is dropped the way
+    diffusers' own loader drops it.
+    """
+    key = peft_key.rsplit(".lora_", 1)[0]
+    comp, _, rest = key.partition(".")
+    if comp != "unet":
+        rest = rest.removeprefix("text_model.")
+    return f"{comp}.{rest}"
+
+
+def _metadata_scales(path: Path, metadata: dict[str, str], ranks: dict[str, int]) -> dict[str, float]:
+    """Per-module scale from diffusers' `lora_adapter_metadata` (a PEFT LoraConfig per component)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraFileError(f"{path}: header entry '{METADATA_KEY}' is not valid JSON: {e}") from e
+    scales = {}
+    for key, r in ranks.items():
+        comp, _, mod = key.partition(".")
+        alpha = config.get(f"{comp}.lora_alpha")
+        if alpha is None:
+            continue
+        for pattern, a in (config.get(f"{comp}.alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern.lstrip('^')})$", mod):   # PEFT's pattern rule
+                alpha = a
+        root = math.sqrt(r) if config.get(f"{comp}.use_rslora") else r
+        scales[key] = float(alpha) / root
+    return scales
+
+
+def load_lora(path: str | Path, name: str | None = None) -> Lora:
+    """Read a .safetensors LoRA of a Stable Diffusion pipeline (SD 1.x/2.x, SDXL) into canonical form.
+
+    Accepts diffusers/PEFT keys (`unet.…lora_A/lora_B`, `…lora.down/up`, `…processor.to_q_lora…`) and
+    kohya/A1111 keys (`lora_unet_…lora_down/lora_up` + `.alpha`, `lora_te_`, `lora_te1_/te2_`); the key
+    conversion is diffusers' own (`lora_state_dict`). Scale per module = alpha / rank, alpha from the
+    file's `.alpha` tensors or its diffusers metadata; absent -> 1 (the diffusers/PEFT convention).
+    Raises LoraFileError (a ValueError) for pickles, empty/truncated files, LyCORIS/DoRA variants,
+    NaN/Inf weights, or keys that are not a LoRA of a Stable Diffusion pipeline.
+    """
+    # 1. read the file, refuse what the canonical form cannot hold
+    path = Path(path)
+    state, metadata = _read_safetensors(path)
+    _refuse_unsupported(path, state)
+    is_kohya = all(k.startswith(KOHYA_PREFIXES) for k in state)
+    is_xl = any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in state)
+
+    # 2. diffusers' own conversion to its key layout (+ kohya alphas)
+    pipeline_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    try:
+        converted, network_alphas = pipeline_cls.lora_state_dict(dict(state))
+    except (ValueError, KeyError) as e:
+        raise LoraFileError(f"{path}: diffusers cannot read these LoRA keys: {e}") from e
+    converted = {k: v for k, v in converted.items() if not k.endswith(".alpha")}
+    peft, renamed = _to_peft_keys(path, converted)
+
+    # 3. group A/B per module
+    A, B = {}, {}
+    for k, v in peft.items():
+        if k.endswith(".lora_A.weight"):
+            A[_module_key(k)] = v
+        elif k.endswith(".lora_B.weight"):
+            B[_module_key(k)] = v
+        else:
+            raise LoraFileError(f"{path}: unexpected tensor '{k}' (only LoRA A/B weights and alphas are supported).")
+    unpaired = sorted(A.keys() ^ B.keys())
+    if unpaired:
+        raise LoraFileError(f"{path}: module '{unpaired[0]}' has only one of its two LoRA factors (down/A, up/B).")
+
+    # 4. scale = alpha / rank: kohya `.alpha` tensors (mapped through the renames), else diffusers metadata
+    ranks = {key: a.shape[0] for key, a in A.items()}
+    scales = _metadata_scales(path, metadata, ranks)
+    for alpha_key, alpha in (network_alphas or {}).items():
+        stem = alpha_key.removesuffix(".alpha")
+        down = stem if stem in renamed else stem + ".lora.down.weight"
+        if down not in renamed:
+            raise LoraFileError(f"{path}: alpha '{alpha_key}' matches no LoRA module.")
+        key = _module_key(renamed[down])
+        scales[key] = float(alpha) / ranks[key]
+
+    modules = {key: LoraWeights(A=A[key].contiguous(), B=B[key].contiguous(), scale=scales.get(key, 1.0))
+               for key in sorted(A)}
+    for key, w in modules.items():
+        if w.B.dim() != w.A.dim() or w.B.shape[1] != w.A.shape[0]:
+            raise LoraFileError(f"{path}: module '{key}': down/A {tuple(w.A.shape)} and up/B {tuple(w.B.shape)} "
+                                f"do not chain (B must be (d_out, {w.A.shape[0]}{', 1, 1' if w.A.dim() == 4 else ''})).")
+    return Lora(name=name or path.stem, modules=modules, path=str(path),
+                format="kohya" if is_kohya else "diffusers", metadata=dict(metadata))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting a model
+# ----------------------------------------------------------------------------------------------
+
+def pipeline_components(pipe) -> nn.ModuleDict:
+    """The pipeline's models a LoRA can target, addressable by canonical key via `get_submodule`."""
+    return nn.ModuleDict({c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None})
+
+
+def _expected_shapes(module: nn.Module, r: int) -> tuple[tuple, tuple]:
+    if isinstance(module, nn.Linear):
+        return (r, module.in_features), (module.out_features, r)
+    return (r, module.in_channels // module.groups, *module.kernel_size), (module.out_channels, r, 1, 1)
+
+
+def lora_problems(lora: Lora, components: nn.Module) -> list[str]:
+    """Every reason `lora` does not fit `components`, one human sentence each (empty list: it fits)."""
+    problems = []
+    for key, w in lora.modules.items():
+        try:
+            module = components.get_submodule(key)
+        except AttributeError:
+            comp = key.split(".")[0]
+            where = "module" if comp in dict(components.named_children()) else f"component '{comp}'"
+            problems.append(f"module '{key}': the model has no such {where}")
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            kind = type(module)
+            problems.append(f"module '{key}': is a {kind.__module__}.{kind.__qualname__}, expected a plain "
+                            f"torch.nn.Linear or torch.nn.Conv2d (is another adapter still attached?)")
+            continue
+        exp_a, exp_b = _expected_shapes(module, w.rank)
+        if tuple(w.A.shape) != exp_a or tuple(w.B.shape) != exp_b:
+            problems.append(f"module '{key}' ({type(module).__name__}): expected A {exp_a}, B {exp_b}; "
+                            f"found A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
+    return problems
+
+
+def validate_lora(lora: Lora, components: nn.Module) -> None:
+    """Raise LoraFileError unless every key resolves to an nn.Linear/nn.Conv2d of fitting shape.
+
+    Linear: A (r, d_in), B (d_out, r). Conv2d: A (r, c_in, kh, kw), B (d_out, r, 1, 1).
+    """
+    problems = lora_problems(lora, components)
+    if problems:
+        shown = "\n  ".join(problems[:5])
+        more = f"\n  … and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise LoraFileError(f"{lora.path or lora.name}: {len(problems)} of {len(lora.modules)} module(s) do not fit "
+                            f"this model (a LoRA for another architecture?):\n  {shown}{more}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing LoRA files
+# ----------------------------------------------------------------------------------------------
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a .safetensors file via a temp file in the same folder + os.replace: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _kohya_name(key: str) -> str:
+    """'unet.down_blocks.0.….to_q' -> 'lora_unet_down_blocks_0_…_to_q'; text encoders keep kohya's text_model_."""
+    comp, _, rest = key.partition(".")
+    if comp == "unet":
+        return "lora_unet_" + rest.replace(".", "_")
+    return KOHYA_TE_PREFIX[comp] + ("text_model." + rest).replace(".", "_")
+
+
+def save_lora(lora: Lora, path: str | Path, format: str = "diffusers") -> None:
+    """Write `lora` atomically as a .safetensors file that diffusers' `pipe.load_lora_weights` reads.
+
+    diffusers: '<comp>.<path>.lora_A.weight' / '.lora_B.weight' with the scale folded into B (diffusers
+      reads a file without alphas as scale 1, so ΔW is exact).
+    kohya: 'lora_unet_<path_with_underscores>.lora_down.weight' / '.lora_up.weight' / '.alpha' with
+      alpha = scale · rank (so alpha / rank gives the scale back); text encoders as 'lora_te_' / 'lora_te2_'.
+    """
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, w in lora.modules.items():
+        if format == "diffusers":
+            tensors[f"{key}.lora_A.weight"] = w.A.contiguous()
+            tensors[f"{key}.lora_B.weight"] = (w.B.float() * w.scale).to(w.B.dtype).contiguous()
+        elif format == "kohya":
+            name = _kohya_name(key)
+            tensors[f"{name}.lora_down.weight"] = w.A.contiguous()
+            tensors[f"{name}.lora_up.weight"] = w.B.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(w.scale * w.rank, dtype=torch.float32)
+        else:
+            raise ValueError(f"{path}: unknown LoRA file format '{format}' (expected 'diffusers' or 'kohya').")
+    metadata = {"format": "pt", "mole.name": lora.name, "mole.format": format}
+    _atomic_save(tensors, path, metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspecting
+# ----------------------------------------------------------------------------------------------
+
+def inspect_lora(path: str | Path, components: nn.Module | None = None) -> dict:
+    """A summary of a LoRA file for people: format, targets, module count, ranks, alphas, size, verdict.
+
+    verdict: "ok" (fits the given model), "readable (no model given to validate against)", or the error;
+    ok: False when the file cannot be read or does not fit the given model.
+    """
+    path = Path(path)
+    info = {"file": str(path), "size_bytes": path.stat().st_size if path.is_file() else None,
+            "format": None, "targets": {}, "modules": 0, "linear": 0, "conv": 0,
+            "ranks": [], "alphas": [], "verdict": None, "ok": False}
+    try:
+        lora = load_lora(path)
+    except ValueError as e:
+        info["verdict"] = str(e)
+        return info
+    info["format"] = lora.format
+    for key, w in lora.modules.items():
+        comp = key.split(".")[0]
+        info["targets"][comp] = info["targets"].get(comp, 0) + 1
+        info["conv" if w.A.dim() == 4 else "linear"] += 1
+    info["modules"] = len(lora.modules)
+    info["ranks"] = sorted({w.rank for w in lora.modules.values()})
+    info["alphas"] = sorted({round(w.scale * w.rank, 6) for w in lora.modules.values()})
+    problems = [] if components is None else lora_problems(lora, components)
+    info["ok"] = not problems
+    if components is None:
+        info["verdict"] = "readable (no model given to validate against)"
+    else:
+        info["verdict"] = "ok" if not problems else f"{len(problems)} module(s) do not fit: " + "; ".join(problems[:3])
+    return info

@@ -1,0 +1,252 @@
+"""The study: does gated composition (MoLE) keep each LoRA and the caption better than merges?
+
+Run on the embedded pixel world, with fixed seeds, every cell scored by the world's oracle on the same
+prompts and seeds (`mole_core.evaluate`). Five parts, after the MoLE paper:
+
+  1. composition   2, 3 and 4 subjects composed: caption and per-subject fidelity for linear, SVD, MoLE
+                   (paper Table 1); base preservation on trigger-free captions for the 3-subject set.
+  2. granularity   m/l/b/n-MoLE: one gate per matrix, layer, block, network (paper Table 9).
+  3. balance       balance loss on/off (α = 0.5 vs 0), and the trained gates' temperature scaled at
+                   inference (τ × 0.5, τ × 2) (paper Table 7 analogue).
+  4. flexibility   gates trained on three subjects, one switched off at inference (no retraining):
+                   does it disappear while the other two stay? vs re-merging the remaining two linearly
+                   (paper Fig. 8).
+  5. cost          gate-training steps and seconds to the plateau (90% of the loss drop) on this machine.
+
+    python bench/study.py                      # the full study (~20 min on 2 CPU cores)
+    python bench/study.py --parts 1 --seeds 2  # a quick look
+
+Writes bench/results/study.md (the tables), study.json (every per-image score, training curves),
+and one PNG plot per part plus sample grids. Tables show mean ± half-width of the 95% interval.
+
+References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628), Tables 1, 7, 9 and Fig. 8.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mole_core import evaluate as ev  # noqa: E402
+from mole_core.attach import MoleConfig  # noqa: E402
+from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, Engine  # noqa: E402
+from mole_core.metrics import WorldScorer  # noqa: E402
+from mole_core.train import TrainConfig  # noqa: E402
+
+SUBJECTS = ["face", "checker", "ring", "heart"]      # composed in this order: the first n
+GRANULARITIES = ["matrix", "layer", "block", "network"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--bank", default=DEFAULT_BANK)
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (5 needs the trainings of 1-3)")
+    p.add_argument("--prompts", type=int, default=6, help="captions per cell")
+    p.add_argument("--seeds", type=int, default=9, help="seeds per caption (images per cell = prompts × seeds)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--train-steps", type=int, default=100, help="gate-training steps per mixture")
+    p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate")
+    p.add_argument("--batch", type=int, default=4, help="gate-training batch size")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared 2-core machine, 2 threads ran ~50x slower)")
+    return p.parse_args(argv)
+
+
+class Study:
+    """Shared state of one run: the engine, the scorer, trained mixtures and their training logs."""
+
+    def __init__(self, args):
+        self.args = args
+        self.engine = Engine(args.model, args.bank)
+        self.scorers = [WorldScorer.load(Path(args.model) / "oracle")]
+        self.seeds = list(range(1000, 1000 + args.seeds))     # held out from anything the build used
+        self.mixtures: dict[str, object] = {}
+        self.training: dict[str, dict] = {}
+        self.sections: list[str] = []
+        self.payload: dict = {}
+        self.start = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        print(f"[study {time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
+
+    def progress(self, label):
+        last = [0.0]
+
+        def on_progress(done, total, message):
+            now = time.perf_counter()
+            if now - last[0] > 15 or done == total:
+                last[0] = now
+                self.log(f"{label}: {done}/{total} {message}")
+        return on_progress
+
+    def mixture(self, keys, granularity="block", alpha=0.5):
+        """Train (once) the gates for these keys and settings; remember the training log."""
+        name = f"{'+'.join(keys)} · {granularity} · α={alpha:g}"
+        if name not in self.mixtures:
+            self.log(f"training {name}")
+            config = TrainConfig(steps=self.args.train_steps, lr=self.args.lr, batch_size=self.args.batch,
+                                 balance_alpha=alpha, seed=0, resolution=self.engine.default_size()[0])
+            progress = ev.Progress(self.args.train_steps, self.progress(f"train {name}"))
+            self.mixtures[name], log = ev.train_mixture(self.engine, keys, MoleConfig(granularity=granularity),
+                                                        config, progress, name)
+            log.update(keys=list(keys), granularity=granularity, alpha=alpha)
+            self.training[name] = log
+            self.log(f"trained {name}: {log['seconds']:.1f} s, loss {log['first_loss']:.4f} -> {log['final_loss']:.4f}")
+        return self.mixtures[name]
+
+    def score(self, label, cells, keys, plain=False, prompts=None):
+        targets = ev.targets_from_bank(self.engine.bank, keys)
+        prompts = prompts or ev.world_prompts(targets, self.args.prompts)
+        plain_prompts = ev.world_plain_prompts(self.args.prompts) if plain else ()
+        progress = ev.Progress(ev.count_images(cells, prompts, plain_prompts, self.seeds), self.progress(label))
+        result = ev.score_cells(self.engine, cells, prompts, self.seeds, self.scorers, targets, plain_prompts,
+                                self.args.steps, self.args.guidance, progress)
+        result.notes.append(f"{len(prompts)} captions × {len(self.seeds)} seeds = "
+                            f"{len(prompts) * len(self.seeds)} images per row; {self.args.steps} denoising steps, "
+                            f"guidance {self.args.guidance:g}.")
+        return result
+
+    def add(self, key, title, result, text=""):
+        out = Path(self.args.out)
+        paths = ev.write_outputs(result, out, name=f"study_{key}", title=title)
+        self.sections.append(ev.to_markdown(result, title) + (f"\n{text}\n" if text else "")
+                             + f"\n![{title}]({paths['plot'].name})\n")
+        self.payload[key] = ev.to_json(result)
+        self.write()
+
+    def write(self):
+        out = Path(self.args.out)
+        header = [
+            "# Study: MoLE vs linear vs SVD on the pixel world",
+            "",
+            f"Command: `python bench/study.py {' '.join(sys.argv[1:])}` — machine: {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; torch {torch.__version__}.",
+            f"Scores: the world's oracle (caption fidelity ≈ CLIP text-alignment, subject fidelity ≈ "
+            f"image-alignment), mean ± 95% interval over images. Seeds {self.seeds[0]}..{self.seeds[-1]}; "
+            f"gates: {self.args.train_steps} steps, lr {self.args.lr:g}, batch {self.args.batch}.",
+            f"Total time so far: {time.perf_counter() - self.start:.0f} s.",
+            "",
+        ]
+        text = "\n".join(header) + "\n".join(self.sections)
+        ev._atomic_write(out / "study.md", lambda p: Path(p).write_text(text))
+        data = json.dumps({"args": vars(self.args), "parts": self.payload,
+                           "training": ev.to_json(ev.Evaluation(rows=[], training=self.training))["training"]},
+                          indent=1)
+        ev._atomic_write(out / "study.json", lambda p: Path(p).write_text(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# The five parts
+
+def part_composition(study: Study):
+    """1. Composing 2, 3, 4 subjects: linear, SVD, MoLE (block)."""
+    for n in (2, 3, 4):
+        keys = SUBJECTS[:n]
+        mix = study.mixture(keys)
+        cells = [ev.Cell("Linear (normalised)", "linear", keys), ev.Cell("SVD", "svd", keys),
+                 ev.Cell("MoLE (block)", "mole", keys, mixture=mix)]
+        if n == 3:
+            cells.append(ev.Cell("Base model", "base", keys))
+        note = ("With four subjects and three positions, each caption asks for three of the four."
+                if n == 4 else "")
+        study.add(f"composition_{n}", f"1. {n} subjects composed ({', '.join(keys)})",
+                  study.score(f"part 1, n={n}", cells, keys, plain=(n == 3)), note)
+
+
+def part_granularity(study: Study):
+    """2. m/l/b/n-MoLE on the 3-subject set."""
+    keys = SUBJECTS[:3]
+    cells = [ev.Cell(f"{g[0]}-MoLE ({g})", "mole", keys, mixture=study.mixture(keys, g)) for g in GRANULARITIES]
+    study.add("granularity", "2. Hierarchical control: where the gates sit (3 subjects)",
+              study.score("part 2", cells, keys))
+
+
+def with_temperature(mixture, factor: float):
+    """The same trained gates with every temperature τ multiplied by `factor` (log τ + log factor)."""
+    state = {k: (v + math.log(factor) if k.endswith("log_tau") else v) for k, v in mixture.gate_state.items()}
+    if not any(k.endswith("log_tau") for k in state):
+        raise ValueError("The mixture holds no temperature (no '...log_tau' tensor) to scale.")
+    return dataclasses.replace(mixture, gate_state=state)
+
+
+def part_balance(study: Study):
+    """3. Balance loss on / off; temperature scaled at inference."""
+    keys = SUBJECTS[:3]
+    trained = study.mixture(keys, "block", 0.5)
+    cells = [ev.Cell("MoLE α=0.5 (balance on)", "mole", keys, mixture=trained),
+             ev.Cell("MoLE α=0 (balance off)", "mole", keys, mixture=study.mixture(keys, "block", 0.0)),
+             ev.Cell("MoLE α=0.5, τ×0.5 (sharper)", "mole", keys, mixture=with_temperature(trained, 0.5)),
+             ev.Cell("MoLE α=0.5, τ×2 (softer)", "mole", keys, mixture=with_temperature(trained, 2.0))]
+    result = study.score("part 3", cells, keys)
+    lines = ["", "Mean gate per expert while drawing (all groups, steps and samples):", "",
+             "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for row in result.rows:
+        gates = row.get("gates") or {}
+        lines.append(f"| {row['label']} | " + " | ".join(f"{gates.get(k, math.nan):.3f}" for k in keys) + " |")
+    study.add("balance", "3. Balance loss and temperature (3 subjects)", result, "\n".join(lines))
+
+
+def part_flexibility(study: Study):
+    """4. Switch one of three experts off at inference vs re-merge the other two linearly."""
+    keys = SUBJECTS[:3]
+    trained = study.mixture(keys)
+    cells = [ev.Cell("MoLE, all on", "mole", keys, mixture=trained)]
+    for off in keys:
+        rest = [k for k in keys if k != off]
+        cells.append(ev.Cell(f"MoLE, {off} off", "mole", keys, mixture=trained,
+                             mask={k: k != off for k in keys}))
+        cells.append(ev.Cell(f"Linear of {' + '.join(rest)}", "linear", rest))
+    text = ("Captions ask for all three subjects. Read the switched-off subject's column (it should fall) "
+            "and the others (they should stay).")
+    study.add("flexibility", "4. Flexibility: one expert switched off at inference", study.score("part 4", cells, keys),
+              text)
+
+
+def part_cost(study: Study):
+    """5. Gate-training cost, from every training the study ran."""
+    lines = ["### 5. Gate-training cost on this machine", "",
+             "| mixture | steps | seconds | s / step | plateau step (90% of the drop) | plateau seconds | loss first → last 10% |",
+             "|---|---|---|---|---|---|---|"]
+    for name, log in study.training.items():
+        if not log.get("steps"):
+            continue
+        lines.append(f"| {name} | {log['steps']} | {log['seconds']:.1f} | {log['seconds'] / log['steps']:.3f} | "
+                     f"{log['plateau_step']} | {log['plateau_seconds']:.1f} | "
+                     f"{log['first_loss']:.4f} → {log['final_loss']:.4f} |")
+    lines.append("")
+    study.sections.append("\n".join(lines))
+    study.write()
+
+
+PARTS = {"1": part_composition, "2": part_granularity, "3": part_balance, "4": part_flexibility, "5": part_cost}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    study = Study(args)
+    for part in args.parts.split(","):
+        if part.strip() not in PARTS:
+            raise SystemExit(f"unknown part {part!r}; expected some of {','.join(PARTS)}")
+        study.log(f"part {part} start")
+        PARTS[part.strip()](study)
+    study.log(f"done; tables in {Path(args.out) / 'study.md'}")
+
+
+if __name__ == "__main__":
+    main()

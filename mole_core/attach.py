@@ -1,0 +1,422 @@
+"""Attaching N LoRAs to a model as gated experts (MoLE), and detaching them again.
+
+    handle = attach(components, [lora_a, lora_b, lora_c], MoleConfig(granularity="block"))
+    with handle.settings(mask={"lora_b": False}), handle.recording() as rec:
+        image = pipe(prompt).images[0]
+    rec.to_csv("gates.csv")
+    handle.detach()                                   # the very same base modules are back
+
+`model` is what the LoRA keys resolve against with `model.get_submodule(key)`: for a pipeline the
+`nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})` (each entry a *network*), or a
+bare transformers / diffusers model (then the model is the one network, keys are its module paths).
+
+Granularity (MOLE.md, Table 9) decides which wrapped modules share one gate:
+  matrix   every wrapped module has its own gate (m-MoLE)
+  layer    the nearest attention / MLP / feed-forward ancestor (l-MoLE); the module itself if none
+  block    the outermost transformer block / encoder or decoder layer / resnet block below the network
+           (diffusers Transformer2DModel, BasicTransformerBlock, ResnetBlock2D; transformers *EncoderLayer,
+           *DecoderLayer, *Block); the module itself if none (b-MoLE, default)
+  network  the whole network: unet, text_encoder, or the bare model (n-MoLE)
+Groups never span two networks. "Outermost" for blocks because diffusers nests BasicTransformerBlock in
+Transformer2DModel, whose proj_in / proj_out belong to the same block (the issue counts a
+Transformer2DModel as one transformer block).
+
+Settings are per call (context managers that restore what was there), never modes stored in the model.
+
+References: MoLE (Wu et al., ICLR 2024); peft `BaseTuner.inject_adapter` (replace the module in its
+parent, keep the original as `.base`).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
+from mole_core.lora import Lora, LoraWeights
+
+GRANULARITIES = ("matrix", "layer", "block", "network")
+# Class-name patterns. GEGLU (ff.net.0) and ModuleLists (attn.to_out) match neither on purpose.
+LAYER_CLASS = re.compile(r"(Attention|MLP|Mlp|FeedForward|LayerFF|DenseActDense|DenseGatedActDense)$")
+BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|ResnetBlockCondNorm2D|"
+                         r"Transformer2DModel)$")
+
+
+@dataclass
+class MoleConfig:
+    granularity: str = "block"      # "matrix" | "layer" | "block" | "network": which modules share one gate
+    balance_alpha: float = 0.5      # α in L = L_task + α·L_balance; train_gates uses it unless TrainConfig sets one
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping
+# ----------------------------------------------------------------------------------------------
+
+def _network_of(model: nn.Module, key: str) -> str:
+    """'unet' / 'text_encoder' for a ModuleDict of networks, '' for a bare model."""
+    return key.split(".", 1)[0] if isinstance(model, nn.ModuleDict) else ""
+
+
+def group_of(model: nn.Module, key: str, granularity: str) -> str:
+    """The name of the group (a module path in `model`) whose gate the module `key` uses."""
+    network = _network_of(model, key)
+    if granularity == "matrix":
+        return key
+    if granularity == "network":
+        return network or "model"
+    parts = key.split(".")
+    first = 1 if network else 0                                   # the network root itself never counts
+    ancestors = [".".join(parts[:i]) for i in range(first + 1, len(parts))]   # outermost first
+    classes = [type(model.get_submodule(a)).__name__ for a in ancestors]
+    if granularity == "layer":
+        hits = [a for a, c in zip(ancestors, classes) if LAYER_CLASS.search(c)]
+        return hits[-1] if hits else key                          # nearest
+    if granularity == "block":
+        hits = [a for a, c in zip(ancestors, classes) if BLOCK_CLASS.search(c)]
+        return hits[0] if hits else key                           # outermost
+    raise ValueError(f"Unknown granularity '{granularity}' (expected one of {', '.join(GRANULARITIES)}).")
+
+
+def _gate_key(group: str) -> str:
+    """nn.ModuleDict keys may not contain '.'."""
+    return group.replace(".", "/")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording gate weights
+# ----------------------------------------------------------------------------------------------
+
+class Recording:
+    """Every gate evaluation inside `with handle.recording() as rec:`.
+
+    An entry is (group, network, step, weights (B, N)); step = the index of the network's forward call
+    since the recording began (for a UNet inside a pipeline call: the denoising step).
+    """
+
+    def __init__(self, expert_names: list[str], groups: list[str]):
+        self.expert_names = list(expert_names)
+        self.groups = list(groups)
+        self.entries: list[tuple[str, str, int, torch.Tensor]] = []
+
+    def add(self, group: str, network: str, step: int, weights: torch.Tensor) -> None:
+        self.entries.append((group, network, step, weights.detach().float().cpu()))
+
+    def table(self) -> list[dict]:
+        """Tidy rows {"group", "step", "sample", "expert", "weight"}."""
+        return [{"group": group, "step": step, "sample": b, "expert": name, "weight": float(w[b, i])}
+                for group, _, step, w in self.entries
+                for b in range(w.shape[0]) for i, name in enumerate(self.expert_names)]
+
+    def to_csv(self, path) -> Path:
+        """Write `table()` as CSV, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["group", "step", "sample", "expert", "weight"])
+                writer.writeheader()
+                writer.writerows(self.table())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+    def mean_by_group(self) -> tuple[list[str], torch.Tensor]:
+        """(groups, weights (G, N)): mean over steps and samples, groups in network order."""
+        sums: dict[str, list] = {}
+        for group, _, _, w in self.entries:
+            acc = sums.setdefault(group, [torch.zeros(len(self.expert_names)), 0])
+            acc[0] += w.sum(0)
+            acc[1] += w.shape[0]
+        groups = [g for g in self.groups if g in sums]
+        if not groups:
+            return [], torch.zeros(0, len(self.expert_names))
+        return groups, torch.stack([sums[g][0] / sums[g][1] for g in groups])
+
+    def mean_by_step(self, network: str | None = None) -> tuple[list[int], torch.Tensor]:
+        """(steps, weights (S, N)): mean over groups and samples per step, for one network (or all)."""
+        sums: dict[int, list] = {}
+        for _, net, step, w in self.entries:
+            if network is not None and net != network:
+                continue
+            acc = sums.setdefault(step, [torch.zeros(len(self.expert_names)), 0])
+            acc[0] += w.sum(0)
+            acc[1] += w.shape[0]
+        steps = sorted(sums)
+        if not steps:
+            return [], torch.zeros(0, len(self.expert_names))
+        return steps, torch.stack([sums[s][0] / sums[s][1] for s in steps])
+
+
+# ----------------------------------------------------------------------------------------------
+# The handle
+# ----------------------------------------------------------------------------------------------
+
+class MoleHandle:
+    """An attachment of N experts to a model: settings, recording, gate access, detach."""
+
+    def __init__(self, model: nn.Module, config: MoleConfig, expert_names: list[str],
+                 layers: dict[str, nn.Module], groups: dict[str, Group], runtime: Runtime, hooks: list):
+        self.model = model
+        self.config = config
+        self.expert_names = list(expert_names)
+        self.layers = layers                               # key -> MoleLinear | MoleConv2d, network order
+        self.groups = list(groups)                         # group names, network order
+        self._groups = groups
+        self.gates = nn.ModuleDict({_gate_key(g): grp.gate for g, grp in groups.items()})
+        self._runtime = runtime
+        self._hooks = hooks
+        self.attached = True
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Put the original modules back (the very same objects): outputs are bit-identical to before."""
+        if not self.attached:
+            return
+        for key, layer in self.layers.items():
+            parent_name, _, child = key.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer.base)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.attached = False
+
+    # ---- call-time settings ----------------------------------------------------------------------
+    def _per_expert(self, value, what: str, default: float | None) -> torch.Tensor:
+        """A dict name -> value or a sequence of N values, as a float tensor (N,) (or (B, N) for gates)."""
+        names, n = self.expert_names, len(self.expert_names)
+        if isinstance(value, dict):
+            unknown = [k for k in value if k not in names]
+            if unknown:
+                raise ValueError(f"{what} names unknown expert(s) {', '.join(map(str, unknown))}; "
+                                 f"the experts are {', '.join(names)}.")
+            if default is None and len(value) != n:
+                raise ValueError(f"{what} must give a value for every expert ({', '.join(names)}); "
+                                 f"found {', '.join(value)}.")
+            return torch.tensor([float(value.get(k, default)) for k in names])
+        t = torch.as_tensor(value, dtype=torch.float32) if not torch.is_tensor(value) else value.float()
+        if t.shape[-1] != n or t.dim() not in (1, 2):
+            raise ValueError(f"{what} must have one value per expert ({n}: {', '.join(names)}); "
+                             f"found shape {tuple(t.shape)}.")
+        return t
+
+    @contextmanager
+    def settings(self, mask=None, strengths=None, gates=None, record: Recording | None = None):
+        """Per-call settings; the previous ones are restored on exit. None leaves a setting as it is.
+
+        mask: dict name -> bool (missing names stay on) or N bools. Off experts are removed at every
+          gate and the rest renormalised: G'_i = m_i G_i / Σ_j m_j G_j. All off == the base model exactly.
+        strengths: dict name -> float (missing = 1) or N floats; multiplies each expert's contribution.
+        gates: fixed expert weights instead of the learned gate: dict name -> float (all names) or
+          (N,) / (B, N). Used as given (no renormalisation unless a mask is set): one-hot = that LoRA
+          alone, constants w = the linear merge with weights w.
+        record: a Recording that receives every gate evaluation.
+        """
+        rt = self._runtime
+        saved = (rt.mask, rt.strengths, rt.gates, rt.recording)
+        try:
+            if mask is not None:
+                rt.mask = self._per_expert(mask, "mask", True) != 0
+            if strengths is not None:
+                rt.strengths = self._per_expert(strengths, "strengths", 1.0)
+            if gates is not None:
+                rt.gates = self._per_expert(gates, "gates", None)
+            if record is not None:
+                rt.recording = record
+            yield self
+        finally:
+            rt.mask, rt.strengths, rt.gates, rt.recording = saved
+
+    @contextmanager
+    def recording(self):
+        """`with handle.recording() as rec:` records every gate evaluation (see Recording)."""
+        rec = Recording(self.expert_names, self.groups)
+        rt = self._runtime
+        saved_calls = dict(rt.calls)
+        rt.calls = {k: 0 for k in rt.calls}
+        try:
+            with self.settings(record=rec):
+                yield rec
+        finally:
+            rt.calls = saved_calls
+
+    # ---- gates -----------------------------------------------------------------------------------
+    def gate_modules(self) -> list[Gate]:
+        return [m for m in self.gates.modules() if isinstance(m, Gate)]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of MoLE: those of the Gate modules (selected by type, not by name)."""
+        return [p for gate in self.gate_modules() for p in gate.parameters()]
+
+    def gate_layout(self) -> dict[str, dict]:
+        """Per group: its leader (the member that evaluates the gate) and d_out (None: unmaterialised)."""
+        return {g: {"leader": grp.gate.leader, "d_out": grp.gate.d_out} for g, grp in self._groups.items()}
+
+    def gate_state_dict(self) -> dict[str, torch.Tensor]:
+        """'<group with / for .>.log_tau' and '.proj.weight' / '.proj.bias' of materialised gates."""
+        return {k: v.detach().clone() for k, v in self.gates.state_dict().items()}
+
+    def load_gate_state_dict(self, state: dict[str, torch.Tensor], layout: dict[str, dict] | None = None) -> None:
+        """Load gate tensors (and leaders) saved by `gate_state_dict` / a mixture; shapes must match."""
+        known = {f"{_gate_key(g)}.{p}" for g in self.groups for p in ("log_tau", "proj.weight", "proj.bias")}
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise ValueError(f"Gate state has tensors for groups this attachment does not have "
+                             f"(another model or granularity?): {', '.join(unknown[:5])}")
+        n = len(self.expert_names)
+        with torch.no_grad():
+            for g, grp in self._groups.items():
+                k, gate = _gate_key(g), grp.gate
+                if f"{k}.log_tau" not in state:
+                    raise ValueError(f"Gate state has no tensors for group '{g}' (another model or granularity?).")
+                gate.log_tau.copy_(state[f"{k}.log_tau"])
+                if layout and g in layout and layout[g].get("leader"):
+                    if layout[g]["leader"] not in self.layers:
+                        raise ValueError(f"Gate of group '{g}' is led by '{layout[g]['leader']}', which has no "
+                                         f"experts in this attachment.")
+                    gate.leader = layout[g]["leader"]
+                if f"{k}.proj.weight" not in state:
+                    gate.proj = None                       # unmaterialised in the file: equal weights
+                    continue
+                w, b = state[f"{k}.proj.weight"], state[f"{k}.proj.bias"]
+                if w.shape[0] != n or w.shape[1] % n:
+                    raise ValueError(f"Gate of group '{g}': expected a weight of shape ({n}, {n}·d_out); "
+                                     f"found {tuple(w.shape)}.")
+                leader = self.layers.get(gate.leader) if gate.leader else None
+                if leader is not None and leader.d_out != w.shape[1] // n:
+                    raise ValueError(f"Gate of group '{g}': saved for d_out={w.shape[1] // n}, but its leader "
+                                     f"'{gate.leader}' has d_out={leader.d_out} here.")
+                gate.materialise(w.shape[1] // n, gate.log_tau.device)
+                gate.proj.weight.copy_(w)
+                gate.proj.bias.copy_(b)
+
+    def reset_gates(self) -> None:
+        """Every gate back to untrained (zero logits, τ = 1): equal weights."""
+        for gate in self.gate_modules():
+            gate.reset()
+
+    # ---- losses and summaries --------------------------------------------------------------------
+    def _last_gates(self) -> torch.Tensor:
+        Gs = [G for per_network in self._runtime.evaluated.values() for G in per_network]
+        if not Gs:
+            raise RuntimeError("No gate has been evaluated yet: run a forward pass of the model first.")
+        return torch.cat(Gs)                                               # (M·B, N)
+
+    def balance_loss(self) -> torch.Tensor:
+        """L_balance = −Σ_i log q_i, q_i = mean of G_i over the M gate evaluations of the last forward
+        pass of each network and their samples (with gradient, unlike the released reference code)."""
+        q = self._last_gates().mean(0)                                     # (N,)
+        return -torch.log(q.clamp_min(1e-12)).sum()
+
+    def mean_gates(self) -> list[float]:
+        """q_i of the last forward pass, one float per expert (for progress display)."""
+        return [float(v) for v in self._last_gates().detach().mean(0)]
+
+
+# ----------------------------------------------------------------------------------------------
+# attach
+# ----------------------------------------------------------------------------------------------
+
+def _check_fit(lora: Lora, key: str, module: nn.Module, w: LoraWeights) -> None:
+    """ValueError naming the LoRA, the module, the expected and the found shapes."""
+    if isinstance(module, (MoleLinear, MoleConv2d)):
+        raise ValueError(f"Module '{key}' already carries MoLE experts; detach the previous attachment first.")
+    if isinstance(module, nn.Linear):
+        exp_a, exp_b = (w.rank, module.in_features), (module.out_features, w.rank)
+    elif isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError(f"LoRA '{lora.name}', module '{key}': grouped or non-zero-padded Conv2d is not "
+                             f"supported (groups={module.groups}, padding_mode={module.padding_mode}).")
+        exp_a, exp_b = (w.rank, *module.weight.shape[1:]), (module.out_channels, w.rank, 1, 1)
+    else:
+        raise ValueError(f"LoRA '{lora.name}', module '{key}': is a {type(module).__name__}, "
+                         f"expected nn.Linear or nn.Conv2d.")
+    if tuple(w.A.shape) != tuple(exp_a) or tuple(w.B.shape) != tuple(exp_b):
+        raise ValueError(f"LoRA '{lora.name}', module '{key}' ({type(module).__name__}): expected A {tuple(exp_a)}, "
+                         f"B {tuple(exp_b)}; found A {tuple(w.A.shape)}, B {tuple(w.B.shape)}.")
+
+
+def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None) -> MoleHandle:
+    """Wrap every module targeted by any of `loras` in a MoleLinear / MoleConv2d; return the handle.
+
+    Raises ValueError for duplicate expert names, a key that does not resolve, a module that is not
+    Linear / Conv2d, or a shape mismatch (naming the module, the expected and the found shapes).
+    """
+    config = config or MoleConfig()
+    # 1. check inputs
+    if config.granularity not in GRANULARITIES:
+        raise ValueError(f"Unknown granularity '{config.granularity}' (expected one of {', '.join(GRANULARITIES)}).")
+    names = [lora.name for lora in loras]
+    if not loras:
+        raise ValueError("attach needs at least one LoRA.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expert names must be unique; found {', '.join(names)}.")
+    if isinstance(model, nn.ModuleDict) and any("." not in k for lora in loras for k in lora.modules):
+        raise ValueError("With a ModuleDict of networks, LoRA keys must be '<network>.<module path>'.")
+    modules: dict[str, nn.Module] = {}
+    for lora in loras:
+        for key, w in lora.modules.items():
+            try:
+                module = model.get_submodule(key)
+            except AttributeError:
+                raise ValueError(f"LoRA '{lora.name}': module '{key}' does not exist in this model.") from None
+            _check_fit(lora, key, module, w)
+            modules[key] = module
+
+    # 2. order the targets as the model registers them, and group them
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    missing = [k for k in modules if k not in order]
+    if missing:
+        raise ValueError(f"Module '{missing[0]}' is registered under another name too (a shared module); "
+                         f"address it by its first name.")
+    keys = sorted(modules, key=order.__getitem__)
+    runtime = Runtime(names)
+    groups: dict[str, Group] = {}
+    for key in keys:
+        g = group_of(model, key, config.granularity)
+        if g not in groups:
+            groups[g] = Group(g, _network_of(model, key), Gate(len(loras)), runtime)
+
+    # 3. wrap: replace each module in its parent (the first member of a group owns its gate)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    layers: dict[str, nn.Module] = {}
+    owned: set[str] = set()
+    for key in keys:
+        base, group = modules[key], groups[group_of(model, key, config.granularity)]
+        experts = [lora.modules.get(key) for lora in loras]
+        cls = MoleLinear if isinstance(base, nn.Linear) else MoleConv2d
+        layer = cls(base, key, experts, group)
+        if group.name not in owned:
+            layer.add_module("gate", group.gate.to(device))
+            owned.add(group.name)
+        parent_name, _, child = key.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers[key] = layer
+
+    # 4. a pre-hook on each network root starts a new forward pass: clear the gates' cache, count calls
+    hooks = []
+    networks = dict.fromkeys(grp.network for grp in groups.values())
+    for network in networks:
+        root = model[network] if network else model
+        members = [grp for grp in groups.values() if grp.network == network]
+        runtime.calls[network] = 0
+
+        def start_pass(module, args, network=network, members=members):
+            runtime.calls[network] = runtime.calls.get(network, 0) + 1
+            runtime.evaluated[network] = []
+            for grp in members:
+                grp.cache = None
+
+        hooks.append(root.register_forward_pre_hook(start_pass))
+    return MoleHandle(model, config, names, layers, groups, runtime, hooks)

@@ -1,0 +1,221 @@
+"""The MoLE layers: a frozen nn.Linear / nn.Conv2d plus N frozen LoRA experts mixed by a learnable gate.
+
+    y = W x + Σ_i G_i · strength_i · s_i B_i A_i x          (per sample: G is (B, N), not per token)
+
+Computed as ONE stacked LoRA of rank R = Σ r_i: h = A_cat x (B, ..., R); each rank channel is scaled by
+the weight of the expert it belongs to, c = (G_i s_i strength_i) repeated r_i times (B, R); y = W x +
+B_cat (h ⊙ c). That is the cost of a single rank-R LoRA, not N separate LoRA passes.
+
+Gate (MOLE.md): input = the experts' outputs pooled over tokens / pixels. Mean pooling commutes with the
+linear up-projection, so pool(E_i) = s_i B_i pool(h_i) exactly, and no expert output is ever formed at
+full size. z = layer_norm(pool(E_0) ⊕ … ⊕ pool(E_{N-1})) without affine; logits = proj(z) with a
+zero-initialised Linear(N·d_out, N); G = softmax(logits / τ), τ = exp(log_tau), log_tau = 0 initially.
+An untrained gate gives G_i = 1/N: the equal-weight linear merge, exactly.
+
+One gate serves a group of wrapped modules (granularity, see attach.py). It is evaluated once per
+forward pass by the group's *leader* — the first member that ran in the first pass (run order is not
+registration order) — and reused by the others. The projection is created lazily at that first run,
+for the leader's d_out; an unmaterialised gate gives zero logits (= equal weights).
+
+Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
+by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
+
+References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); peft `LoraLayer(base_layer)` for the
+wrap-don't-subclass convention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mole_core.lora import LoraWeights
+
+
+class Gate(nn.Module):
+    """One gate: pooled expert outputs (B, N, d_out) -> per-sample expert weights (B, N).
+
+    Trainable parameters of MoLE are exactly the parameters of the modules of this class.
+    """
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.log_tau = nn.Parameter(torch.zeros(()))     # temperature τ = exp(log_tau), τ = 1 at start
+        self.register_module("proj", None)                # Linear(N·d_out, N), created at the leader's first run
+        self.leader: str | None = None                    # key of the member that evaluates this gate
+
+    @property
+    def d_out(self) -> int | None:
+        return None if self.proj is None else self.proj.in_features // self.n_experts
+
+    def materialise(self, d_out: int, device=None) -> None:
+        """Create the zero-initialised projection for experts' outputs of size d_out (no-op if present)."""
+        if self.proj is not None:
+            if self.d_out != d_out:
+                raise ValueError(f"Gate led by '{self.leader}' was built for d_out={self.d_out}, found {d_out}.")
+            return
+        proj = nn.Linear(self.n_experts * d_out, self.n_experts, device=device, dtype=torch.float32)
+        nn.init.zeros_(proj.weight)
+        nn.init.zeros_(proj.bias)
+        self.proj = proj
+
+    def reset(self) -> None:
+        """Back to the untrained gate (zero logits, τ = 1): equal weights."""
+        with torch.no_grad():
+            self.log_tau.zero_()
+            if self.proj is not None:
+                self.proj.weight.zero_()
+                self.proj.bias.zero_()
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        B, N, d_out = pooled.shape                                         # (B, N, d_out)
+        if self.proj is None:
+            logits = pooled.new_zeros(B, N, dtype=torch.float32)           # unmaterialised = equal weights
+        else:
+            z = pooled.float().reshape(B, N * d_out)                       # concat_i pool(E_i)
+            z = F.layer_norm(z, (N * d_out,))
+            logits = F.linear(z, self.proj.weight.float(), self.proj.bias.float())   # (B, N)
+        return torch.softmax(logits / self.log_tau.float().exp(), dim=-1)  # (B, N)
+
+
+class Runtime:
+    """State shared by all layers of one attachment for the current call (not persistent modes).
+
+    mask (N,) bool | None, strengths (N,) float | None, gates (N,) or (B, N) float | None: set by
+    `MoleHandle.settings`. recording: a `Recording` or None. calls: forward count per network (the
+    recording's step index). evaluated: per network, the softmax gates (with grad) of its last forward,
+    for the balance loss.
+    """
+
+    def __init__(self, expert_names: list[str]):
+        self.expert_names = list(expert_names)
+        self.mask: torch.Tensor | None = None
+        self.strengths: torch.Tensor | None = None
+        self.gates: torch.Tensor | None = None
+        self.recording = None
+        self.calls: dict[str, int] = {}
+        self.evaluated: dict[str, list[torch.Tensor]] = {}
+
+
+class Group:
+    """A gate plus its per-pass cache; shared (not registered) by the members of one group."""
+
+    def __init__(self, name: str, network: str, gate: Gate, runtime: Runtime):
+        self.name, self.network, self.gate, self.runtime = name, network, gate, runtime
+        self.cache: torch.Tensor | None = None            # (B, N) effective weights of this forward pass
+
+    def weights(self, member: "_MoleBase", pooled_fn) -> torch.Tensor:
+        """Effective expert weights (B, N) for `member`; the leader evaluates, the others reuse."""
+        gate, rt = self.gate, self.runtime
+        if gate.leader is None:
+            gate.leader = member.key
+        if member.key != gate.leader:
+            if self.cache is None:
+                raise RuntimeError(
+                    f"MoLE group '{self.name}': module '{member.key}' ran before the group's leader "
+                    f"'{gate.leader}' in this forward pass. The gate is evaluated by the first module of the "
+                    f"group to run; this model runs its modules in a different order than when the gate "
+                    f"was built (or a submodule was called outside its network's forward).")
+            return self.cache
+        # the leader: evaluate the gate
+        pooled = pooled_fn()                                               # (B, N, d_out)
+        gate.materialise(pooled.shape[-1], pooled.device)
+        G = gate(pooled)                                                   # (B, N) softmax
+        rt.evaluated.setdefault(self.network, []).append(G)
+        if rt.gates is not None:                                           # forced weights (no gate)
+            G = rt.gates.to(G.device, G.dtype).expand_as(G)
+        if rt.mask is not None:                                            # G'_i = m_i G_i / Σ m_j G_j
+            m = rt.mask.to(G.device, G.dtype)
+            G = G * m
+            G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
+        if rt.recording is not None:
+            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, G)
+        self.cache = G
+        return G
+
+
+class _MoleBase(nn.Module):
+    """Shared bookkeeping of MoleLinear / MoleConv2d. Experts are stacked along the rank axis."""
+
+    def __init__(self, base: nn.Module, key: str, experts: list[LoraWeights | None], A_shape: tuple,
+                 group: Group):
+        super().__init__()
+        self.base = base
+        self.key = key                                    # "<network>.<module path>" in the attached model
+        self.group = group                                # plain object: not registered (shared)
+        w = base.weight
+        ranks = [0 if e is None else e.rank for e in experts]
+        A = [e.A.reshape(e.rank, *A_shape) for e in experts if e is not None]
+        B = [e.B.reshape(e.B.shape[0], e.rank) for e in experts if e is not None]
+        d_out = w.shape[0]
+        self.register_buffer("A_cat", torch.cat(A).to(w.device, w.dtype))            # (R, *A_shape)
+        self.register_buffer("B_cat", torch.cat(B, dim=1).to(w.device, w.dtype))      # (d_out, R)
+        self.register_buffer("scales", torch.tensor([0.0 if e is None else float(e.scale) for e in experts],
+                                                    device=w.device))                   # (N,) s_i
+        self.register_buffer("expert_of_rank", torch.repeat_interleave(
+            torch.arange(len(experts), device=w.device), torch.tensor(ranks, device=w.device)))  # (R,)
+        self.register_buffer("rank_onehot", F.one_hot(self.expert_of_rank, len(experts)).float())  # (R, N)
+        self.n_experts, self.d_out = len(experts), d_out
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, experts={self.n_experts}, rank={self.A_cat.shape[0]}, group={self.group.name!r}"
+
+    def _mix(self, x: torch.Tensor, h: torch.Tensor, pooled_h: torch.Tensor) -> torch.Tensor:
+        """Per-sample, per-rank-channel scale c (B, R) from the group's gate."""
+        def pooled_experts():                              # pool(E_i) = s_i B_i pool(h_i): (B, N, d_out)
+            scales = self.scales.float()[self.expert_of_rank, None]                     # (R, 1)
+            blocks = pooled_h.float().unsqueeze(-1) * (self.rank_onehot.float() * scales)  # (B, R, N)
+            return (self.B_cat.float() @ blocks).transpose(1, 2)           # (B, d_out, N) -> (B, N, d_out)
+
+        G = self.group.weights(self, pooled_experts)                       # (B, N)
+        if G.shape[0] != h.shape[0]:
+            raise RuntimeError(f"MoLE group '{self.group.name}': gate computed for batch {G.shape[0]} by "
+                               f"'{self.group.gate.leader}', but '{self.key}' got batch {h.shape[0]}.")
+        per_expert = G * self.scales.float()                                       # (B, N)
+        if self.group.runtime.strengths is not None:
+            per_expert = per_expert * self.group.runtime.strengths.to(G.device)
+        return per_expert[:, self.expert_of_rank].to(h.dtype)              # (B, R)
+
+    def _all_off(self) -> bool:
+        mask = self.group.runtime.mask
+        return mask is not None and not bool(mask.any())
+
+
+class MoleLinear(_MoleBase):
+    """nn.Linear `base` plus gated LoRA experts. Input (B, ..., d_in) or (B, d_in)."""
+
+    def __init__(self, base: nn.Linear, key: str, experts: list[LoraWeights | None], group: Group):
+        super().__init__(base, key, experts, (base.in_features,), group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self._all_off():
+            return y                                                       # every expert off: the base model
+        h = F.linear(x, self.A_cat.to(x.dtype))                            # (B, ..., R)
+        if h.dim() == 1:
+            raise ValueError(f"MoLE module '{self.key}' got an unbatched 1-D input; MoLE gates are per sample.")
+        pooled_h = h.mean(dim=tuple(range(1, h.dim() - 1))) if h.dim() > 2 else h   # (B, R)
+        c = self._mix(x, h, pooled_h)                                      # (B, R)
+        c = c.reshape(c.shape[0], *([1] * (h.dim() - 2)), c.shape[1])
+        return y + F.linear(h * c, self.B_cat.to(x.dtype))                 # (B, ..., d_out)
+
+
+class MoleConv2d(_MoleBase):
+    """nn.Conv2d `base` plus gated LoRA experts: A with the base's kernel/stride/padding, B 1x1."""
+
+    def __init__(self, base: nn.Conv2d, key: str, experts: list[LoraWeights | None], group: Group):
+        super().__init__(base, key, experts, tuple(base.weight.shape[1:]), group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self._all_off():
+            return y
+        b = self.base
+        if x.dim() != 4:
+            raise ValueError(f"MoLE module '{self.key}' expects a batched (B, C, H, W) input; found {tuple(x.shape)}.")
+        h = F.conv2d(x, self.A_cat.to(x.dtype), None, b.stride, b.padding, b.dilation)   # (B, R, H', W')
+        pooled_h = h.mean(dim=(2, 3))                                      # (B, R)
+        c = self._mix(x, h, pooled_h)                                      # (B, R)
+        up = self.B_cat.to(x.dtype)[:, :, None, None]                      # (d_out, R, 1, 1)
+        return y + F.conv2d(h * c[:, :, None, None], up)                   # (B, d_out, H', W')

@@ -1,0 +1,156 @@
+"""A trained mixture: the gate tensors of a MoLE attachment in one .safetensors file, plus JSON metadata.
+
+Metadata key "mole.mixture" holds: format version, model id, the LoRA names and the sha256 of their
+files (in expert order), granularity, the MoleConfig and TrainConfig, steps, final losses, mean gates,
+and per group its leader and d_out (so gates are rebuilt with the right shapes before any forward).
+A mixture only makes sense with the very same LoRA files on the same model: `Mixture.check` and
+`apply_mixture` refuse anything else with a sentence saying what differs. Saves are atomic.
+
+References: MoLE (Wu et al., ICLR 2024); safetensors metadata as used by diffusers LoRA files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mole_core.attach import MoleConfig, MoleHandle
+from mole_core.lora import sha256_file
+
+FORMAT = "mole-mixture/1"
+META_KEY = "mole.mixture"
+
+
+class MixtureError(ValueError):
+    """A mixture file that is unreadable or does not belong to these LoRAs / this model."""
+
+
+@dataclass
+class Mixture:
+    names: list[str]                       # expert (LoRA) names, in gate order
+    sha256s: list[str]                     # sha256 of each LoRA file, same order
+    granularity: str                       # "matrix" | "layer" | "block" | "network"
+    gate_state: dict[str, torch.Tensor]    # MoleHandle.gate_state_dict()
+    meta: dict = field(default_factory=dict)   # everything else in the file's metadata
+    path: str | None = None
+
+    @property
+    def layout(self) -> dict[str, dict]:
+        return self.meta.get("layout", {})
+
+    def check(self, lora_files: list[tuple[str, str | Path]], model_id: str | None = None) -> None:
+        """MixtureError unless `lora_files` [(name, path)] are the mixture's files (names, order, sha256)
+        and, when both are known, the model id matches."""
+        where = self.path or "the mixture"
+        names = [name for name, _ in lora_files]
+        if names != list(self.names):
+            raise MixtureError(f"{where} was trained for the LoRAs {', '.join(self.names)} (in this order); "
+                               f"found {', '.join(names)}.")
+        for (name, path), expected in zip(lora_files, self.sha256s):
+            found = sha256_file(path)
+            if found != expected:
+                raise MixtureError(f"{where}: the LoRA file of '{name}' ({path}) is not the one the gates were "
+                                   f"trained with (sha256 {found[:12]}…, expected {expected[:12]}…).")
+        trained_on = self.meta.get("model_id")
+        if model_id and trained_on and model_id != trained_on:
+            raise MixtureError(f"{where} was trained on the model '{trained_on}', not '{model_id}'.")
+
+
+def _jsonable(obj):
+    if obj is None:
+        return None
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return obj
+
+
+def save_mixture(path, handle: MoleHandle, lora_files: list[tuple[str, str | Path]], config=None,
+                 train_result=None, model_id: str = "") -> Path:
+    """Write the gates of `handle` and their provenance to `path` (.safetensors), atomically.
+
+    config: the MoleConfig and/or TrainConfig used (a dataclass, or a list of them); train_result: the
+    TrainResult (steps, final losses, mean gates are recorded).
+    """
+    path = Path(path)
+    names = [name for name, _ in lora_files]
+    if names != handle.expert_names:
+        raise MixtureError(f"{path}: the LoRA files name {', '.join(names)}, but the attachment's experts are "
+                           f"{', '.join(handle.expert_names)}.")
+    configs = config if isinstance(config, (list, tuple)) else [config]
+    meta = {
+        "format": FORMAT,
+        "model_id": model_id,
+        "names": names,
+        "sha256": [sha256_file(p) for _, p in lora_files],
+        "files": [Path(p).name for _, p in lora_files],
+        "granularity": handle.config.granularity,
+        "mole_config": dataclasses.asdict(handle.config),
+        "configs": {type(c).__name__: _jsonable(c) for c in configs if c is not None},
+        "layout": handle.gate_layout(),
+    }
+    if train_result is not None:
+        meta.update(steps=train_result.steps, final_losses=train_result.final,
+                    mean_gates=train_result.mean_gates, seconds=train_result.seconds)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in handle.gate_state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_mixture(path) -> Mixture:
+    """Read a mixture file written by `save_mixture`."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:   # safetensors raises its own error types for unreadable files
+        raise MixtureError(f"{path}: not a readable .safetensors file ({e}).") from e
+    if raw is None:
+        raise MixtureError(f"{path}: a .safetensors file without MoLE mixture metadata (a LoRA file?).")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise MixtureError(f"{path}: mixture format '{meta.get('format')}', expected '{FORMAT}'.")
+    return Mixture(names=list(meta["names"]), sha256s=list(meta["sha256"]), granularity=meta["granularity"],
+                   gate_state=tensors, meta=meta, path=str(path))
+
+
+def apply_mixture(handle: MoleHandle, mixture: Mixture, lora_files: list[tuple[str, str | Path]] | None = None) -> None:
+    """Load the mixture's gates into `handle` (after checking `lora_files` if given).
+
+    Fails with MixtureError when the experts, the granularity or the model's groups differ.
+    """
+    where = mixture.path or "the mixture"
+    if lora_files is not None:
+        mixture.check(lora_files)
+    if list(mixture.names) != handle.expert_names:
+        raise MixtureError(f"{where} was trained for the experts {', '.join(mixture.names)}; the attachment has "
+                           f"{', '.join(handle.expert_names)}.")
+    if mixture.granularity != handle.config.granularity:
+        raise MixtureError(f"{where} has '{mixture.granularity}' gates; the attachment was made with granularity "
+                           f"'{handle.config.granularity}'.")
+    groups = list(mixture.layout)
+    if groups and groups != handle.groups:
+        theirs, ours = set(groups), set(handle.groups)
+        diff = sorted(theirs - ours) or sorted(ours - theirs)
+        raise MixtureError(f"{where} was trained on a model with other gated groups (a different model?): "
+                           f"{len(groups)} groups in the file, {len(handle.groups)} here; e.g. '{diff[0] if diff else groups[0]}'.")
+    try:
+        handle.load_gate_state_dict(mixture.gate_state, mixture.layout)
+    except ValueError as e:
+        raise MixtureError(f"{where}: {e}") from e

@@ -1,0 +1,29 @@
+"""`python -m mole_core.world build [--out DIR] [--seed S] [--quick] [--stage vae,base,...] [--force]`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mole_core.world.build import REPO_ROOT, STAGES, BuildConfig, run_build
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mole_core.world",
+                                     description="Regenerate the pixel world (base model, LoRA bank, oracle).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="train and evaluate everything with fixed seeds")
+    build.add_argument("--out", type=Path, default=REPO_ROOT,
+                       help="root receiving assets/pixel-world/ and lora_bank/ (default: the repo)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quick", action="store_true", help="tiny models, few steps (minutes)")
+    build.add_argument("--stage", default=",".join(STAGES),
+                       help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    build.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    args = parser.parse_args(argv)
+    cfg = (BuildConfig.quick_config(args.out, args.seed) if args.quick
+           else BuildConfig(out=args.out, seed=args.seed))
+    run_build(cfg, [s.strip() for s in args.stage.split(",") if s.strip()], force=args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The engine on a tiny pipeline and a tiny bank: every method, same seed, nothing left behind."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mole_core.attach import MoleConfig
+from mole_core.engine import Engine, GenerateRequest, write_gates_csv
+from mole_core.train import TrainConfig
+from tests.tiny import build_pipeline
+
+BLOCK = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+UP = "unet.up_blocks.1.attentions.0.transformer_blocks.0"
+# bank key -> the modules its LoRA adapts (overlapping, not identical, so merges take the union)
+LORAS = {
+    "dog": [f"{BLOCK}.attn1.to_q", f"{BLOCK}.attn1.to_v", f"{BLOCK}.ff.net.2", f"{UP}.attn2.to_k"],
+    "cat": [f"{BLOCK}.attn1.to_q", f"{BLOCK}.attn2.to_out.0", f"{UP}.attn1.to_v", f"{UP}.ff.net.2"],
+    "style": [f"{BLOCK}.attn1.to_v", f"{UP}.attn1.to_q", f"{UP}.attn2.to_k"],
+}
+REQUEST = GenerateRequest(prompt="a photo of sks dog", negative="blue", seed=3, steps=2, guidance=4.0)
+
+
+def make_model_dir(folder: Path) -> Path:
+    """The tiny pipeline saved as a diffusers folder, as a user would point the engine at."""
+    pipe = build_pipeline(folder / "build")
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def make_bank(folder: Path, model_dir: Path, loras=LORAS, rank: int = 2, seed: int = 0) -> Path:
+    """A bank of LoRA files in diffusers/PEFT keys (non-zero B) with manifests and example images."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "examples").mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    for key, targets in loras.items():
+        tensors = {}
+        for target in targets:
+            weight = unet.get_submodule(target.removeprefix("unet.")).weight
+            d_out, d_in = weight.shape
+            tensors[f"{target}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen)
+            tensors[f"{target}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen)
+        save_file(tensors, str(folder / f"{key}.safetensors"))
+        examples = []
+        for i in range(2):
+            image = f"examples/{key}_{i}.png"
+            PIL.Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / image)
+            examples.append({"image": image, "caption": f"a photo of sks {key}"})
+        manifest = {"name": key.title(), "trigger": ["sks"], "description": f"tiny test LoRA {key}",
+                    "base_model": "tiny", "kind": "subject", "default_weight": 1.0, "examples": examples}
+        (folder / f"{key}.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(model folder, bank folder) shared by the tests of this file."""
+    root = tmp_path_factory.mktemp("engine")
+    model_dir = make_model_dir(root)
+    return model_dir, make_bank(root / "bank", model_dir)
+
+
+@pytest.fixture
+def engine(world):
+    return Engine(str(world[0]), str(world[1]))
+
+
+def pixels(image: PIL.Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_every_method_returns_an_image_and_untrained_mole_is_linear(engine):
+    keys = ["dog", "cat", "style"]
+    methods = ["mole", "linear", "svd", "base", "single:cat"]
+    results = engine.compare(keys, methods, REQUEST)
+    assert [r.method for r in results] == methods
+    for r in results:
+        assert r.image.size == (16, 16) and r.seconds > 0 and r.label
+    mole, linear, svd, base, single = (pixels(r.image) for r in results)
+    assert results[0].gates and all(r.gates is None for r in results[1:])
+    assert [r.label for r in results[:3]] == ["MoLE (block, 3 experts, untrained)", "Linear merge", "SVD r=2"]
+    # the LoRAs do change the picture (otherwise the equalities here would prove nothing) ...
+    assert np.abs(linear - base).max() > 10 and not np.array_equal(single, base)
+    # ... and untrained gates (zero logits) are the equal-weight linear merge, up to float rounding
+    assert np.abs(mole - linear).max() <= 1
+
+
+def test_same_seed_same_latents_and_same_image(engine):
+    seen = []
+    prepare = engine.pipe.prepare_latents
+
+    def spy(*args, **kwargs):
+        latents = prepare(*args, **kwargs)
+        seen.append(latents.clone())
+        return latents
+
+    engine.pipe.prepare_latents = spy
+    first = engine.compare(["dog", "cat"], ["mole", "base"], REQUEST)
+    again = engine.compare(["dog", "cat"], ["mole", "base"], REQUEST)
+    assert len(seen) == 4 and all(torch.equal(seen[0], s) for s in seen)
+    for a, b in zip(first, again):
+        assert np.array_equal(pixels(a.image), pixels(b.image)), a.method
+    other = engine.generate(["dog", "cat"], "base", replace(REQUEST, seed=4))
+    assert not torch.equal(seen[0], seen[-1]) and not np.array_equal(pixels(other.image), pixels(first[1].image))
+
+
+def test_calls_leave_the_pipeline_as_they_found_it(engine):
+    before = engine.generate([], "base", REQUEST)
+    weights_before = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items()}
+    engine.compare(["dog", "cat", "style"], ["mole", "linear", "svd", "single:dog", "base"], REQUEST,
+                   mask={"cat": False}, strengths={"dog": 0.5}, weights={"dog": 2.0, "cat": 1.0}, rank=1)
+    after = engine.generate([], "base", REQUEST)
+    assert np.array_equal(pixels(before.image), pixels(after.image))
+    # the pristine weights are untouched (the MoLE attachment stays, wrapping them as `.base`)
+    weights_after = {k.replace(".base.", "."): v for k, v in engine.pipe.unet.state_dict().items()}
+    for name, tensor in weights_before.items():
+        assert torch.equal(tensor, weights_after[name]), name
+
+
+def test_all_experts_masked_is_the_base_model(engine):
+    base, off = engine.compare(["dog", "cat"], ["base", "mole"], REQUEST, mask={"dog": False, "cat": False})
+    assert np.array_equal(pixels(off.image), pixels(base.image))
+    assert "0 of 2 experts on" in off.label
+
+
+def test_two_threads_get_what_they_get_alone(engine):
+    import threading
+    settings = [{"mask": {"dog": False}}, {"mask": {"cat": False}, "strengths": {"dog": 2.0}}]
+    alone = [engine.generate(["dog", "cat"], "mole", REQUEST, **s) for s in settings]
+    together = [None, None]
+
+    def run(i):
+        together[i] = engine.generate(["dog", "cat"], "mole", REQUEST, **settings[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert np.array_equal(pixels(a.image), pixels(b.image))
+    assert not np.array_equal(pixels(alone[0].image), pixels(alone[1].image))
+
+
+def test_gates_are_recorded_per_denoising_step(engine, tmp_path):
+    result = engine.generate(["dog", "cat"], "mole", REQUEST)
+    unet_rows = [r for r in result.gates if r["group"].startswith("unet")]
+    assert {r["step"] for r in unet_rows} == set(range(REQUEST.steps))
+    assert {r["sample"] for r in unet_rows} == {0, 1}          # guidance doubles the batch
+    assert {r["expert"] for r in unet_rows} == {"dog", "cat"}
+    for w in {round(r["weight"], 6) for r in unet_rows}:
+        assert w == pytest.approx(0.5)                          # untrained gates: equal weights
+    path = write_gates_csv(result.gates, tmp_path / "gates.csv")
+    assert path.read_text().splitlines()[0] == "group,step,sample,expert,weight"
+    assert len(path.read_text().splitlines()) == len(result.gates) + 1
+
+
+def test_trained_mixture_is_used_and_checked(engine):
+    steps = []
+    mixture = engine.train(["dog", "cat"], MoleConfig(granularity="block"),
+                           TrainConfig(steps=2, lr=0.05, seed=0),
+                           on_step=lambda step, losses, gates: steps.append(step))
+    assert steps == [1, 2]
+    assert list(mixture.names) == ["dog", "cat"]
+    trained = engine.generate([], "mole", REQUEST, mixture=mixture)      # keys from the mixture
+    untrained = engine.generate(["dog", "cat"], "mole", REQUEST)
+    weights = {round(r["weight"], 6) for r in trained.gates if r["group"].startswith("unet")}
+    assert weights != {0.5}                                      # trained gates are not equal weights
+    assert "untrained" in untrained.label and "untrained" not in trained.label
+    again = engine.generate(["dog", "cat"], "mole", REQUEST, mixture=mixture)
+    assert np.array_equal(pixels(trained.image), pixels(again.image))
+    with pytest.raises(ValueError, match="trained for the LoRAs dog, cat"):
+        engine.generate(["dog", "style"], "mole", REQUEST, mixture=mixture)
+
+
+@pytest.mark.parametrize("keys, request_, message", [
+    (["wolf"], REQUEST, "Unknown LoRA 'wolf'"),
+    ([], REQUEST, "No LoRA is selected"),
+    (["dog"], replace(REQUEST, steps=0), "Steps must be a whole number between"),
+    (["dog"], replace(REQUEST, steps=10_000), "Steps must be a whole number between"),
+    (["dog"], replace(REQUEST, guidance=-1.0), "Guidance must be between"),
+    (["dog"], replace(REQUEST, height=20), "Height must be a multiple of 8"),
+])
+def test_bad_input_is_refused_with_a_sentence(engine, keys, request_, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(keys, "linear", request_)
+
+
+def test_unknown_method_and_mask_are_refused(engine):
+    with pytest.raises(ValueError, match="Unknown method 'ties'"):
+        engine.generate(["dog"], "ties", REQUEST)
+    with pytest.raises(ValueError, match="Unknown LoRA 'wolf'"):
+        engine.generate(["dog"], "single:wolf", REQUEST)
+    with pytest.raises(ValueError, match="not in the selection"):
+        engine.generate(["dog", "cat"], "mole", REQUEST, mask={"style": False})
+
+
+def test_long_prompt_is_warned_with_the_cut_words(engine):
+    fits = engine.check_request(["dog"], REQUEST)
+    assert fits == []
+    words = "a red circle on the left and a blue square on the right and a green triangle in the center"
+    warnings = engine.check_request(["dog"], replace(REQUEST, prompt=words))
+    assert len(warnings) == 1 and "prompt" in warnings[0]
+    cut = engine.truncated_words(words)
+    assert cut and words.endswith(cut.split()[-1]) and cut in warnings[0]
+    kept = len(engine.pipe.tokenizer(words, add_special_tokens=False)["input_ids"]) - len(
+        engine.pipe.tokenizer(cut, add_special_tokens=False)["input_ids"])
+    assert kept == engine.pipe.tokenizer.model_max_length - 2
+
+
+def test_export_and_snippet(engine, tmp_path):
+    out = engine.export(["dog", "cat"], "svd", tmp_path / "merged.safetensors", rank=1)
+    assert out.exists() and out.stat().st_size > 0
+    with pytest.raises(ValueError, match="Only the linear and svd"):
+        engine.export(["dog", "cat"], "mole", tmp_path / "x.safetensors")
+    code = engine.snippet(["dog", "cat"], ["linear"], REQUEST, weights={"dog": 0.7, "cat": 0.3})
+    namespace = {}
+    exec(compile(code.replace("result.image.save(", "(lambda path: None)("), "<snippet>", "exec"), namespace)
+    images = {r.method: r.image for r in namespace["results"]}
+    expected = engine.generate(["dog", "cat"], "linear", REQUEST, weights={"dog": 0.7, "cat": 0.3})
+    assert np.array_equal(pixels(images["linear"]), pixels(expected.image))
