@@ -35,7 +35,7 @@ from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
 
 MAX_EXPERTS = 8                        # rows of switches/strengths (and weights) the page can show
-TRAIN_STEPS = 60                       # default gate-training steps in the page (TrainConfig's 400 is the paper's)
+TRAIN_STEPS = 60                       # default gate-training steps here (TrainConfig's 400 is the paper's)
 UPLOAD_MAX_BYTES = 256 * 2**20         # a LoRA file larger than this is refused before it is read
 GRANULARITIES = ["matrix", "layer", "block", "network"]
 MODEL_QUEUE = "model"                  # the concurrency id every model-running event shares
@@ -43,13 +43,12 @@ CSS_PATH = Path(__file__).resolve().parent / "assets" / "app.css"
 
 
 def new_session() -> dict:
-    """What one browser keeps between events (gr.State calls this once per session)."""
+    """What one browser keeps between events (gr.State copies it for each session)."""
     return {
         "mixture": None,        # mole_core.mixture.Mixture of the last training (or upload)
         "mixture_file": None,   # where that mixture is saved, for download and the snippet
         "cancel": False,        # set by Cancel, read by the training loop
-        "request": None,        # GenerateRequest of the last comparison
-        "methods": [],          # methods of the last comparison
+        "compared": None,       # the last comparison's arguments (keys, methods, request, weights, ...)
         "gates": None,          # tidy gate rows of the last MoLE image
     }
 
@@ -266,34 +265,41 @@ def _mixture_for(state: dict, keys: list[str]):
     return mixture if mixture is not None and list(mixture.names) == list(keys) else None
 
 
-def check_compare(engine: Engine, keys, prompt, negative, seed, randomise, steps, guidance, methods):
-    """Validate before queueing; prompt truncation is a warning shown to the user, not an error."""
+def check_compare(engine: Engine, keys, prompt, negative, seed, randomise, steps, guidance, methods) -> None:
+    """Validate before queueing; a prompt too long for the text encoder is a warning, not an error."""
+    for warning in _compare_warnings(engine, keys, prompt, negative, seed, steps, guidance, methods):
+        gr.Warning(warning)
+
+
+def _compare_warnings(engine: Engine, keys, prompt, negative, seed, steps, guidance, methods) -> list[str]:
+    """gr.Error for input the engine cannot run; the engine's warnings (words cut from a prompt)."""
     if not methods:
         raise gr.Error("No method is ticked: choose at least one of MoLE, linear, SVD, base or a single LoRA.")
     if len(keys or []) > MAX_EXPERTS:
         raise gr.Error(f"At most {MAX_EXPERTS} LoRAs can be compared here; {len(keys)} are selected.")
     if seed is None or seed < 0:
         raise gr.Error("The seed must be a non-negative whole number.")
-    for warning in _human(engine.check_request, keys, _request(prompt, negative, seed, steps, guidance),
-                          methods):
-        gr.Warning(warning)
+    return _human(engine.check_request, keys, _request(prompt, negative, seed, steps, guidance), methods)
 
 
 def compare(engine: Engine, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
             rank, normalize, state: dict):
     """Render every ticked method from the same seed; returns (gallery, used seed, notes, state)."""
-    check_compare(engine, keys, prompt, negative, seed, randomise, steps, guidance, methods)
+    warnings = _compare_warnings(engine, keys, prompt, negative, seed, steps, guidance, methods)
     seed = random.randrange(2**31) if randomise else int(seed)
     request = _request(prompt, negative, seed, steps, guidance)
     mixture = _mixture_for(state, keys)
     results = _human(engine.compare, keys, list(methods), request, mixture=mixture, weights=_weights(weights),
                      rank=int(rank) if rank else None, normalize=bool(normalize))
-    state.update(request=request, methods=list(methods))
+    state["compared"] = dict(keys=list(keys), methods=list(methods), request=request, weights=_weights(weights),
+                             rank=int(rank) if rank else None, normalize=bool(normalize),
+                             mixture=mixture is not None)
     state["gates"] = next((r.gates for r in results if r.method == "mole"), state["gates"])
     gallery = [(r.image, f"{r.label} · {r.seconds:.2f} s") for r in results]
-    notes = "" if mixture is not None or "mole" not in methods else \
-        "MoLE uses untrained gates (equal weights): train gates for this selection in the Train tab."
-    return gallery, seed, notes, state
+    if mixture is None and "mole" in methods:
+        warnings.append("MoLE uses untrained gates (equal weights): train gates for this selection in the "
+                        "Train tab.")
+    return gallery, seed, "\n".join(f"- {w}" for w in warnings), state
 
 
 # ---- Toggle experts -----------------------------------------------------------------------------
@@ -338,8 +344,8 @@ def _colour(value: float) -> tuple[int, int, int]:
 def gate_heatmap(frame: pd.DataFrame, cell=(72, 22)) -> Image.Image:
     """Mean gate weight per group (rows, network order) × expert (columns), drawn with PIL.
 
-    PIL rather than matplotlib: matplotlib is not a dependency of this project, and a table of
-    coloured cells with their values printed in them is all this needs.
+    PIL rather than a plotting library: a table of coloured cells with their values printed in them
+    is all this needs, and it draws in milliseconds with no plotting backend to set up.
     """
     table = frame.groupby(["group", "expert"], sort=False)["weight"].mean().unstack("expert")
     table = table.loc[list(dict.fromkeys(frame["group"])), list(dict.fromkeys(frame["expert"]))]
@@ -370,14 +376,14 @@ def export(engine: Engine, keys, method: str, fmt: str, weights, rank, normalize
     return str(path)
 
 
-def snippet(engine: Engine, keys, weights, rank, normalize, state: dict) -> str:
-    """Python that reproduces the last comparison with mole_core."""
-    if state.get("request") is None:
+def snippet(engine: Engine, state: dict) -> str:
+    """Python that reproduces the last comparison with mole_core (the mixture as downloaded)."""
+    if state.get("compared") is None:
         raise gr.Error("Nothing to reproduce yet: run a comparison in the Compare tab first.")
-    return engine.snippet(keys, state["methods"], state["request"],
-                          mixture_path=state["mixture_file"] if _mixture_for(state, keys) else None,
-                          weights=_weights(weights), rank=int(rank) if rank else None,
-                          normalize=bool(normalize))
+    args = dict(state["compared"])
+    mixture_path = Path(state["mixture_file"]).name if args.pop("mixture") else None
+    return engine.snippet(args.pop("keys"), args.pop("methods"), args.pop("request"),
+                          mixture_path=mixture_path, **args)
 
 
 # ---- Evaluate -----------------------------------------------------------------------------------
@@ -398,7 +404,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
     keys0 = [entry.key for entry in engine.bank.entries if not entry.error][:2]
 
     with gr.Blocks(title="MoLE Studio") as demo:
-        state = gr.State(new_session)
+        state = gr.State(new_session())  # Gradio deep-copies it for every browser session
         gr.Markdown("# MoLE Studio\nMix LoRAs as gated experts (MoLE) and compare with linear and SVD "
                     "merges, same seed, side by side.")
         with gr.Tabs():
@@ -499,6 +505,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     export_button = gr.Button("Export LoRA")
                 export_file = gr.File(label="Merged LoRA", interactive=False)
                 snippet_button = gr.Button("Python for the last comparison")
+                gr.Markdown("Run it beside the mixture file downloaded from the Train gates tab (if MoLE "
+                            "used trained gates).")
                 snippet_code = gr.Code(language="python", label="Reproduce with mole_core")
             # 7. Evaluate
             with gr.Tab("Evaluate", id="evaluate"):
@@ -518,17 +526,21 @@ def build_demo(engine: Engine) -> gr.Blocks:
         selection_outputs = [methods, weights, *rows, *switches, *strengths]
         demo.load(partial(on_selection, engine), [chosen], selection_outputs, api_visibility="private")
         chosen.change(partial(on_selection, engine), [chosen], selection_outputs, api_visibility="private")
+
         def pick(keys: list[str], evt: gr.SelectData) -> list[str]:  # a partial would hide the evt type
             return pick_from_gallery(engine, keys, evt.index)
         gallery.select(pick, [chosen], [chosen], api_visibility="private")
-        trigger_button.click(partial(insert_triggers, engine), [chosen, prompt], [prompt], api_visibility="private")
-        up_button.click(partial(upload_lora, engine), [up_file, up_name, up_trigger, up_description, up_examples],
-                        [gallery, table, chosen], api_name="add_lora", **model_event)
+        trigger_button.click(partial(insert_triggers, engine), [chosen, prompt], [prompt],
+                             api_visibility="private")
+        upload_inputs = [up_file, up_name, up_trigger, up_description, up_examples]
+        up_button.click(partial(upload_lora, engine), upload_inputs, [gallery, table, chosen],
+                        api_name="add_lora", **model_event)
 
         train_inputs = [chosen, granularity, train_steps, lr, alpha, train_seed]
-        train_event = train_button.click(partial(check_train, engine), train_inputs, None, api_visibility="private") \
+        train_button.click(partial(check_train, engine), train_inputs, None, api_visibility="private") \
             .success(partial(train, engine), [*train_inputs, state],
-                     [state, train_status, loss_plot, balance_plot, mixture_out], api_name="train", **model_event)
+                     [state, train_status, loss_plot, balance_plot, mixture_out], api_name="train",
+                     **model_event)
         cancel_button.click(cancel_training, [state], [train_status], queue=False, api_name="cancel")
         mixture_in.upload(partial(load_mixture_upload, engine), [mixture_in, chosen, state],
                           [state, chosen, train_status], api_name="load_mixture", **model_event)
@@ -546,12 +558,12 @@ def build_demo(engine: Engine) -> gr.Blocks:
               trigger_mode="always_last", **model_event) \
             .success(show_gates, [state], [heatmap, step_plot, gates_csv], api_visibility="private")
 
-        export_button.click(partial(export, engine), [chosen, export_method, export_format, weights, rank, normalize],
-                            [export_file], api_name="export", **model_event)
+        export_inputs = [chosen, export_method, export_format, weights, rank, normalize]
+        export_button.click(partial(export, engine), export_inputs, [export_file], api_name="export",
+                            **model_event)
         study_button.click(partial(study, engine), [chosen, study_seeds, study_prompts, study_steps, state],
                            [study_text, study_table, study_chart], api_name="study", **model_event)
-        snippet_button.click(partial(snippet, engine), [chosen, weights, rank, normalize, state], [snippet_code],
-                             api_visibility="private")
+        snippet_button.click(partial(snippet, engine), [state], [snippet_code], api_visibility="private")
     return demo
 
 

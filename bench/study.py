@@ -61,9 +61,37 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=100, help="gate-training steps per mixture")
     p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate")
     p.add_argument("--batch", type=int, default=4, help="gate-training batch size")
+    p.add_argument("--compose", default="2,3,4", help="part 1: how many subjects to compose (comma-separated)")
+    p.add_argument("--flex-off", default="face,checker,ring",
+                   help="part 4: the subjects switched off in turn (comma-separated)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared 2-core machine, 2 threads ran ~50x slower)")
     return p.parse_args(argv)
+
+
+class Remembering:
+    """The engine, remembering every image it drew: a row shared by two parts is drawn once.
+
+    Same method, LoRAs, mixture object, mask, rank, prompt, seed and settings -> the same image
+    (the engine is deterministic for a seed), so the remembered one is returned with its seconds.
+    """
+
+    def __init__(self, engine):
+        self.engine, self.bank, self.model_id = engine, engine.bank, engine.model_id
+        self.memory: dict = {}
+
+    def default_size(self):
+        return self.engine.default_size()
+
+    def train(self, *args, **kwargs):
+        return self.engine.train(*args, **kwargs)
+
+    def generate(self, keys, method, request, mixture=None, mask=None, rank=None):
+        key = (method, tuple(keys), id(mixture), tuple(sorted((mask or {}).items())), rank,
+               request.prompt, request.seed, request.steps, request.guidance)
+        if key not in self.memory:
+            self.memory[key] = self.engine.generate(keys, method, request, mixture=mixture, mask=mask, rank=rank)
+        return self.memory[key]
 
 
 class Study:
@@ -71,14 +99,12 @@ class Study:
 
     def __init__(self, args):
         self.args = args
-        self.engine = Engine(args.model, args.bank)
+        self.engine = Remembering(Engine(args.model, args.bank))
         self.scorers = [WorldScorer.load(Path(args.model) / "oracle")]
         self.seeds = list(range(1000, 1000 + args.seeds))     # held out from anything the build used
         self.mixtures: dict[str, object] = {}
         self.training: dict[str, dict] = {}
-        self.sections: list[str] = []
-        self.payload: dict = {}
-        self.start = time.perf_counter()
+        self.start = self.part_start = time.perf_counter()
 
     def log(self, msg: str) -> None:
         print(f"[study {time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
@@ -103,7 +129,8 @@ class Study:
             progress = ev.Progress(self.args.train_steps, self.progress(f"train {name}"))
             self.mixtures[name], log = ev.train_mixture(self.engine, keys, MoleConfig(granularity=granularity),
                                                         config, progress, name)
-            log.update(keys=list(keys), granularity=granularity, alpha=alpha)
+            log.update(keys=list(keys), granularity=granularity, alpha=alpha, lr=self.args.lr,
+                       batch=self.args.batch, threads=torch.get_num_threads())
             self.training[name] = log
             self.log(f"trained {name}: {log['seconds']:.1f} s, loss {log['first_loss']:.4f} -> {log['final_loss']:.4f}")
         return self.mixtures[name]
@@ -120,33 +147,50 @@ class Study:
                             f"guidance {self.args.guidance:g}.")
         return result
 
-    def add(self, key, title, result, text=""):
+    @property
+    def tag(self) -> str:
+        """This run's name among runs sharing the output folder (parts may run in parallel processes)."""
+        return "parts_" + self.args.parts.replace(",", "") + "_compose_" + self.args.compose.replace(",", "")
+
+    def add(self, key, title, result, text="", plot_columns=None):
+        """Write one part: its plot, samples, JSON and its markdown section; then reassemble study.md."""
         out = Path(self.args.out)
-        paths = ev.write_outputs(result, out, name=f"study_{key}", title=title)
-        self.sections.append(ev.to_markdown(result, title) + (f"\n{text}\n" if text else "")
-                             + f"\n![{title}]({paths['plot'].name})\n")
-        self.payload[key] = ev.to_json(result)
+        paths = ev.write_outputs(result, out, name=f"study_{key}", title=title, plot_columns=plot_columns)
+        section = (ev.to_markdown(result, title) + (f"\n{text}\n" if text else "")
+                   + f"\n![{title}]({paths['plot'].name}) ![samples]({paths['samples'].name})\n\n"
+                   + f"_Run: `{self.command}`; this part took {time.perf_counter() - self.part_start:.0f} s._\n")
+        self.write_section(key, section)
+        self.part_start = time.perf_counter()
+
+    @property
+    def command(self) -> str:
+        return "python bench/study.py " + " ".join(sys.argv[1:])
+
+    def write_section(self, key, text):
+        out = Path(self.args.out)
+        ev._atomic_write(out / f"study_{key}.section.md", lambda p: Path(p).write_text(text))
         self.write()
 
     def write(self):
+        """study.md = header + every part's section found in the folder (from this run or a parallel one);
+        study_training_<tag>.json = this run's gate-training logs."""
         out = Path(self.args.out)
+        logs = ev.to_json(ev.Evaluation(rows=[], training=self.training))["training"]
+        payload = json.dumps({"command": self.command, "args": vars(self.args), "training": logs}, indent=1)
+        ev._atomic_write(out / f"study_training_{self.tag}.json", lambda p: Path(p).write_text(payload))
         header = [
             "# Study: MoLE vs linear vs SVD on the pixel world",
             "",
-            f"Command: `python bench/study.py {' '.join(sys.argv[1:])}` — machine: {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; torch {torch.__version__}.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, "
+            f"{torch.get_num_threads()} torch thread(s) per process; torch {torch.__version__}. "
             f"Scores: the world's oracle (caption fidelity ≈ CLIP text-alignment, subject fidelity ≈ "
-            f"image-alignment), mean ± 95% interval over images. Seeds {self.seeds[0]}..{self.seeds[-1]}; "
-            f"gates: {self.args.train_steps} steps, lr {self.args.lr:g}, batch {self.args.batch}.",
-            f"Total time so far: {time.perf_counter() - self.start:.0f} s.",
+            f"image-alignment), mean ± 95% interval over images; seeds from 1000 up, the same for every row. "
+            f"Each part names the command that produced it; every per-image score is in study_<part>.json.",
             "",
         ]
-        text = "\n".join(header) + "\n".join(self.sections)
+        sections = [p.read_text() for p in sorted(out.glob("study_*.section.md"))]
+        text = "\n".join(header) + "\n" + "\n".join(sections)
         ev._atomic_write(out / "study.md", lambda p: Path(p).write_text(text))
-        data = json.dumps({"args": vars(self.args), "parts": self.payload,
-                           "training": ev.to_json(ev.Evaluation(rows=[], training=self.training))["training"]},
-                          indent=1)
-        ev._atomic_write(out / "study.json", lambda p: Path(p).write_text(data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +198,7 @@ class Study:
 
 def part_composition(study: Study):
     """1. Composing 2, 3, 4 subjects: linear, SVD, MoLE (block)."""
-    for n in (2, 3, 4):
+    for n in (int(x) for x in study.args.compose.split(",")):
         keys = SUBJECTS[:n]
         mix = study.mixture(keys)
         cells = [ev.Cell("Linear (normalised)", "linear", keys), ev.Cell("SVD", "svd", keys),
@@ -163,7 +207,7 @@ def part_composition(study: Study):
             cells.append(ev.Cell("Base model", "base", keys))
         note = ("With four subjects and three positions, each caption asks for three of the four."
                 if n == 4 else "")
-        study.add(f"composition_{n}", f"1. {n} subjects composed ({', '.join(keys)})",
+        study.add(f"1_composition_{n}", f"1. {n} subjects composed ({', '.join(keys)})",
                   study.score(f"part 1, n={n}", cells, keys, plain=(n == 3)), note)
 
 
@@ -171,7 +215,7 @@ def part_granularity(study: Study):
     """2. m/l/b/n-MoLE on the 3-subject set."""
     keys = SUBJECTS[:3]
     cells = [ev.Cell(f"{g[0]}-MoLE ({g})", "mole", keys, mixture=study.mixture(keys, g)) for g in GRANULARITIES]
-    study.add("granularity", "2. Hierarchical control: where the gates sit (3 subjects)",
+    study.add("2_granularity", "2. Hierarchical control: where the gates sit (3 subjects)",
               study.score("part 2", cells, keys))
 
 
@@ -197,7 +241,7 @@ def part_balance(study: Study):
     for row in result.rows:
         gates = row.get("gates") or {}
         lines.append(f"| {row['label']} | " + " | ".join(f"{gates.get(k, math.nan):.3f}" for k in keys) + " |")
-    study.add("balance", "3. Balance loss and temperature (3 subjects)", result, "\n".join(lines))
+    study.add("3_balance", "3. Balance loss and temperature (3 subjects)", result, "\n".join(lines))
 
 
 def part_flexibility(study: Study):
@@ -205,31 +249,57 @@ def part_flexibility(study: Study):
     keys = SUBJECTS[:3]
     trained = study.mixture(keys)
     cells = [ev.Cell("MoLE, all on", "mole", keys, mixture=trained)]
-    for off in keys:
+    switched = [k.strip() for k in study.args.flex_off.split(",") if k.strip()]
+    unknown = set(switched) - set(keys)
+    if unknown:
+        raise SystemExit(f"--flex-off names {sorted(unknown)}, not among the three subjects {keys}")
+    for off in switched:
         rest = [k for k in keys if k != off]
         cells.append(ev.Cell(f"MoLE, {off} off", "mole", keys, mixture=trained,
                              mask={k: k != off for k in keys}))
         cells.append(ev.Cell(f"Linear of {' + '.join(rest)}", "linear", rest))
-    text = ("Captions ask for all three subjects. Read the switched-off subject's column (it should fall) "
-            "and the others (they should stay).")
-    study.add("flexibility", "4. Flexibility: one expert switched off at inference", study.score("part 4", cells, keys),
-              text)
+    result = study.score("part 4", cells, keys)
+    rows = {r["label"]: r for r in result.rows}
+    lines = ["Captions ask for all three subjects. The switched-off subject should fall, the other two stay.", "",
+             "| switched off | its fidelity: all on → MoLE off / linear of the rest | "
+             "the other two (mean): all on → MoLE off / linear of the rest |", "|---|---|---|"]
+    on = rows["MoLE, all on"]
+    for off in switched:
+        rest = [k for k in keys if k != off]
+        masked, linear = rows[f"MoLE, {off} off"], rows[f"Linear of {' + '.join(rest)}"]
+        others = lambda row: sum(row[f"subject:{k}"] for k in rest) / len(rest)  # noqa: E731
+        lines.append(f"| {off} | {on[f'subject:{off}']:.3f} → {masked[f'subject:{off}']:.3f} / "
+                     f"{linear[f'subject:{off}']:.3f} | {others(on):.3f} → {others(masked):.3f} / {others(linear):.3f} |")
+    study.add("4_flexibility", "4. Flexibility: one expert switched off at inference", result, "\n".join(lines),
+              plot_columns=[f"subject:{k}" for k in keys])
 
 
 def part_cost(study: Study):
     """5. Gate-training cost, from every training the study ran."""
     lines = ["### 5. Gate-training cost on this machine", "",
-             "| mixture | steps | seconds | s / step | plateau step (90% of the drop) | plateau seconds | loss first → last 10% |",
-             "|---|---|---|---|---|---|---|"]
-    for name, log in study.training.items():
+             "Loss plateau: first step where the trailing mean (a tenth of the run) of the task (denoising) loss "
+             "has made 90% of its drop; gate plateau: the same for the distance of the mean gates to their "
+             "final value. The denoising loss is noisy (a random timestep per sample), so read both.", "",
+             "| mixture | steps | batch | lr | threads | seconds | s / step | loss plateau: step (s) | "
+             "gate plateau: step (s) | task loss first → last 10% | final mean gates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    training = {}
+    for path in sorted(Path(study.args.out).glob("study_training_*.json")):   # this run's and parallel runs'
+        training.update(json.loads(path.read_text())["training"])
+    training.update(ev.to_json(ev.Evaluation(rows=[], training=study.training))["training"])
+    for name, log in training.items():
         if not log.get("steps"):
             continue
-        lines.append(f"| {name} | {log['steps']} | {log['seconds']:.1f} | {log['seconds'] / log['steps']:.3f} | "
-                     f"{log['plateau_step']} | {log['plateau_seconds']:.1f} | "
-                     f"{log['first_loss']:.4f} → {log['final_loss']:.4f} |")
+        gates = log["mean_gates"][-1] if log.get("mean_gates") and log["mean_gates"][-1] else []
+        gate_plateau = (f"{log['gate_plateau_step']} ({log['gate_plateau_seconds']:.1f})"
+                        if "gate_plateau_step" in log else "—")
+        lines.append(f"| {name} | {log['steps']} | {log.get('batch')} | {log.get('lr')} | {log.get('threads')} | "
+                     f"{log['seconds']:.1f} | {log['seconds'] / log['steps']:.3f} | "
+                     f"{log['plateau_step']} ({log['plateau_seconds']:.1f}) | {gate_plateau} | "
+                     f"{log['first_loss']:.4f} → {log['final_loss']:.4f} | "
+                     f"{' / '.join(f'{g:.3f}' for g in gates)} |")
     lines.append("")
-    study.sections.append("\n".join(lines))
-    study.write()
+    study.write_section("5_cost", "\n".join(lines))
 
 
 PARTS = {"1": part_composition, "2": part_granularity, "3": part_balance, "4": part_flexibility, "5": part_cost}
@@ -244,6 +314,7 @@ def main(argv=None):
         if part.strip() not in PARTS:
             raise SystemExit(f"unknown part {part!r}; expected some of {','.join(PARTS)}")
         study.log(f"part {part} start")
+        study.part_start = time.perf_counter()
         PARTS[part.strip()](study)
     study.log(f"done; tables in {Path(args.out) / 'study.md'}")
 

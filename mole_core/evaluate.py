@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from mole_core.metrics import ClipScorer, Target, WorldScorer, mean_ci, mentions, plateau_step
+from mole_core.metrics import ClipScorer, Target, WorldScorer, mean_ci, plateau_step
 
 NO_SCORER = ("No scores: this model has no oracle and no CLIP model was given "
              "(pass --clip PATH to a local CLIP model folder). Only timings are shown.")
@@ -282,11 +282,12 @@ def _json_number(x):
 def train_mixture(engine, keys, mole_config, train_config, progress: Progress | None = None,
                   label: str = "MoLE") -> tuple[object, dict]:
     """engine.train with a clock: -> (mixture, {"steps", "seconds", "losses", "seconds_at", ...})."""
-    losses, stamps, balances, gates = [], [], [], []
+    losses, tasks, stamps, balances, gates = [], [], [], [], []
     start = time.perf_counter()
 
     def on_step(step, loss, mean_gates):
         losses.append(float(loss["loss"]) if isinstance(loss, dict) else float(loss))
+        tasks.append(float(loss.get("task", losses[-1])) if isinstance(loss, dict) else losses[-1])
         balances.append(float(loss.get("balance", math.nan)) if isinstance(loss, dict) else math.nan)
         gates.append([float(g) for g in (mean_gates.tolist() if hasattr(mean_gates, "tolist") else mean_gates)]
                      if mean_gates is not None else None)
@@ -296,13 +297,20 @@ def train_mixture(engine, keys, mole_config, train_config, progress: Progress | 
 
     mixture = engine.train(list(keys), mole_config, train_config, on_step=on_step)
     seconds = time.perf_counter() - start
-    log = {"steps": len(losses), "seconds": seconds, "losses": losses, "balance": balances,
+    log = {"steps": len(losses), "seconds": seconds, "losses": losses, "task": tasks, "balance": balances,
            "mean_gates": gates, "seconds_at": stamps}
     if losses:
-        plateau = plateau_step(losses)
+        # the task (denoising) loss, comparable with and without the balance term
+        tenth = max(1, len(tasks) // 10)
+        plateau = plateau_step(tasks)
         log.update(plateau_step=plateau, plateau_seconds=stamps[plateau],
-                   first_loss=float(np.mean(losses[:max(1, len(losses) // 10)])),
-                   final_loss=float(np.mean(losses[-max(1, len(losses) // 10):])))
+                   first_loss=float(np.mean(tasks[:tenth])), final_loss=float(np.mean(tasks[-tenth:])))
+        if gates and all(g is not None for g in gates):
+            # how far the mean gates still are from where they end: 90% of that way covered = settled
+            g = np.asarray(gates)                                        # (steps, experts)
+            distance = np.linalg.norm(g - g[-tenth:].mean(0), axis=1)    # (steps,)
+            gate_plateau = plateau_step(distance)
+            log.update(gate_plateau_step=gate_plateau, gate_plateau_seconds=stamps[gate_plateau])
     return mixture, log
 
 
@@ -389,7 +397,9 @@ def run_small_study(engine, keys, *, seeds: int = 2, n_prompts: int = 4, train_s
                       n_prompts=n_prompts, train_steps=train_steps, mixture=mixture, steps=steps,
                       guidance=guidance, scorers=default_scorers(engine, clip) if scorers is None else scorers,
                       on_progress=on_progress)
-    table = pd.DataFrame([{k: v for k, v in row.items() if k not in ("keys", "mask")} for row in result.rows])
+    table = pd.DataFrame([{**{k: v for k, v in row.items() if k not in ("keys", "mask", "gates")},
+                           **{f"gate:{expert}": w for expert, w in (row.get("gates") or {}).items()}}
+                          for row in result.rows])     # flat columns: a table widget shows no dicts
     return to_markdown(result), table, plot(result)
 
 
@@ -470,7 +480,7 @@ def to_markdown(result: Evaluation, title: str = "Results") -> str:
     parts += [f"- {line}" for line in leaders(result.rows)]
     for label, log in result.training.items():
         if log.get("steps"):
-            parts.append(f"- {label}: {log['steps']} gate-training steps in {log['seconds']:.1f} s; loss "
+            parts.append(f"- {label}: {log['steps']} gate-training steps in {log['seconds']:.1f} s; task loss "
                          f"{log['first_loss']:.4f} → {log['final_loss']:.4f}; 90% of the drop by step "
                          f"{log['plateau_step']} ({log['plateau_seconds']:.1f} s).")
     parts += [f"- {note}" for note in result.notes]
@@ -547,7 +557,7 @@ def to_json(result: Evaluation, extra: dict | None = None) -> dict:
 
 
 def write_outputs(result: Evaluation, out_dir, name: str = "results", title: str = "Results",
-                  extra: dict | None = None) -> dict[str, Path]:
+                  extra: dict | None = None, plot_columns: list[str] | None = None) -> dict[str, Path]:
     """<name>.md, <name>.json, <name>.png (plot) and <name>_samples.png in out_dir, each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -556,7 +566,7 @@ def write_outputs(result: Evaluation, out_dir, name: str = "results", title: str
     _atomic_write(paths["markdown"], lambda p: Path(p).write_text(markdown))
     payload = json.dumps(to_json(result, extra), indent=1)
     _atomic_write(paths["json"], lambda p: Path(p).write_text(payload))
-    image = plot(result, title=title)
+    image = plot(result, columns=plot_columns, title=title)
     _atomic_write(paths["plot"], lambda p: image.save(p, format="PNG"))
     grid = sample_grid(result)
     if grid is not None:

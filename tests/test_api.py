@@ -7,6 +7,7 @@ gets alone (one model queue; every call leaves the shared pipeline as it found i
 from __future__ import annotations
 
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -105,3 +106,15 @@ def test_concurrent_toggles_match_solo_runs(served):
         together = {name: pixels(f.result()[0]) for name, f in futures.items()}
     for name in masks:
         assert np.array_equal(together[name], solo[name]), name
+
+
+def test_cancel_stops_this_sessions_training(served):
+    url, keys = served
+    c = client(url)
+    job = c.submit(keys, "block", 500, 1e-2, 0.5, 0, api_name="/train")
+    while not (job.status().code.name == "ITERATING" or job.done()):  # wait for the first step
+        time.sleep(0.1)
+    c.predict(api_name="/cancel")
+    status, _, _, mixture_file = job.result(timeout=300)
+    assert status.startswith("Stopped (cancelled) after") and mixture_file
+    assert int(status.split(" after ")[1].split()[0]) < 500

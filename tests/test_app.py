@@ -150,7 +150,10 @@ def test_check_train_needs_two_loras(engine, keys):
 def test_long_prompt_is_warned_not_silently_cut(engine, keys):
     long_prompt = " ".join(["a red circle on the left and a blue square on the right"] * 20)
     with pytest.warns(UserWarning, match="words are cut"):
-        app.check_compare(engine, keys, long_prompt, "", 0, False, 3, 4.0, ["base"])
+        app.check_compare(engine, keys, long_prompt, "", 0, False, 2, 4.0, ["base"])
+    _, _, notes, _ = app.compare(engine, keys, long_prompt, "", 0, False, 2, 4.0, ["base"], None, 2, True,
+                                 app.new_session())
+    assert "words are cut" in notes and "the right" in notes.split("words are cut")[1]
 
 
 # ---- compare, toggle, inspect ---------------------------------------------------------------------
@@ -170,7 +173,7 @@ def test_compare_renders_each_method_labelled_with_its_time(engine, keys, compar
         assert label and seconds.endswith(" s") and float(seconds[:-2]) > 0
         assert image.size == gallery[0][0].size
     assert "untrained" in notes
-    assert state["gates"] and state["methods"] == methods
+    assert state["gates"] and state["compared"]["methods"] == methods
     # randomise picks a seed and reports it
     _, random_seed, _, _ = app.compare(engine, *compare_args(keys, ["base"], app.new_session(), randomise=True))
     assert isinstance(random_seed, int) and random_seed >= 0
@@ -225,6 +228,7 @@ def test_train_streams_loss_and_keeps_the_mixture(engine, keys):
     assert Path(mixture_file).exists() and list(state["mixture"].names) == keys
     gallery, _, notes, state = app.compare(engine, *compare_args(keys, ["mole"], state))
     assert "untrained" not in gallery[0][1] and notes == ""
+    assert "load_mixture('mixture.safetensors')" in app.snippet(engine, state)
     # the downloaded file loads back into a fresh session and gives the same MoLE image
     fresh = app.new_session()
     fresh, chosen, message = app.load_mixture_upload(engine, mixture_file, keys, fresh)
@@ -255,11 +259,20 @@ def test_export_writes_a_lora_the_model_accepts(engine, world, keys, method, fmt
 
 def test_snippet_reproduces_the_last_comparison(engine, keys, compared):
     with pytest.raises(gr.Error, match="run a comparison"):
-        app.snippet(engine, keys, None, 2, True, app.new_session())
+        app.snippet(engine, app.new_session())
     methods, _, state = compared
-    code = app.snippet(engine, keys, None, 2, True, state)
+    code = app.snippet(engine, state)
     compile(code, "snippet", "exec")
     assert "engine.compare(" in code and repr(keys) in code and repr(methods) in code
+
+
+@pytest.mark.slow
+def test_snippet_run_gives_the_same_images(engine, compared, tmp_path, monkeypatch):
+    methods, (gallery, *_), state = compared
+    monkeypatch.chdir(tmp_path)
+    exec(compile(app.snippet(engine, state), "snippet", "exec"), {})
+    for method, (image, _) in zip(methods, gallery):
+        assert np.array_equal(pixels(tmp_path / (method.replace(":", "_") + ".png")), pixels(image)), method
 
 
 def test_upload_of_a_bad_lora_changes_nothing_on_disk(engine, world, tmp_path):

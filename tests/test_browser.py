@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import app
 from mole_core.engine import Engine
 from tests.test_api import launch
 from tests.test_app import world_paths
@@ -115,3 +114,14 @@ def test_select_train_compare_toggle_inspect(served, page):
     wait_for_new_image(page, "#heatmap", heatmap_src)
     assert image_bytes(page, "#heatmap") != heatmap_before
     page.screenshot(path=str(ARTIFACTS / "browser_inspect.png"), full_page=True)
+
+    # 6. Compare again with a random seed and two methods: the gallery changes, the used seed is shown
+    open_tab(page, "Compare")
+    first = page.locator("#results img").first.get_attribute("src")
+    page.get_by_label("Randomise seed").check()
+    for method in ("linear", "SVD"):
+        page.locator("#methods").get_by_label(method, exact=True).uncheck()
+    page.locator("#compare-button").click()
+    page.wait_for_function("() => document.querySelectorAll('#results img').length === 2")
+    assert page.locator("#results img").first.get_attribute("src") != first
+    assert page.locator("#used-seed input").input_value() != "0"

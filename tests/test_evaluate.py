@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +181,6 @@ def test_leaders_say_plainly_when_mole_does_not_win():
 
 
 def test_evaluate_trains_each_granularity_and_writes_outputs(tmp_path):
-    from mole_core.train import TrainConfig  # noqa: F401  (evaluate builds TrainConfig / MoleConfig)
     engine, scorers = scripted([FACE, RING, NIGHT], drops={"linear": [FACE]})
     seen = []
     result = ev.evaluate(engine, [FACE, RING, NIGHT], granularities=("block", "layer"), seeds=[0, 1],
@@ -252,7 +251,17 @@ def test_run_small_study_returns_table_dataframe_and_plot():
 # ---------------------------------------------------------------------------------------------
 # The real engine on a tiny pipeline, scored by a tiny CLIP (end to end through the CLI)
 
-def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test: on a shared 2-core machine two threads ran tiny models ~50x slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread):
     from tests.test_engine import make_bank, make_model_dir
     from mole_core.cli import main
     model_dir = make_model_dir(tmp_path)

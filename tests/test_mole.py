@@ -245,7 +245,7 @@ def test_mask_renormalises_by_hand_on_one_linear():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert len(rec.entries) == 1
     torch.testing.assert_close(rec.entries[0][3], G)
-    assert float(G[:, 1].abs().max()) == 0.0
+    assert G[:, 1].abs().max().item() == 0.0
 
 
 # ---- granularity --------------------------------------------------------------------------------
