@@ -110,7 +110,7 @@ class Engine:
         with self._load_lock:
             if self._pipe is None:
                 from diffusers import StableDiffusionPipeline
-                pipe = StableDiffusionPipeline.from_pretrained(self.model_id, torch_dtype=self.dtype)
+                pipe = StableDiffusionPipeline.from_pretrained(self.model_id, dtype=self.dtype)
                 self._pipe = self._prepare(pipe)
         return self._pipe
 

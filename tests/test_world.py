@@ -188,7 +188,8 @@ def test_quick_build_regenerates_everything(tmp_path):
     assert "BAR base objects correct" in result.stdout
     model = tmp_path / "assets" / "pixel-world"
     report = json.loads((model / "build_report.json").read_text())
-    assert set(report["stages"]) == {"vae", "base", "oracle", "loras", "eval"}
+    from mole_core.world.build import STAGES
+    assert set(report["stages"]) == set(STAGES)
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(model)
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
