@@ -86,11 +86,12 @@ class Remembering:
     def train(self, *args, **kwargs):
         return self.engine.train(*args, **kwargs)
 
-    def generate(self, keys, method, request, mixture=None, mask=None, rank=None):
-        key = (method, tuple(keys), id(mixture), tuple(sorted((mask or {}).items())), rank,
+    def generate(self, keys, method, request, mixture=None, mask=None, rank=None, normalize=True):
+        key = (method, tuple(keys), id(mixture), tuple(sorted((mask or {}).items())), rank, normalize,
                request.prompt, request.seed, request.steps, request.guidance)
         if key not in self.memory:
-            self.memory[key] = self.engine.generate(keys, method, request, mixture=mixture, mask=mask, rank=rank)
+            self.memory[key] = self.engine.generate(keys, method, request, mixture=mixture, mask=mask, rank=rank,
+                                                    normalize=normalize)
         return self.memory[key]
 
 
@@ -302,7 +303,19 @@ def part_cost(study: Study):
     study.write_section("5_cost", "\n".join(lines))
 
 
-PARTS = {"1": part_composition, "2": part_granularity, "3": part_balance, "4": part_flexibility, "5": part_cost}
+def part_references(study: Study):
+    """6. References on the 3-subject captions: each LoRA alone, and the un-normalised sum (each at weight 1)."""
+    keys = SUBJECTS[:3]
+    cells = [ev.Cell(f"Single: {k}", f"single:{k}", keys) for k in keys]
+    cells.append(ev.Cell("Linear, raw weights (each LoRA at 1)", "linear", keys, normalize=False))
+    text = ("Same captions and seeds as part 1 with 3 subjects. A single LoRA can draw only its own subject, so its "
+            "own column is the ceiling a composition could reach for that subject at full strength.")
+    study.add("6_references", "6. References: each LoRA alone, and the raw sum (3 subjects)",
+              study.score("part 6", cells, keys), text)
+
+
+PARTS = {"1": part_composition, "2": part_granularity, "3": part_balance, "4": part_flexibility, "5": part_cost,
+         "6": part_references}
 
 
 def main(argv=None):

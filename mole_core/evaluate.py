@@ -46,6 +46,7 @@ class Cell:
     mixture: object | None = None             # mole_core.mixture.Mixture (trained gates); None = untrained
     mask: dict[str, bool] | None = None       # mole only: experts switched off
     rank: int | None = None                   # svd only: None = the largest input rank
+    normalize: bool = True                    # linear/svd: weights normalised to sum 1 (False: each LoRA at 1)
 
 
 @dataclass
@@ -194,8 +195,9 @@ def render(engine, cell: Cell, prompts, seeds, steps: int, guidance: float, prog
     for prompt in prompts:
         for seed in seeds:
             request = GenerateRequest(prompt=prompt, seed=int(seed), steps=steps, guidance=guidance)
+            raw = {} if cell.normalize else {"normalize": False}
             result = engine.generate(cell.keys, cell.method, request, mixture=cell.mixture,
-                                     mask=cell.mask, rank=cell.rank)
+                                     mask=cell.mask, rank=cell.rank, **raw)
             images.append(result.image)
             captions.append(prompt)
             used_seeds.append(int(seed))

@@ -68,8 +68,8 @@ class ScriptedEngine:
     def default_size(self):
         return world.SIZE, world.SIZE
 
-    def generate(self, keys, method, request, mixture=None, mask=None, rank=None):
-        self.calls.append((tuple(keys), method, request.prompt, request.seed, mixture, mask, rank))
+    def generate(self, keys, method, request, mixture=None, mask=None, rank=None, normalize=True):
+        self.calls.append((tuple(keys), method, request.prompt, request.seed, mixture, mask, rank, normalize))
         scene = world.scene_from_caption(request.prompt)
         off = set(self.drops.get(method, ())) | {k for k, on in (mask or {}).items() if not on}
         if method == "base":                                   # the base model knows no subject
@@ -167,6 +167,19 @@ def test_scores_match_a_hand_count():
     assert drawn["mole"][:6] == [(p, s) for p in prompts for s in (0, 1, 2)]
     assert sum(1 for c in engine.calls if c[1] == "base" and c[2] == plain[0]) == 3   # base drawn once per seed
     assert len(result.records) == 4 * 6 and result.records[0]["subject:face"] == 1.0
+
+
+def test_cells_pass_their_settings_to_the_engine():
+    engine, scorers = scripted([FACE, RING])
+    mix = FakeMixture("block", [FACE, RING])
+    cells = [ev.Cell("raw", "linear", [FACE, RING], normalize=False), ev.Cell("svd", "svd", [FACE, RING], rank=3),
+             ev.Cell("masked", "mole", [FACE, RING], mixture=mix, mask={FACE: False, RING: True})]
+    result = ev.score_cells(engine, cells, ["a zwx on the left and a qlo on the right"], [4], scorers,
+                            [Target(FACE, "zwx"), Target(RING, "qlo")])
+    assert [c[6:] for c in engine.calls] == [(None, False), (3, True), (None, True)]
+    assert engine.calls[2][4] is mix and engine.calls[2][5] == {FACE: False, RING: True}
+    masked = result.rows[2]
+    assert masked["subject:face"] == 0.0 and masked["subject:ring"] == 1.0      # switched off: gone
 
 
 def test_leaders_say_plainly_when_mole_does_not_win():
