@@ -91,6 +91,9 @@ def test_select_train_compare_toggle_inspect(served, page):
     page.locator("#steps input[type=number]").fill("2")
     page.locator("#compare-button").click()
     page.wait_for_function("() => document.querySelectorAll('#results img').length === 4")
+    # the four images are really shown (loaded and decoded), not just their frames
+    page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
     captions = page.locator("#results").inner_text()
     assert "MoLE" in captions and "untrained" not in captions and " s" in captions
     page.screenshot(path=str(ARTIFACTS / "browser_compare.png"), full_page=True)
