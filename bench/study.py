@@ -1,7 +1,7 @@
 """The study: does gated composition (MoLE) keep each LoRA and the caption better than merges?
 
 Run on the embedded pixel world, with fixed seeds, every cell scored by the world's oracle on the same
-prompts and seeds (`mole_core.evaluate`). Five parts, after the MoLE paper:
+prompts and seeds (`mole_core.evaluate`). Six parts, after the MoLE paper:
 
   1. composition   2, 3 and 4 subjects composed: caption and per-subject fidelity for linear, SVD, MoLE
                    (paper Table 1); base preservation on trigger-free captions for the 3-subject set.
@@ -12,9 +12,16 @@ prompts and seeds (`mole_core.evaluate`). Five parts, after the MoLE paper:
                    does it disappear while the other two stay? vs re-merging the remaining two linearly
                    (paper Fig. 8).
   5. cost          gate-training steps and seconds to the plateau (90% of the loss drop) on this machine.
+  6. references    each LoRA alone and the un-normalised sum, on the 3-subject captions.
 
-    python bench/study.py                      # the full study (~20 min on 2 CPU cores)
+    python bench/study.py                      # the whole study in one process (about an hour on 2 shared cores)
     python bench/study.py --parts 1 --seeds 2  # a quick look
+
+The published run used the defaults, split into parallel processes sharing the output folder (each part
+writes its own section; study.md is reassembled from all of them; part 5 reads every run's training log):
+    python bench/study.py --parts 1 --compose 2,3 & python bench/study.py --parts 1 --compose 4 &
+    python bench/study.py --parts 2,3 & python bench/study.py --parts 4 & python bench/study.py --parts 6 &
+    wait; python bench/study.py --parts 5
 
 Writes bench/results/study.md (the tables), study.json (every per-image score, training curves),
 and one PNG plot per part plus sample grids. Tables show mean ± half-width of the 95% interval.
@@ -41,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from mole_core import evaluate as ev  # noqa: E402
 from mole_core.attach import MoleConfig  # noqa: E402
 from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, Engine  # noqa: E402
+from mole_core.lora import sha256_file  # noqa: E402
 from mole_core.metrics import WorldScorer  # noqa: E402
 from mole_core.train import TrainConfig  # noqa: E402
 
@@ -53,12 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--bank", default=DEFAULT_BANK)
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
-    p.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (5 needs the trainings of 1-3)")
-    p.add_argument("--prompts", type=int, default=6, help="captions per cell")
-    p.add_argument("--seeds", type=int, default=9, help="seeds per caption (images per cell = prompts × seeds)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    p.add_argument("--parts", default="1,2,3,4,6,5", help="comma-separated parts to run (5 reports the trainings of 1-4)")
+    p.add_argument("--prompts", type=int, default=5, help="captions per cell")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per caption (images per cell = prompts × seeds)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--train-steps", type=int, default=100, help="gate-training steps per mixture")
+    p.add_argument("--train-steps", type=int, default=150, help="gate-training steps per mixture")
     p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate")
     p.add_argument("--batch", type=int, default=4, help="gate-training batch size")
     p.add_argument("--compose", default="2,3,4", help="part 1: how many subjects to compose (comma-separated)")
@@ -186,7 +194,9 @@ class Study:
             f"{torch.get_num_threads()} torch thread(s) per process; torch {torch.__version__}. "
             f"Scores: the world's oracle (caption fidelity ≈ CLIP text-alignment, subject fidelity ≈ "
             f"image-alignment), mean ± 95% interval over images; seeds from 1000 up, the same for every row. "
-            f"Each part names the command that produced it; every per-image score is in study_<part>.json.",
+            f"Each part names the command that produced it; every per-image score is in study_<part>.json. "
+            f"LoRA files (sha256, first 12): " + ", ".join(
+                f"{e.key} {sha256_file(e.lora_path)[:12]}" for e in self.engine.bank.entries if e.lora_path) + ".",
             "",
         ]
         sections = [p.read_text() for p in sorted(out.glob("study_*.section.md"))]

@@ -28,10 +28,7 @@ parent, keep the original as `.base`).
 """
 from __future__ import annotations
 
-import csv
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mole_core.atomic import write_csv
 from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
 from mole_core.lora import Lora, LoraWeights
 
@@ -93,6 +91,8 @@ def _gate_key(group: str) -> str:
 # Recording gate weights
 # ----------------------------------------------------------------------------------------------
 
+GATE_COLUMNS = ["group", "step", "sample", "expert", "weight"]  # the tidy gate table's columns
+
 class Recording:
     """Every gate evaluation inside `with handle.recording() as rec:`.
 
@@ -116,20 +116,7 @@ class Recording:
 
     def to_csv(self, path) -> Path:
         """Write `table()` as CSV, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["group", "step", "sample", "expert", "weight"])
-                writer.writeheader()
-                writer.writerows(self.table())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return write_csv(path, self.table(), GATE_COLUMNS)
 
     def mean_by_group(self) -> tuple[list[str], torch.Tensor]:
         """(groups, weights (G, N)): mean over steps and samples, groups in network order."""

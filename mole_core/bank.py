@@ -14,15 +14,14 @@ References: MoLE (Wu et al., ICLR 2024) — the experts; kohya/Civitai practice 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 from torch import nn
 
+from mole_core.atomic import atomic_path, write_text
 from mole_core.lora import Lora, load_lora, validate_lora
 
 KINDS = ("subject", "style")
@@ -181,7 +180,7 @@ class Bank:
             for image, rel in copies:
                 written.append(_atomic_copy(image, self.folder / rel))
             written.append(_atomic_copy(src_path, self.folder / f"{key}.safetensors"))
-            written.append(_atomic_write_text(self.folder / f"{key}.json", json.dumps(manifest, indent=2)))
+            written.append(write_text(self.folder / f"{key}.json", json.dumps(manifest, indent=2)))
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
@@ -197,25 +196,6 @@ class Bank:
 
 
 def _atomic_copy(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dst
-
-
-def _atomic_write_text(dst: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst

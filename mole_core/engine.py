@@ -25,7 +25,6 @@ References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); diffusers `StableDiff
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import os
 import tempfile
@@ -38,7 +37,8 @@ import PIL.Image
 import torch
 from torch import nn
 
-from mole_core.attach import MoleConfig, attach
+from mole_core.atomic import atomic_path, write_csv
+from mole_core.attach import GATE_COLUMNS, MoleConfig, attach
 from mole_core.bank import Bank, BankEntry
 from mole_core.lora import Lora, pipeline_components, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
@@ -458,31 +458,11 @@ class Engine:
 
 def write_gates_csv(rows: list[dict], path) -> Path:
     """Write tidy gate rows (group, step, sample, expert, weight) as CSV, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["group", "step", "sample", "expert", "weight"])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_csv(path, rows, GATE_COLUMNS)
 
 
 def save_image(image: PIL.Image.Image, path) -> Path:
     """Save an image (format from the suffix), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
         image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)

@@ -378,10 +378,23 @@ def evaluate(engine, keys, *, granularities=("block",), methods=("mole", "linear
                                                            progress, cell.label)
     # 4. score
     result = score_cells(engine, cells, prompts, seeds, scorers, targets, plain_prompts, steps, guidance, progress)
-    result.training, result.notes = training, notes
+    result.training, result.notes = training, notes + prompt_warnings(engine, keys, list(prompts) + list(plain_prompts))
     result.notes.append(f"{len(prompts)} prompts × {len(seeds)} seeds = {len(prompts) * len(seeds)} images "
                         f"per row; {steps} denoising steps, guidance {guidance:g}.")
     return result
+
+
+def prompt_warnings(engine, keys, prompts) -> list[str]:
+    """The engine's warnings for these prompts (e.g. words cut by the text encoder's length), once each."""
+    check = getattr(engine, "check_request", None)
+    if check is None:
+        return []
+    from mole_core.engine import GenerateRequest
+    found = []
+    for prompt in dict.fromkeys(prompts):
+        for warning in check(keys, GenerateRequest(prompt=prompt), ["base"]):
+            found.append(f"Prompt {prompt!r}: {warning}")
+    return found
 
 
 def run_small_study(engine, keys, *, seeds: int = 2, n_prompts: int = 4, train_steps: int = 30,
@@ -470,10 +483,12 @@ def leaders(rows: list[dict], columns: list[str] | None = None) -> list[str]:
             lines.append(f"{header(column)}: {best['label']} leads ({best[column]:.3f})"
                          + (f", within the intervals of {runner['label']} ({runner[column]:.3f}): not a clear win"
                             if tie else ""))
+        elif moles:
+            mole = max(moles, key=lambda r: r[column])
+            lines.append(f"{header(column)}: {best['label']} leads ({best[column]:.3f}); MoLE does not win "
+                         f"(best MoLE row {mole['label']}: {mole[column]:.3f})")
         else:
-            mole = max(moles, key=lambda r: r[column]) if moles else None
-            lines.append(f"{header(column)}: {best['label']} leads ({best[column]:.3f}); MoLE does not win"
-                         + (f" (best MoLE row {mole['label']}: {mole[column]:.3f})" if mole else ""))
+            lines.append(f"{header(column)}: {best['label']} leads ({best[column]:.3f})")
     return lines
 
 

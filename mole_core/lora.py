@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,8 @@ from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_t
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from mole_core.atomic import atomic_path
 
 
 @dataclass
@@ -331,16 +331,8 @@ def validate_lora(lora: Lora, components: nn.Module) -> None:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a .safetensors file via a temp file in the same folder + os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _kohya_name(key: str) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mole_core.attach import MoleConfig, MoleHandle
+from mole_core.atomic import atomic_path
+from mole_core.attach import MoleHandle
 from mole_core.lora import sha256_file
 
 FORMAT = "mole-mixture/1"
@@ -99,16 +98,8 @@ def save_mixture(path, handle: MoleHandle, lora_files: list[tuple[str, str | Pat
         meta.update(steps=train_result.steps, final_losses=train_result.final,
                     mean_gates=train_result.mean_gates, seconds=train_result.seconds)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in handle.gate_state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(meta)})
     return path
 
 

@@ -281,7 +281,8 @@ def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread):
     bank = make_bank(tmp_path / "bank", model_dir)
     clip_dir = build_tiny_clip(tmp_path / "clip")
     templates = tmp_path / "templates.txt"
-    templates.write_text("a photo of {0} dog\na {1} cat on the left\n")
+    long = "a photo of {0} dog and a {1} cat on the left and the right and the center and a red circle"
+    templates.write_text(f"a photo of {{0}} dog\na {{1}} cat on the left\n{long}\n")
     out = tmp_path / "out"
     rc = main(["evaluate", "--model", str(model_dir), "--bank", str(bank), "--lora", "dog", "--lora", "cat",
                "--steps", "2", "--seeds", "1", "--templates", str(templates), "--denoise-steps", "2",
@@ -292,9 +293,11 @@ def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread):
     assert labels == ["MoLE (block)", "Linear (normalised)", "SVD (r=1)", "Single: dog", "Single: cat",
                       "Base model"]
     for row in data["rows"]:
-        assert row["images"] == 2 and -1 <= row["clip_text"] <= 1 and -1 <= row["clip_image"] <= 1
+        assert row["images"] == 3 and -1 <= row["clip_text"] <= 1 and -1 <= row["clip_image"] <= 1
     assert data["training"]["MoLE (block)"]["steps"] == 2
-    assert "CLIP text-align" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "CLIP text-align" in markdown
+    assert "these words are cut" in markdown and "red circle" in markdown      # the engine's truncation warning
     assert (out / "results.png").stat().st_size > 1000
 
 

@@ -13,14 +13,13 @@ References: MoLE (Wu et al., ICLR 2024) §4: CLIP text-/image-alignment, which t
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from mole_core.world import render as world
 from mole_core.world.build import BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
-from mole_core.world.oracle import Oracle, accuracy_on_renders, caption_fidelity, items_satisfied
+from mole_core.world.oracle import Oracle, accuracy_on_renders, caption_fidelity
 
 BARS = {"oracle": 0.98, "base": 0.90, "lora": 0.90}
 

@@ -12,7 +12,7 @@ References: MoLE (Wu et al., ICLR 2024) multi-subject setting; DreamBooth's rare
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
