@@ -619,6 +619,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--rank", type=int, default=None, help="SVD rank (default: the largest LoRA rank)")
     parser.add_argument("--clip", help="a local CLIP model folder for CLIP text-/image-alignment")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a busy shared machine 1 can be many times faster than 2)")
     parser.add_argument("--out", required=True, help="folder for results.md, results.json, results.png")
 
 
@@ -628,6 +630,9 @@ def cli_evaluate(args) -> int:
     from mole_core.engine import Engine
     from mole_core.mixture import load_mixture
     # 1. inputs
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     engine = Engine(args.model, args.bank)
     mixture = load_mixture(args.mixture) if args.mixture else None
     keys = list(args.lora) or (list(mixture.names) if mixture is not None else [])
