@@ -40,11 +40,11 @@ from peft import LoraConfig  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mole_core.attach import MoleConfig, attach  # noqa: E402
-from mole_core.lora import Lora, LoraWeights  # noqa: E402
+from mole_core.lora import Lora  # noqa: E402
+from bench.common import RANK, random_loras, target_paths  # noqa: E402
 from mole_core.merge import merge_loras, merged_weights  # noqa: E402
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-RANK, N_LORAS, BATCH = 16, 3, 2
+N_LORAS, BATCH = 3, 2
 
 
 def build_unet(small: bool) -> UNet2DConditionModel:
@@ -54,25 +54,6 @@ def build_unet(small: bool) -> UNet2DConditionModel:
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
     return UNet2DConditionModel()  # the default config is SD 1.5's
-
-
-def target_paths(unet) -> list[str]:
-    return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(TARGETS)
-            and "transformer_blocks" in n]
-
-
-def random_loras(unet, paths, seed=0) -> list[Lora]:
-    g = torch.Generator().manual_seed(seed)
-    loras = []
-    for i in range(N_LORAS):
-        modules = {}
-        for p in paths:
-            m = unet.get_submodule(p)
-            modules[f"unet.{p}"] = LoraWeights(A=torch.randn(RANK, m.in_features, generator=g) / m.in_features ** 0.5,
-                                               B=torch.randn(m.out_features, RANK, generator=g) * 0.1,
-                                               scale=(8.0 + 4 * i) / RANK)   # alphas 8, 12, 16
-        loras.append(Lora(name=f"l{i}", modules=modules))
-    return loras
 
 
 def peft_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
@@ -117,7 +98,7 @@ def run_inference(args, device, dtype) -> dict:
     unet = build_unet(args.small).to(device, dtype).eval()
     comps = nn.ModuleDict({"unet": unet})
     paths = target_paths(unet)
-    loras = random_loras(unet, paths)
+    loras = random_loras(unet, paths, N_LORAS)
     merged = merge_loras(loras, method="linear")
     x = inputs(unet, device, dtype)
     res = {"modules": len(paths)}
@@ -185,7 +166,7 @@ def run_train(args, device, dtype, mode: str) -> dict:
         unet.enable_gradient_checkpointing()
         unet.train()
     if mode == "gates":
-        handle = attach(comps, random_loras(unet, paths), MoleConfig(granularity="block"))
+        handle = attach(comps, random_loras(unet, paths, N_LORAS), MoleConfig(granularity="block"))
         with torch.no_grad():
             unet(*x)                                               # materialise the gates
         params = handle.gate_parameters()

@@ -26,11 +26,11 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.tuners.lora import LoraModel  # noqa: E402
 
-from mole_core.lora import Lora, LoraWeights, delta_weight  # noqa: E402
+from mole_core.lora import delta_weight  # noqa: E402
+from bench.common import RANK, random_loras, target_paths  # noqa: E402
 from mole_core.merge import merge_loras  # noqa: E402
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-RANK, WEIGHTS = 16, [0.5, 0.3, 0.2]
+WEIGHTS = [0.5, 0.3, 0.2]
 
 
 def build_unet(small: bool) -> UNet2DConditionModel:
@@ -39,25 +39,6 @@ def build_unet(small: bool) -> UNet2DConditionModel:
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
     return UNet2DConditionModel()  # the default config is SD 1.5's
-
-
-def target_paths(unet) -> list[str]:
-    return [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS)
-            and "transformer_blocks" in n]
-
-
-def random_loras(unet, paths, n=3, seed=0) -> list[Lora]:
-    g = torch.Generator().manual_seed(seed)
-    loras = []
-    for i in range(n):
-        modules = {}
-        for p in paths:
-            m = unet.get_submodule(p)
-            modules[f"unet.{p}"] = LoraWeights(A=torch.randn(RANK, m.in_features, generator=g) / m.in_features ** 0.5,
-                                               B=torch.randn(m.out_features, RANK, generator=g) * 0.1,
-                                               scale=(8.0 + 4 * i) / RANK)   # alphas 8, 12, 16
-        loras.append(Lora(name=f"l{i}", modules=modules))
-    return loras
 
 
 def peft_model(unet, paths, loras) -> LoraModel:
