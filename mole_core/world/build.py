@@ -298,6 +298,28 @@ def denoise_loss(unet, text_encoder, tokenizer, vae, noise_scheduler, scenes, ca
     return F.mse_loss(pred, z0)
 
 
+def train_base_cycle(cfg: BuildConfig, name: str, unet, text_encoder, tokenizer, vae, noise_scheduler,
+                     steps: int, peak_lr: float, rng, gen) -> float:
+    """One cosine cycle of joint text-encoder + UNet training on fresh scenes; returns the running loss."""
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=1e-4)
+    running = None
+    for step in range(steps):
+        scenes = [world.sample_scene(rng) for _ in range(cfg.base_batch)]
+        captions = [world.caption(s) if rng.random() >= cfg.empty_caption_p else "" for s in scenes]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr)
+        loss = denoise_loss(unet, text_encoder, tokenizer, vae, noise_scheduler, scenes, captions, rng, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"{name} step {step}/{steps} loss {running:.4f}")
+    return running
+
+
 def stage_base(cfg: BuildConfig) -> dict:
     rng = rng_for(cfg, "base")
     torch.manual_seed(cfg.seed + 2)
@@ -309,24 +331,10 @@ def stage_base(cfg: BuildConfig) -> dict:
     unet = make_unet(cfg)
     scheduler = make_scheduler()
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=1e-4)
     log(f"base: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
         f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
-    running = None
-    for step in range(cfg.base_steps):
-        scenes = [world.sample_scene(rng) for _ in range(cfg.base_batch)]
-        captions = [world.caption(s) if rng.random() >= cfg.empty_caption_p else "" for s in scenes]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.base_steps, cfg.base_lr)
-        loss = denoise_loss(unet, text_encoder, tokenizer, vae, noise_scheduler, scenes, captions, rng, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == cfg.base_steps - 1:
-            log(f"base step {step}/{cfg.base_steps} loss {running:.4f}")
+    running = train_base_cycle(cfg, "base", unet, text_encoder, tokenizer, vae, noise_scheduler,
+                               cfg.base_steps, cfg.base_lr, rng, gen)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                                    unet=unet.eval(), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -350,22 +358,8 @@ def stage_base2(cfg: BuildConfig) -> dict:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     text_encoder.train()
     unet.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.base_lr / 2, weight_decay=1e-4)
-    running = None
-    for step in range(cfg.base2_steps):
-        scenes = [world.sample_scene(rng) for _ in range(cfg.base_batch)]
-        captions = [world.caption(s) if rng.random() >= cfg.empty_caption_p else "" for s in scenes]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.base2_steps, cfg.base_lr / 2)
-        loss = denoise_loss(unet, text_encoder, tokenizer, vae, noise_scheduler, scenes, captions, rng, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == cfg.base2_steps - 1:
-            log(f"base2 step {step}/{cfg.base2_steps} loss {running:.4f}")
+    running = train_base_cycle(cfg, "base2", unet, text_encoder, tokenizer, vae, noise_scheduler,
+                               cfg.base2_steps, cfg.base_lr / 2, rng, gen)
     text_encoder.eval()
     unet.eval()
     save_pipeline(pipe, cfg.model_dir, keep=("vae",))
