@@ -38,6 +38,7 @@ MAX_EXPERTS = 8                        # rows of switches/strengths (and weights
 TRAIN_STEPS = 60                       # default gate-training steps here (TrainConfig's 400 is the paper's)
 UPLOAD_MAX_BYTES = 256 * 2**20         # a LoRA file larger than this is refused before it is read
 GRANULARITIES = ["matrix", "layer", "block", "network"]
+GATE_KINDS = [("Per sample (the paper)", "sample"), ("Per token / pixel", "token")]
 MODEL_QUEUE = "model"                  # the concurrency id every model-running event shares
 CSS_PATH = Path(__file__).resolve().parent / "assets" / "app.css"
 
@@ -148,26 +149,28 @@ def upload_lora(engine: Engine, lora_file: str | None, name: str, trigger: str, 
 
 # ---- Train gates --------------------------------------------------------------------------------
 def check_train(engine: Engine, keys: list[str], granularity: str, steps: float, lr: float,
-                alpha: float, seed: float) -> None:
+                alpha: float, seed: float, gate: str = "sample") -> None:
     if len(keys or []) < 2:
         raise gr.Error(f"Gate training needs at least two LoRAs; {len(keys or [])} selected in the Bank tab.")
     if len(keys) > MAX_EXPERTS:
         raise gr.Error(f"At most {MAX_EXPERTS} LoRAs can be mixed here; {len(keys)} are selected.")
     if granularity not in GRANULARITIES:
         raise gr.Error(f"Unknown granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
+    if gate not in dict(GATE_KINDS).values():
+        raise gr.Error(f"Unknown gate kind {gate!r}: choose 'sample' or 'token'.")
     if not (steps and steps >= 1) or not (lr and lr > 0) or alpha is None or alpha < 0 or seed is None:
         raise gr.Error("Steps must be at least 1, the learning rate above 0, α at least 0, and a seed given.")
     _human(engine.check_request, keys, GenerateRequest(prompt=""), ["mole"])
 
 
 def train(engine: Engine, keys: list[str], granularity: str, steps: float, lr: float, alpha: float,
-          seed: float, state: dict, progress=gr.Progress()):
+          seed: float, gate: str, state: dict, progress=gr.Progress()):
     """Train the gates; stream (state, status, loss plot, gate-balance plot, mixture file) per step."""
-    check_train(engine, keys, granularity, steps, lr, alpha, seed)
+    check_train(engine, keys, granularity, steps, lr, alpha, seed, gate)
     state["cancel"] = False
     config = TrainConfig(steps=int(steps), lr=float(lr), balance_alpha=float(alpha), seed=int(seed))
     out_path = _workdir() / "mixture.safetensors"
-    worker = _Worker(lambda on_step: engine.train(keys, MoleConfig(granularity=granularity), config,
+    worker = _Worker(lambda on_step: engine.train(keys, MoleConfig(granularity=granularity, gate=gate), config,
                                                   on_step=on_step, should_stop=lambda: state["cancel"],
                                                   out_path=out_path))
     losses, balance = [], []
@@ -430,6 +433,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Tab("Train gates", id="train"):
                 with gr.Row():
                     granularity = gr.Radio(GRANULARITIES, value="block", label="Granularity")
+                    gate_kind = gr.Radio(GATE_KINDS, value="sample", label="Gates")
                     train_steps = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1,
                                             elem_id="train-steps")
                     lr = gr.Number(TrainConfig().lr, label="Learning rate")
@@ -536,7 +540,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         up_button.click(partial(upload_lora, engine), upload_inputs, [gallery, table, chosen],
                         api_name="add_lora", **model_event)
 
-        train_inputs = [chosen, granularity, train_steps, lr, alpha, train_seed]
+        train_inputs = [chosen, granularity, train_steps, lr, alpha, train_seed, gate_kind]
         train_button.click(partial(check_train, engine), train_inputs, None, api_visibility="private") \
             .success(partial(train, engine), [*train_inputs, state],
                      [state, train_status, loss_plot, balance_plot, mixture_out], api_name="train",

@@ -4,7 +4,8 @@ Run on the embedded pixel world, with fixed seeds, every cell scored by the worl
 prompts and seeds (`mole_core.evaluate`). Six parts, after the MoLE paper:
 
   1. composition   2, 3 and 4 subjects composed: caption and per-subject fidelity for linear, SVD, MoLE
-                   (paper Table 1); base preservation on trigger-free captions for the 3-subject set.
+                   (paper Table 1) and MoLE with per-token gates (ours); base preservation on trigger-free
+                   captions for the 3-subject set.
   2. granularity   m/l/b/n-MoLE: one gate per matrix, layer, block, network (paper Table 9).
   3. balance       balance loss on/off (α = 0.5 vs 0), and the trained gates' temperature scaled at
                    inference (τ × 0.5, τ × 2) (paper Table 7 analogue).
@@ -128,17 +129,17 @@ class Study:
                 self.log(f"{label}: {done}/{total} {message}")
         return on_progress
 
-    def mixture(self, keys, granularity="block", alpha=0.5):
+    def mixture(self, keys, granularity="block", alpha=0.5, gate="sample"):
         """Train (once) the gates for these keys and settings; remember the training log."""
-        name = f"{'+'.join(keys)} · {granularity} · α={alpha:g}"
+        name = f"{'+'.join(keys)} · {granularity}{' per-token' if gate == 'token' else ''} · α={alpha:g}"
         if name not in self.mixtures:
             self.log(f"training {name}")
             config = TrainConfig(steps=self.args.train_steps, lr=self.args.lr, batch_size=self.args.batch,
                                  balance_alpha=alpha, seed=0, resolution=self.engine.default_size()[0])
             progress = ev.Progress(self.args.train_steps, self.progress(f"train {name}"))
-            self.mixtures[name], log = ev.train_mixture(self.engine, keys, MoleConfig(granularity=granularity),
+            self.mixtures[name], log = ev.train_mixture(self.engine, keys, MoleConfig(granularity=granularity, gate=gate),
                                                         config, progress, name)
-            log.update(keys=list(keys), granularity=granularity, alpha=alpha, lr=self.args.lr,
+            log.update(keys=list(keys), granularity=granularity, gate=gate, alpha=alpha, lr=self.args.lr,
                        batch=self.args.batch, threads=torch.get_num_threads())
             self.training[name] = log
             self.log(f"trained {name}: {log['seconds']:.1f} s, loss {log['first_loss']:.4f} -> {log['final_loss']:.4f}")
@@ -208,12 +209,13 @@ class Study:
 # The five parts
 
 def part_composition(study: Study):
-    """1. Composing 2, 3, 4 subjects: linear, SVD, MoLE (block)."""
+    """1. Composing 2, 3, 4 subjects: linear, SVD, MoLE (block), and MoLE with per-token gates (not in the
+    paper: one gate decision per pixel instead of per image, so two subjects at two places can differ)."""
     for n in (int(x) for x in study.args.compose.split(",")):
         keys = SUBJECTS[:n]
-        mix = study.mixture(keys)
         cells = [ev.Cell("Linear (normalised)", "linear", keys), ev.Cell("SVD", "svd", keys),
-                 ev.Cell("MoLE (block)", "mole", keys, mixture=mix)]
+                 ev.Cell("MoLE (block)", "mole", keys, mixture=study.mixture(keys)),
+                 ev.Cell("MoLE (block, per-token)", "mole", keys, mixture=study.mixture(keys, gate="token"))]
         if n == 3:
             cells.append(ev.Cell("Base model", "base", keys))
         note = ("With four subjects and three positions, each caption asks for three of the four."

@@ -41,6 +41,7 @@ from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
 from mole_core.lora import Lora, LoraWeights
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
+GATE_KINDS = ("sample", "token")
 # Class-name patterns. GEGLU (ff.net.0) and ModuleLists (attn.to_out) match neither on purpose.
 LAYER_CLASS = re.compile(r"(Attention|MLP|Mlp|FeedForward|LayerFF|DenseActDense|DenseGatedActDense)$")
 BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|ResnetBlockCondNorm2D|"
@@ -51,6 +52,7 @@ BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|
 class MoleConfig:
     granularity: str = "block"      # "matrix" | "layer" | "block" | "network": which modules share one gate
     balance_alpha: float = 0.5      # α in L = L_task + α·L_balance; train_gates uses it unless TrainConfig sets one
+    gate: str = "sample"            # "sample": one decision per sample (the paper); "token": per token / pixel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +346,8 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
     # 1. check inputs
     if config.granularity not in GRANULARITIES:
         raise ValueError(f"Unknown granularity '{config.granularity}' (expected one of {', '.join(GRANULARITIES)}).")
+    if config.gate not in GATE_KINDS:
+        raise ValueError(f"Unknown gate kind '{config.gate}' (expected one of {', '.join(GATE_KINDS)}).")
     names = [lora.name for lora in loras]
     if not loras:
         raise ValueError("attach needs at least one LoRA.")
@@ -373,7 +377,7 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
     for key in keys:
         g = group_of(model, key, config.granularity)
         if g not in groups:
-            groups[g] = Group(g, _network_of(model, key), Gate(len(loras)), runtime)
+            groups[g] = Group(g, _network_of(model, key), Gate(len(loras)), runtime, config.gate == "token")
 
     # 3. wrap: replace each module in its parent (the first member of a group owns its gate)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

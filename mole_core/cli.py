@@ -117,10 +117,11 @@ def cmd_train_gates(args) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{g:.2f}" for g in gates))
 
-        mixture = engine.train(args.lora, MoleConfig(granularity=args.granularity), config, on_step=on_step,
+        mixture = engine.train(args.lora, MoleConfig(granularity=args.granularity, gate=args.gate), config,
+                               on_step=on_step,
                                out_path=args.out)
     final = mixture.meta.get("final_losses", {})
-    print(f"wrote {args.out}: {mixture.granularity} gates for {', '.join(mixture.names)}, "
+    print(f"wrote {args.out}: {mixture.granularity} per-{mixture.gate} gates for {', '.join(mixture.names)}, "
           f"{mixture.meta.get('steps')} steps, final loss {final.get('loss', float('nan')):.4f}, "
           f"mean gates {', '.join(f'{g:.3f}' for g in mixture.meta.get('mean_gates', []))}")
     return 0
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the embedded bank)")
     p.add_argument("--lora", action="append", required=True, metavar="KEY", help="a bank key; repeat (2 or more)")
     p.add_argument("--granularity", choices=["matrix", "layer", "block", "network"], default="block")
+    p.add_argument("--gate", choices=["sample", "token"], default="sample",
+                   help="one gate decision per sample (the paper) or per token / pixel")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainConfig's)")
     p.add_argument("--alpha", type=float, default=None, help="balance-loss weight α (default 0.5)")

@@ -14,7 +14,7 @@ Contract (what the callers rely on):
   as `latents=`), and the same image on every run.
 - Every call leaves the shared pipeline as it found it: MoLE settings are context managers of the
   attachment, merges go through `merged_weights`, which restores the pristine weights; nothing is added
-  into a weight twice. One MoLE attachment is kept for the current keys and granularity and re-attached
+  into a weight twice. One MoLE attachment is kept for the current keys, granularity and gate kind and re-attached
   only when they change; while it stays attached, the other methods run with every expert masked off,
   which is the base model exactly (the wrapped layers then return their base layer's output untouched).
 - A `threading.Lock` serialises the calls that use the model, so two users of one engine take turns.
@@ -97,7 +97,7 @@ class Engine:
         self._pipe = None if self.model_id else self._prepare(model)
         self._handle = None                      # the MoLE attachment, or None
         self._handle_keys: tuple[str, ...] = ()  # ... its experts (bank keys, in order)
-        self._granularity = "block"              # ... and its granularity
+        self._mole = MoleConfig()                # ... and its MoleConfig (granularity, gate kind)
         self._fits: set[str] = set()             # bank keys already validated against the model
         self._checked_mixtures: set[tuple] = set()
         self._lock = threading.Lock()            # one model call at a time
@@ -197,7 +197,7 @@ class Engine:
             if known[key].error:
                 raise ValueError(f"The LoRA {key!r} of the bank cannot be used: {known[key].error}")
             if key not in self._fits:   # once per key: neither the file nor the model changes
-                validate_lora(self._at_base(self.bank.load(key)), self.components)
+                validate_lora(self.bank.load(key), self.components)
                 self._fits.add(key)
 
     def _check_mixture(self, keys, mixture: Mixture) -> None:
@@ -221,15 +221,15 @@ class Engine:
         return [float(weights.get(k, self.bank.get(k).default_weight)) for k in keys]
 
     # ---- MoLE attachment and merges -------------------------------------------------------------
-    def _attached(self, keys, granularity: str):
-        """The MoLE attachment for these keys and granularity, re-attaching only when they change."""
+    def _attached(self, keys, mole: MoleConfig):
+        """The MoLE attachment for these keys and config, re-attaching only when they change."""
         keys = tuple(keys)
-        if self._handle is not None and (keys, granularity) != (self._handle_keys, self._granularity):
+        layout = lambda c: (c.granularity, c.gate)          # what decides the gates' shapes
+        if self._handle is not None and (keys, layout(mole)) != (self._handle_keys, layout(self._mole)):
             self._detach()
         if self._handle is None:
-            self._handle = attach(self.components, [self.bank.load(k) for k in keys],
-                                  MoleConfig(granularity=granularity))
-            self._handle_keys, self._granularity = keys, granularity
+            self._handle = attach(self.components, [self.bank.load(k) for k in keys], mole)
+            self._handle_keys, self._mole = keys, mole
         return self._handle
 
     def _detach(self) -> None:
@@ -243,22 +243,9 @@ class Engine:
             return contextlib.nullcontext()
         return self._handle.settings(mask={k: False for k in self._handle_keys})
 
-    def _base_key(self, key: str) -> str:
-        """The key of the module holding W: the wrapped base layer while MoLE is attached."""
-        try:
-            module = self.components.get_submodule(key)
-        except AttributeError:
-            return key   # validate_lora names the missing module
-        wrapped = not isinstance(module, (nn.Linear, nn.Conv2d))
-        return key + ".base" if wrapped and isinstance(getattr(module, "base", None), nn.Module) else key
-
-    def _at_base(self, lora: Lora) -> Lora:
-        """The same LoRA addressed to the modules holding W."""
-        return dataclasses.replace(lora, modules={self._base_key(k): w for k, w in lora.modules.items()})
-
     def _merged(self, lora: Lora):
         """Context: W + ΔW of `lora` on the pristine weights, restored bit-identically on exit."""
-        return merged_weights(self.components, self._at_base(lora))
+        return merged_weights(self.components, lora)
 
     # ---- gate training --------------------------------------------------------------------------
     def train(self, keys, mole: MoleConfig, train: TrainConfig, on_step=None, should_stop=None,
@@ -283,7 +270,7 @@ class Engine:
             # 2. fresh, untrained gates and the training data
             self._detach()
             handle = attach(self.components, [self.bank.load(k) for k in keys], mole)
-            self._handle, self._handle_keys, self._granularity = handle, tuple(keys), mole.granularity
+            self._handle, self._handle_keys, self._mole = handle, tuple(keys), mole
             config = dataclasses.replace(train, resolution=self.default_size()[0])
             task = DiffusionTask(self.pipe, examples_from_bank(self.bank, keys), config.resolution)
             # 3. train (the gates start at zero logits: equal weights)
@@ -365,9 +352,9 @@ class Engine:
         start = time.perf_counter()
         gates = None
         if method == "mole":
-            granularity = mixture.granularity if mixture is not None else \
-                (self._granularity if self._handle_keys == tuple(keys) else MoleConfig().granularity)
-            handle = self._attached(keys, granularity)
+            mole = mixture.mole_config() if mixture is not None else \
+                (self._mole if self._handle_keys == tuple(keys) else MoleConfig())
+            handle = self._attached(keys, mole)
             if mixture is not None:
                 apply_mixture(handle, mixture)
             else:
@@ -375,7 +362,7 @@ class Engine:
             with handle.settings(mask=mask, strengths=strengths), handle.recording() as rec:
                 image = self._call_pipe(request, latents)
             gates = rec.table()
-            label = self._mole_label(keys, granularity, mixture, mask)
+            label = self._mole_label(keys, mole, mixture, mask)
         elif method == "base":
             with self._experts_off():
                 image = self._call_pipe(request, latents)
@@ -396,10 +383,11 @@ class Engine:
         return Result(method, image, time.perf_counter() - start, gates, label)
 
     @staticmethod
-    def _mole_label(keys, granularity: str, mixture, mask) -> str:
+    def _mole_label(keys, mole: MoleConfig, mixture, mask) -> str:
         on = sum(1 for k in keys if (mask or {}).get(k, True))
         experts = f"{len(keys)} experts" if on == len(keys) else f"{on} of {len(keys)} experts on"
-        return f"MoLE ({granularity}, {experts}{'' if mixture is not None else ', untrained'})"
+        kind = ", per-token" if mole.gate == "token" else ""
+        return f"MoLE ({mole.granularity}{kind}, {experts}{'' if mixture is not None else ', untrained'})"
 
     def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
         height, width = self._size(request)
@@ -415,7 +403,6 @@ class Engine:
     def add_to_bank(self, src_path, manifest: dict, images=(), key: str | None = None) -> BankEntry:
         """Validate a LoRA file against the model and add it to the bank (see `Bank.add`)."""
         with self._lock:
-            self._detach()   # validate against the plain modules, not MoLE's wrappers
             entry = self.bank.add(src_path, manifest, images, self.components, key=key)
             self._fits.discard(entry.key)
             return entry

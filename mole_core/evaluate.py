@@ -20,10 +20,8 @@ import io
 import itertools
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from mole_core.atomic import atomic_path
 from mole_core.metrics import ClipScorer, Target, WorldScorer, mean_ci, plateau_step
 
 NO_SCORER = ("No scores: this model has no oracle and no CLIP model was given "
@@ -319,7 +318,7 @@ def train_mixture(engine, keys, mole_config, train_config, progress: Progress | 
 # ---------------------------------------------------------------------------------------------
 # The comparison the CLI runs
 
-def evaluate(engine, keys, *, granularities=("block",), methods=("mole", "linear", "svd", "base", "singles"),
+def evaluate(engine, keys, *, granularities=("block",), gates=("sample",), methods=("mole", "linear", "svd", "base", "singles"),
              prompts=None, seeds=range(4), n_prompts: int = 6, plain_prompts=None, train_steps: int = 100,
              lr: float | None = None, balance_alpha: float = 0.5, train_seed: int = 0,
              mixture=None, rank: int | None = None, steps: int = 20, guidance: float = 4.0,
@@ -327,7 +326,8 @@ def evaluate(engine, keys, *, granularities=("block",), methods=("mole", "linear
     """Train (or take) the mixtures and score every method on the same prompts and seeds.
 
     methods: any of "mole", "linear", "svd", "base", "singles" (= each LoRA alone).
-    mixture: a trained Mixture to use instead of training (its granularity is the only one scored).
+    granularities x gates: one MoLE row per pair; gates "sample" (the paper) and/or "token" (per-token).
+    mixture: a trained Mixture to use instead of training (its granularity and gate kind are the only ones scored).
     prompts: captions; None -> world captions asking for the LoRAs (pixel world) or a plain template.
     plain_prompts: trigger-free captions for base preservation; None -> world captions when the
     world's grammar applies, else base preservation is skipped.
@@ -353,9 +353,11 @@ def evaluate(engine, keys, *, granularities=("block",), methods=("mole", "linear
     scorers = default_scorers(engine) if scorers is None else scorers
     notes = [] if scorers else [NO_SCORER]
     if mixture is not None:
-        granularities = [mixture.granularity]
+        granularities, gates = [mixture.granularity], [mixture.gate]
+    configs = [MoleConfig(granularity=g, gate=k, balance_alpha=balance_alpha) for g in granularities for k in gates]
     # 2. the rows
-    cells = [Cell(f"MoLE ({g})", "mole", keys) for g in granularities] if "mole" in methods else []
+    cells = [Cell(f"MoLE ({c.granularity}{', per-token' if c.gate == 'token' else ''})", "mole", keys)
+             for c in configs] if "mole" in methods else []
     if "linear" in methods:
         cells.append(Cell("Linear (normalised)", "linear", keys))
     if "svd" in methods:
@@ -365,16 +367,16 @@ def evaluate(engine, keys, *, granularities=("block",), methods=("mole", "linear
     if "base" in methods:
         cells.append(Cell("Base model", "base", keys))
     # 3. count the work for the progress bar, then train one mixture per granularity
-    to_train = len(granularities) * train_steps if ("mole" in methods and mixture is None) else 0
+    to_train = len(configs) * train_steps if ("mole" in methods and mixture is None) else 0
     progress = Progress(count_images(cells, prompts, plain_prompts, seeds, bool(scorers)) + to_train, on_progress)
     training = {}
-    for cell, g in zip(cells, granularities if "mole" in methods else []):
+    for cell, mole in zip(cells, configs if "mole" in methods else []):
         if mixture is not None:
             cell.mixture = mixture
             continue
         train_config = TrainConfig(steps=train_steps, balance_alpha=balance_alpha, seed=train_seed,
                                    resolution=engine.default_size()[0], **({"lr": lr} if lr is not None else {}))
-        cell.mixture, training[cell.label] = train_mixture(engine, keys, MoleConfig(granularity=g), train_config,
+        cell.mixture, training[cell.label] = train_mixture(engine, keys, mole, train_config,
                                                            progress, cell.label)
     # 4. score
     result = score_cells(engine, cells, prompts, seeds, scorers, targets, plain_prompts, steps, guidance, progress)
@@ -549,15 +551,9 @@ def sample_grid(result: Evaluation, scale: int = 2) -> PIL.Image.Image | None:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    """write(tmp) into a temp file next to `path`, then replace it (mole_core.atomic)."""
+    with atomic_path(path, suffix=Path(path).suffix or ".tmp") as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_json(result: Evaluation, extra: dict | None = None) -> dict:
@@ -605,6 +601,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mixture", help="a trained mixture (.safetensors) to score instead of training")
     parser.add_argument("--granularity", action="append", choices=["matrix", "layer", "block", "network"],
                         help="train and score MoLE at this granularity (repeat; default: block)")
+    parser.add_argument("--gate", action="append", choices=["sample", "token"],
+                        help="gate kind: sample (the paper: one decision per image) or token (per pixel / "
+                             "token); repeat for both (default: sample)")
     parser.add_argument("--methods", default="mole,linear,svd,singles,base",
                         help="comma-separated: mole, linear, svd, singles, base")
     parser.add_argument("--steps", type=int, default=100, help="gate-training steps")
@@ -652,7 +651,8 @@ def cli_evaluate(args) -> int:
         bar.refresh()
 
     try:
-        result = evaluate(engine, keys, granularities=args.granularity or ["block"], methods=methods,
+        result = evaluate(engine, keys, granularities=args.granularity or ["block"], gates=args.gate or ["sample"],
+                          methods=methods,
                           prompts=prompts, seeds=range(args.seeds), n_prompts=args.prompts,
                           train_steps=args.steps, lr=args.lr, balance_alpha=args.alpha, train_seed=args.seed,
                           mixture=mixture, rank=args.rank, steps=args.denoise_steps, guidance=args.guidance,

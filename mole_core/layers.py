@@ -1,6 +1,6 @@
 """The MoLE layers: a frozen nn.Linear / nn.Conv2d plus N frozen LoRA experts mixed by a learnable gate.
 
-    y = W x + Σ_i G_i · strength_i · s_i B_i A_i x          (per sample: G is (B, N), not per token)
+    y = W x + Σ_i G_i · strength_i · s_i B_i A_i x          (the paper: per sample, G is (B, N))
 
 Computed as ONE stacked LoRA of rank R = Σ r_i: h = A_cat x (B, ..., R); each rank channel is scaled by
 the weight of the expert it belongs to, c = (G_i s_i strength_i) repeated r_i times (B, R); y = W x +
@@ -16,6 +16,12 @@ One gate serves a group of wrapped modules (granularity, see attach.py). It is e
 forward pass by the group's *leader* — the first member that ran in the first pass (run order is not
 registration order) — and reused by the others. The projection is created lazily at that first run,
 for the leader's d_out; an unmaterialised gate gives zero logits (= equal weights).
+
+Per-token gates (MoleConfig(gate="token"), not in the paper): the same Gate reads each token's / pixel's
+expert outputs instead of their mean and gives weights (B, T, N), so two subjects at two places in one
+image can get different experts. Members of a group whose token count differs from the leader's (cross-
+attention keys/values read the text, not the pixels) use the leader's weights averaged over its tokens.
+Recording and the balance loss see the per-sample mean over tokens.
 
 Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
@@ -33,7 +39,8 @@ from mole_core.lora import LoraWeights
 
 
 class Gate(nn.Module):
-    """One gate: pooled expert outputs (B, N, d_out) -> per-sample expert weights (B, N).
+    """One gate: expert outputs (..., N, d_out) -> expert weights (..., N): pooled per sample (B, N, d_out)
+    or per token (B, T, N, d_out); the same parameters either way.
 
     Trainable parameters of MoLE are exactly the parameters of the modules of this class.
     """
@@ -68,15 +75,15 @@ class Gate(nn.Module):
                 self.proj.weight.zero_()
                 self.proj.bias.zero_()
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        B, N, d_out = pooled.shape                                         # (B, N, d_out)
+    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
+        *lead, N, d_out = outputs.shape                                    # (..., N, d_out)
         if self.proj is None:
-            logits = pooled.new_zeros(B, N, dtype=torch.float32)           # unmaterialised = equal weights
+            logits = outputs.new_zeros(*lead, N, dtype=torch.float32)      # unmaterialised = equal weights
         else:
-            z = pooled.float().reshape(B, N * d_out)                       # concat_i pool(E_i)
+            z = outputs.float().reshape(*lead, N * d_out)                  # concat_i E_i
             z = F.layer_norm(z, (N * d_out,))
-            logits = F.linear(z, self.proj.weight.float(), self.proj.bias.float())   # (B, N)
-        return torch.softmax(logits / self.log_tau.float().exp(), dim=-1)  # (B, N)
+            logits = F.linear(z, self.proj.weight.float(), self.proj.bias.float())   # (..., N)
+        return torch.softmax(logits / self.log_tau.float().exp(), dim=-1)  # (..., N)
 
 
 class Runtime:
@@ -101,12 +108,14 @@ class Runtime:
 class Group:
     """A gate plus its per-pass cache; shared (not registered) by the members of one group."""
 
-    def __init__(self, name: str, network: str, gate: Gate, runtime: Runtime):
+    def __init__(self, name: str, network: str, gate: Gate, runtime: Runtime, per_token: bool = False):
         self.name, self.network, self.gate, self.runtime = name, network, gate, runtime
-        self.cache: torch.Tensor | None = None            # (B, N) effective weights of this forward pass
+        self.per_token = per_token                        # gate per token / pixel instead of per sample
+        self.cache: torch.Tensor | None = None            # (B, N) or (B, T, N) effective weights of this pass
 
-    def weights(self, member: "_MoleBase", pooled_fn) -> torch.Tensor:
-        """Effective expert weights (B, N) for `member`; the leader evaluates, the others reuse."""
+    def weights(self, member: "_MoleBase", outputs_fn) -> torch.Tensor:
+        """Effective expert weights for `member`, (B, N) or per token (B, T, N); the leader evaluates,
+        the others reuse. outputs_fn() gives the experts' outputs (B, N, d_out) or (B, T, N, d_out)."""
         gate, rt = self.gate, self.runtime
         if gate.leader is None:
             gate.leader = member.key
@@ -119,18 +128,21 @@ class Group:
                     f"was built (or a submodule was called outside its network's forward).")
             return self.cache
         # the leader: evaluate the gate
-        pooled = pooled_fn()                                               # (B, N, d_out)
-        gate.materialise(pooled.shape[-1], pooled.device)
-        G = gate(pooled)                                                   # (B, N) softmax
-        rt.evaluated.setdefault(self.network, []).append(G)
+        outputs = outputs_fn()                                             # (B, [T,] N, d_out)
+        gate.materialise(outputs.shape[-1], outputs.device)
+        G = gate(outputs)                                                  # (B, [T,] N) softmax
+        per_sample = G.mean(1) if G.dim() == 3 else G                     # (B, N)
+        rt.evaluated.setdefault(self.network, []).append(per_sample)
         if rt.gates is not None:                                           # forced weights (no gate)
-            G = rt.gates.to(G.device, G.dtype).expand_as(G)
+            forced = rt.gates.to(G.device, G.dtype)
+            G = (forced.unsqueeze(1) if forced.dim() == 2 and G.dim() == 3 else forced).expand_as(G)
         if rt.mask is not None:                                            # G'_i = m_i G_i / Σ m_j G_j
             m = rt.mask.to(G.device, G.dtype)
             G = G * m
             G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
         if rt.recording is not None:
-            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, G)
+            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1,
+                             G.mean(1) if G.dim() == 3 else G)
         self.cache = G
         return G
 
@@ -161,21 +173,28 @@ class _MoleBase(nn.Module):
     def extra_repr(self) -> str:
         return f"key={self.key!r}, experts={self.n_experts}, rank={self.A_cat.shape[0]}, group={self.group.name!r}"
 
-    def _mix(self, x: torch.Tensor, h: torch.Tensor, pooled_h: torch.Tensor) -> torch.Tensor:
-        """Per-sample, per-rank-channel scale c (B, R) from the group's gate."""
-        def pooled_experts():                              # pool(E_i) = s_i B_i pool(h_i): (B, N, d_out)
-            scales = self.scales.float()[self.expert_of_rank, None]                     # (R, 1)
-            blocks = pooled_h.float().unsqueeze(-1) * (self.rank_onehot.float() * scales)  # (B, R, N)
-            return (self.B_cat.float() @ blocks).transpose(1, 2)           # (B, d_out, N) -> (B, N, d_out)
+    def _mix(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-rank-channel scales c from the group's gate: (B, 1, R), or (B, T, R) for per-token gates.
 
-        G = self.group.weights(self, pooled_experts)                       # (B, N)
+        h: the stacked down-projections in token layout (B, T, R)."""
+        def expert_outputs():        # E_i = s_i B_i h_i, pooled (B, N, d_out) or per token (B, T, N, d_out)
+            h_in = h if self.group.per_token else h.mean(1)                # (B, [T,] R)
+            scales = self.scales.float()[self.expert_of_rank, None]                     # (R, 1)
+            blocks = h_in.float().unsqueeze(-1) * (self.rank_onehot.float() * scales)   # (B, [T,] R, N)
+            return (self.B_cat.float() @ blocks).transpose(-1, -2)        # (B, [T,] N, d_out)
+
+        G = self.group.weights(self, expert_outputs)                       # (B, N) or (B, T', N)
         if G.shape[0] != h.shape[0]:
             raise RuntimeError(f"MoLE group '{self.group.name}': gate computed for batch {G.shape[0]} by "
                                f"'{self.group.gate.leader}', but '{self.key}' got batch {h.shape[0]}.")
-        per_expert = G * self.scales.float()                                       # (B, N)
+        if G.dim() == 2:
+            G = G.unsqueeze(1)                                             # (B, 1, N)
+        elif G.shape[1] != h.shape[1]:
+            G = G.mean(1, keepdim=True)          # another token layout than the leader's (e.g. text tokens)
+        per_expert = G * self.scales.float()                                       # (B, T|1, N)
         if self.group.runtime.strengths is not None:
             per_expert = per_expert * self.group.runtime.strengths.to(G.device)
-        return per_expert[:, self.expert_of_rank].to(h.dtype)              # (B, R)
+        return per_expert[..., self.expert_of_rank].to(h.dtype)           # (B, T|1, R)
 
     def _all_off(self) -> bool:
         mask = self.group.runtime.mask
@@ -195,10 +214,9 @@ class MoleLinear(_MoleBase):
         h = F.linear(x, self.A_cat.to(x.dtype))                            # (B, ..., R)
         if h.dim() == 1:
             raise ValueError(f"MoLE module '{self.key}' got an unbatched 1-D input; MoLE gates are per sample.")
-        pooled_h = h.mean(dim=tuple(range(1, h.dim() - 1))) if h.dim() > 2 else h   # (B, R)
-        c = self._mix(x, h, pooled_h)                                      # (B, R)
-        c = c.reshape(c.shape[0], *([1] * (h.dim() - 2)), c.shape[1])
-        return y + F.linear(h * c, self.B_cat.to(x.dtype))                 # (B, ..., d_out)
+        tokens = h.reshape(h.shape[0], -1, h.shape[-1])                    # (B, T, R), T = 1 for 2-D input
+        c = self._mix(tokens)                                              # (B, T|1, R)
+        return y + F.linear((tokens * c).reshape(h.shape), self.B_cat.to(x.dtype))   # (B, ..., d_out)
 
 
 class MoleConv2d(_MoleBase):
@@ -215,7 +233,9 @@ class MoleConv2d(_MoleBase):
         if x.dim() != 4:
             raise ValueError(f"MoLE module '{self.key}' expects a batched (B, C, H, W) input; found {tuple(x.shape)}.")
         h = F.conv2d(x, self.A_cat.to(x.dtype), None, b.stride, b.padding, b.dilation)   # (B, R, H', W')
-        pooled_h = h.mean(dim=(2, 3))                                      # (B, R)
-        c = self._mix(x, h, pooled_h)                                      # (B, R)
+        Bn, R, H, W = h.shape
+        tokens = h.flatten(2).transpose(1, 2)              # (B, H'W', R): row-major, as diffusers' attention
+        c = self._mix(tokens)                                              # (B, H'W'|1, R)
+        c = c.transpose(1, 2).reshape(Bn, R, *((H, W) if c.shape[1] > 1 else (1, 1)))
         up = self.B_cat.to(x.dtype)[:, :, None, None]                      # (d_out, R, 1, 1)
-        return y + F.conv2d(h * c[:, :, None, None], up)                   # (B, d_out, H', W')
+        return y + F.conv2d(h * c, up)                                     # (B, d_out, H', W')

@@ -289,12 +289,25 @@ def _expected_shapes(module: nn.Module, r: int) -> tuple[tuple, tuple]:
     return (r, module.in_channels // module.groups, *module.kernel_size), (module.out_channels, r, 1, 1)
 
 
+def weight_module(components: nn.Module, key: str) -> nn.Module:
+    """The module holding W for a LoRA key: `components.get_submodule(key)`, or, where an adapter wraps
+    it (MoLE's layers keep it as `.base`, PEFT's as `.base_layer`), the wrapped nn.Linear / nn.Conv2d.
+    AttributeError when the key does not resolve."""
+    module = components.get_submodule(key)
+    while not isinstance(module, (nn.Linear, nn.Conv2d)):
+        inner = getattr(module, "base", None) or getattr(module, "base_layer", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
+
+
 def lora_problems(lora: Lora, components: nn.Module) -> list[str]:
     """Every reason `lora` does not fit `components`, one human sentence each (empty list: it fits)."""
     problems = []
     for key, w in lora.modules.items():
         try:
-            module = components.get_submodule(key)
+            module = weight_module(components, key)
         except AttributeError:
             comp = key.split(".")[0]
             where = "module" if comp in dict(components.named_children()) else f"component '{comp}'"
@@ -303,7 +316,7 @@ def lora_problems(lora: Lora, components: nn.Module) -> list[str]:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             kind = type(module)
             problems.append(f"module '{key}': is a {kind.__module__}.{kind.__qualname__}, expected a plain "
-                            f"torch.nn.Linear or torch.nn.Conv2d (is another adapter still attached?)")
+                            f"torch.nn.Linear or torch.nn.Conv2d")
             continue
         exp_a, exp_b = _expected_shapes(module, w.rank)
         if tuple(w.A.shape) != exp_a or tuple(w.B.shape) != exp_b:

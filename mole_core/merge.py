@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mole_core.lora import Lora, LoraWeights, delta_weight
+from mole_core.lora import Lora, LoraWeights, delta_weight, weight_module
 
 
 def normalized(weights, normalize: bool = True) -> list[float]:
@@ -132,6 +132,7 @@ def merge_loras(loras: list[Lora], weights=None, method: str = "linear", rank: i
 @contextmanager
 def merged_weights(components: nn.Module, lora: Lora):
     """Inside the block each target weight is W_pristine + ΔW (ΔW from `delta_weight`, math in float32).
+    Wrapped modules (a MoLE or PEFT layer around the Linear / Conv2d) are merged into their base weight.
 
     The pristine tensors are never written to: the parameter is pointed at a new tensor and pointed
     back on exit, so the model is bit-identical afterwards and repeated use never drifts.
@@ -139,7 +140,7 @@ def merged_weights(components: nn.Module, lora: Lora):
     pristine: dict[str, torch.Tensor] = {}
     try:
         for key, lw in lora.modules.items():
-            weight = components.get_submodule(key).weight
+            weight = weight_module(components, key).weight
             pristine[key] = weight.data
             dW = delta_weight(lw.A, lw.B, lw.scale).to(weight.device)
             if dW.shape != weight.shape:
@@ -149,4 +150,4 @@ def merged_weights(components: nn.Module, lora: Lora):
         yield components
     finally:
         for key, W in pristine.items():
-            components.get_submodule(key).weight.data = W
+            weight_module(components, key).weight.data = W

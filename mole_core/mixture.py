@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mole_core.atomic import atomic_path
-from mole_core.attach import MoleHandle
+from mole_core.attach import MoleConfig, MoleHandle
 from mole_core.lora import sha256_file
 
 FORMAT = "mole-mixture/1"
@@ -43,6 +43,15 @@ class Mixture:
     @property
     def layout(self) -> dict[str, dict]:
         return self.meta.get("layout", {})
+
+    @property
+    def gate(self) -> str:
+        """"sample" (the paper's per-sample gates) or "token" (per-token gates)."""
+        return self.meta.get("mole_config", {}).get("gate", "sample")
+
+    def mole_config(self) -> MoleConfig:
+        """The MoleConfig to attach with so these gates fit."""
+        return MoleConfig(granularity=self.granularity, gate=self.gate)
 
     def check(self, lora_files: list[tuple[str, str | Path]], model_id: str | None = None) -> None:
         """MixtureError unless `lora_files` [(name, path)] are the mixture's files (names, order, sha256)
@@ -135,6 +144,9 @@ def apply_mixture(handle: MoleHandle, mixture: Mixture, lora_files: list[tuple[s
     if mixture.granularity != handle.config.granularity:
         raise MixtureError(f"{where} has '{mixture.granularity}' gates; the attachment was made with granularity "
                            f"'{handle.config.granularity}'.")
+    if mixture.gate != handle.config.gate:
+        raise MixtureError(f"{where} has per-{mixture.gate} gates; the attachment was made with per-"
+                           f"{handle.config.gate} gates.")
     groups = list(mixture.layout)
     if groups and groups != handle.groups:
         theirs, ours = set(groups), set(handle.groups)

@@ -87,7 +87,7 @@ def test_compare_refuses_bad_input_with_a_sentence(served):
 def test_train_then_compare_uses_this_sessions_mixture(served):
     url, keys = served
     trained, other = client(url), client(url)
-    status, _, _, mixture_file = trained.predict(keys, "block", 2, 1e-2, 0.5, 0, api_name="/train")
+    status, _, _, mixture_file = trained.predict(keys, "block", 2, 1e-2, 0.5, 0, "sample", api_name="/train")
     assert status.startswith("Trained after 2 steps") and mixture_file
     mine, _, _ = compare_call(trained, keys, ["mole"])
     theirs, _, _ = compare_call(other, keys, ["mole"])
@@ -111,7 +111,7 @@ def test_concurrent_toggles_match_solo_runs(served):
 def test_cancel_stops_this_sessions_training(served):
     url, keys = served
     c = client(url)
-    job = c.submit(keys, "block", 500, 1e-2, 0.5, 0, api_name="/train")
+    job = c.submit(keys, "block", 500, 1e-2, 0.5, 0, "sample", api_name="/train")
     while not (job.status().code.name == "ITERATING" or job.done()):  # wait for the first step
         time.sleep(0.1)
     c.predict(api_name="/cancel")

@@ -209,7 +209,7 @@ def test_show_gates_heatmap_chart_and_csv(keys, compared):
 # ---- train, cancel, mixture round trip ------------------------------------------------------------
 def run_training(engine, keys, state, steps=3, cancel_after=None):
     updates = []
-    for update in app.train(engine, keys, "block", steps, 1e-2, 0.5, 0, state, progress=lambda *a, **k: None):
+    for update in app.train(engine, keys, "block", steps, 1e-2, 0.5, 0, "sample", state, progress=lambda *a, **k: None):
         updates.append(update)
         if cancel_after is not None and len(updates) == cancel_after:
             app.cancel_training(state)

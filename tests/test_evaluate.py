@@ -53,6 +53,7 @@ class FakeResult:
 class FakeMixture:
     granularity: str
     names: list
+    gate: str = "sample"
 
 
 class ScriptedEngine:
@@ -84,7 +85,7 @@ class ScriptedEngine:
         self.trained.append((tuple(keys), mole.granularity, train.steps))
         for step in range(train.steps):
             on_step(step, {"loss": 1.0 / (1 + step), "task": 1.0 / (1 + step), "balance": 0.0}, [0.5, 0.5])
-        return FakeMixture(mole.granularity, list(keys))
+        return FakeMixture(mole.granularity, list(keys), mole.gate)
 
 
 class PerfectOracle:
@@ -217,6 +218,15 @@ def test_evaluate_trains_each_granularity_and_writes_outputs(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["rows"][2]["subject:face"] == 0.0 and len(data["records"]) == 8 * 6
     assert Image.open(paths["plot"]).size[0] > 100 and Image.open(paths["samples"]).size[1] == 8 * 64
+
+
+def test_evaluate_trains_per_token_gates_beside_per_sample_ones():
+    engine, scorers = scripted([FACE, RING])
+    result = ev.evaluate(engine, [FACE, RING], granularities=("block",), gates=("sample", "token"),
+                         methods=("mole",), seeds=[0], n_prompts=2, train_steps=2, steps=5, scorers=scorers)
+    assert [r["label"] for r in result.rows] == ["MoLE (block)", "MoLE (block, per-token)"]
+    gates = [c[4].gate for c in engine.calls if c[1] == "mole"]
+    assert gates.count("sample") == gates.count("token") > 0
 
 
 def test_evaluate_uses_a_given_mixture_without_training():

@@ -401,3 +401,108 @@ def test_registered_tensors_follow_the_model(setup):
     gate_ids = {id(p) for p in handle.gate_parameters()}
     assert gate_ids <= {id(p) for p in comps.parameters()}          # the gates travel with the model
     handle.detach()
+
+
+# ---- per-token gates (MoleConfig(gate="token"), beside the paper's per-sample gates) -----------------
+
+def test_per_token_gates_by_hand_on_one_linear():
+    """gate="token": the same gate applied to each token's expert outputs; matches the formula written out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    loras = [make_lora(model, f"e{i}", 10 + i, r, ["0"]) for i, r in enumerate((1, 2, 3))]
+    handle = attach(model, loras, MoleConfig(granularity="matrix", gate="token"))
+    x = torch.randn(3, 4, 6)                                       # (B, T, d_in)
+    with torch.no_grad():
+        model(x)
+    gate = handle.gate_modules()[0]
+    with torch.no_grad():
+        gate.proj.weight.normal_()
+        gate.proj.bias.normal_()
+        gate.log_tau.fill_(0.4)
+    m = torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad(), handle.settings(mask=m.bool().tolist()), handle.recording() as rec:
+        got = model(x)
+    W = handle.layers["0"].base
+    E = [l.modules["0"].scale * (x @ l.modules["0"].A.T @ l.modules["0"].B.T) for l in loras]   # (B, T, d_out)
+    z = F.layer_norm(torch.cat(E, dim=-1), (3 * 5,))                                           # per token
+    G = torch.softmax((z @ gate.proj.weight.T + gate.proj.bias) / torch.exp(torch.tensor(0.4)), dim=-1)  # (B, T, N)
+    G = m * G / (m * G).sum(-1, keepdim=True)
+    expected = W(x) + sum(G[..., i, None] * E[i] for i in range(3))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(G[:, 0], G[:, 1])                    # tokens of one sample really differ
+    torch.testing.assert_close(rec.entries[0][3], G.mean(1))       # recorded: the per-sample mean
+
+
+def test_per_token_gates_by_hand_on_a_conv():
+    """A 3x3 conv: each pixel gets its own expert weights (tokens in row-major pixel order)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    loras = [make_lora(model, f"e{i}", 20 + i, r, ["0"]) for i, r in enumerate((2, 3))]
+    handle = attach(model, loras, MoleConfig(granularity="matrix", gate="token"))
+    x = torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        model(x)
+        gate = handle.gate_modules()[0]
+        gate.proj.weight.normal_()
+        gate.proj.bias.normal_()
+        got = model(x)
+        E = [F.conv2d(F.conv2d(x, l.modules["0"].A, padding=1), l.modules["0"].B) * l.modules["0"].scale
+             for l in loras]                                                            # (B, d_out, H, W)
+        z = F.layer_norm(torch.cat(E, 1).permute(0, 2, 3, 1), (2 * 4,))                # (B, H, W, N·d_out)
+        G = torch.softmax(z @ gate.proj.weight.T + gate.proj.bias, dim=-1)             # (B, H, W, N)
+        expected = handle.layers["0"].base(x) + sum(G[..., i].unsqueeze(1) * E[i] for i in range(2))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_gates_untrained_constant_and_one_hot_agree_with_per_sample(setup):
+    """Where per-token weights are the same at every token, per-token MoLE == per-sample MoLE:
+    untrained (equal weights), a forced one-hot gate, a bias-only gate; a cross-attention member (text
+    tokens, another layout than the leader's pixels) runs too."""
+    _, comps, loras = setup
+    x = inputs()
+    equal = run(dense(comps, loras, [1 / 3] * 3), x)
+    sample = attach(comps, loras, MoleConfig(granularity="block"))
+    randomise_gates(sample, x, scale=0.0)                          # bias only: constant over tokens
+    with torch.no_grad():
+        bias_only, one_hot = run(comps, x), None
+        with sample.settings(gates=[0.0, 1.0, 0.0]):
+            one_hot = run(comps, x)
+    state = sample.gate_state_dict()
+    sample.detach()
+    token = attach(comps, loras, MoleConfig(granularity="block", gate="token"))
+    close(run(comps, x), equal)
+    token.load_gate_state_dict(state, {g: {"leader": l} for g, l in
+                                      ((g, v["leader"]) for g, v in sample.gate_layout().items())})
+    close(run(comps, x), bias_only)
+    with token.settings(gates=[0.0, 1.0, 0.0]):
+        close(run(comps, x), one_hot)
+    randomise_gates(token, x, scale=0.05)                          # now tokens differ: so do the outputs
+    assert not torch.allclose(run(comps, x)[0], bias_only[0], atol=1e-4)
+    token.detach()
+
+
+def test_mixture_keeps_its_gate_kind(setup, tmp_path):
+    from mole_core.mixture import MixtureError, apply_mixture, load_mixture, save_mixture
+    _, comps, loras = setup
+    x = inputs()
+    handle = attach(comps, loras, MoleConfig(gate="token"))
+    randomise_gates(handle, x)
+    files = []
+    for lora in loras:
+        save_lora(lora, tmp_path / f"{lora.name}.safetensors")
+        files.append((lora.name, tmp_path / f"{lora.name}.safetensors"))
+    expected = run(comps, x)
+    save_mixture(tmp_path / "m.safetensors", handle, files, config=handle.config)
+    handle.detach()
+    mixture = load_mixture(tmp_path / "m.safetensors")
+    assert mixture.gate == "token" and mixture.mole_config().gate == "token"
+    wrong = attach(comps, loras, MoleConfig())
+    with pytest.raises(MixtureError, match="per-token gates; the attachment was made with per-sample"):
+        apply_mixture(wrong, mixture)
+    wrong.detach()
+    right = attach(comps, loras, mixture.mole_config())
+    apply_mixture(right, mixture, files)
+    close(run(comps, x), expected)
+    right.detach()
+    with pytest.raises(ValueError, match="Unknown gate kind 'pixel'"):
+        attach(comps, loras, MoleConfig(gate="pixel"))

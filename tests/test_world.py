@@ -170,7 +170,7 @@ def test_shipped_loras_fit_the_shipped_pipeline_in_both_formats():
         path = BANK / f"{manifest.stem}.safetensors"
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-        formats.add("kohya" if all(k.startswith("lora_unet_") for k in keys) else "diffusers")
+        formats.add("kohya" if all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) else "diffusers")
         lora = load_lora(path)
         validate_lora(lora, components)
         assert len(lora.modules) > 0

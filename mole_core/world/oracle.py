@@ -16,8 +16,6 @@ References: MoLE (Wu et al., ICLR 2024) §4 metrics (CLIP text-/image-alignment)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from mole_core.atomic import atomic_path, write_text
 from mole_core.world import render as world
 
 IDENTITY_CLASSES = ("empty",) + world.IDENTITIES      # what stands at a position
@@ -142,15 +141,10 @@ class Oracle:
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path, suffix=".safetensors")
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, tmp)
-        os.replace(tmp, path / "model.safetensors")
-        fd, tmp = tempfile.mkstemp(dir=path, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"model": asdict(self.net.cfg), "positions": list(world.POSITIONS), **(extra or {})}, f,
-                      indent=2)
-        os.replace(tmp, path / "config.json")
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp))
+        write_text(path / "config.json", json.dumps(
+            {"model": asdict(self.net.cfg), "positions": list(world.POSITIONS), **(extra or {})}, indent=2))
 
     @torch.no_grad()
     def probs(self, images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,23 +10,15 @@ References: CLIP's byte-level BPE (openai/CLIP `simple_tokenizer.py`); tests/tin
 from __future__ import annotations
 
 import json
-import os
 import string
-import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from mole_core.atomic import write_text
 from mole_core.world.render import WORDS
 
 MODEL_MAX_LENGTH = 28   # BOS + the longest caption (3 objects + style = 24 words) + EOS, with room
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def build_tokenizer(folder: str | Path, words=WORDS, model_max_length: int = MODEL_MAX_LENGTH) -> CLIPTokenizer:
@@ -58,8 +50,8 @@ def build_tokenizer(folder: str | Path, words=WORDS, model_max_length: int = MOD
             current += part
 
     def load():
-        _write_atomic(folder / "vocab.json", json.dumps(vocab))
-        _write_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        write_text(folder / "vocab.json", json.dumps(vocab))
+        write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                              model_max_length=model_max_length)
 
