@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="1,2,3,4,6,5", help="comma-separated parts to run (5 reports the trainings of 1-4)")
     p.add_argument("--prompts", type=int, default=5, help="captions per cell")
     p.add_argument("--seeds", type=int, default=10, help="seeds per caption (images per cell = prompts × seeds)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps per image")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per image (the world's bars use 20)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--train-steps", type=int, default=150, help="gate-training steps per mixture")
     p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate")

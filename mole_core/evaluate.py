@@ -469,12 +469,13 @@ def leaders(rows: list[dict], columns: list[str] | None = None) -> list[str]:
     """For each headline metric: which row leads, and whether MoLE's best row is within its interval.
 
     Only composing rows (MoLE, linear, SVD) compete; single LoRAs and the base model are references.
+    With fewer than two competing rows nobody leads, and no line is written.
     """
     competing = [r for r in rows if r["method"] in ("mole", "linear", "svd")]
     lines = []
     for column in columns or [c for c in METRIC_NAMES if any(c in r for r in competing)]:
         scored = [r for r in competing if r.get(column) is not None and math.isfinite(r.get(column, math.nan))]
-        if not scored:
+        if len(scored) < 2:
             continue
         best = max(scored, key=lambda r: r[column])
         moles = [r for r in scored if r["method"] == "mole"]

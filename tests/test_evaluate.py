@@ -192,6 +192,10 @@ def test_leaders_say_plainly_when_mole_does_not_win():
     assert any("caption fidelity: Linear leads" in ln and "MoLE does not win" in ln for ln in lines)
     result.rows[0]["caption_fidelity"] = 1.0                           # now a tie at 1.0
     assert any("not a clear win" in ln or "MoLE does not win" in ln for ln in ev.leaders(result.rows))
+    # one composing row among references: nobody "leads"
+    single = ev.score_cells(engine, [cells[1], ev.Cell("Single: face", f"single:{FACE}", [FACE, RING])],
+                            ["a zwx on the left"], [0], scorers, targets)
+    assert ev.leaders(single.rows) == []
 
 
 def test_evaluate_trains_each_granularity_and_writes_outputs(tmp_path):

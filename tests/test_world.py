@@ -195,3 +195,12 @@ def test_quick_build_regenerates_everything(tmp_path):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
     assert (model / "oracle" / "model.safetensors").is_file()
     assert len(list((tmp_path / "lora_bank").glob("*.json"))) == len(world.SUBJECTS) + len(world.STYLES)
+
+
+def test_build_refuses_an_unknown_lora_before_training(tmp_path):
+    from mole_core.world.build import BuildConfig, stage_loras
+    cfg = BuildConfig.quick_config(tmp_path)
+    cfg.loras = ("face", "unicorn")
+    with pytest.raises(ValueError, match=r"unknown LoRA\(s\) \['unicorn'\]"):
+        stage_loras(cfg)
+    assert not (tmp_path / "lora_bank" / "face.safetensors").exists()

@@ -1,4 +1,4 @@
-"""`python -m mole_core.world build [--out DIR] [--seed S] [--quick] [--stage vae,base,...] [--force]`."""
+"""`python -m mole_core.world build [--out DIR] [--seed S] [--quick] [--stage vae,base,...] [--force] [--lora KEYS]`."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,11 @@ def main(argv=None) -> None:
     build.add_argument("--stage", default=",".join(STAGES),
                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
     build.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    build.add_argument("--lora", default="", help="stage loras: only these LoRAs (comma-separated keys)")
     args = parser.parse_args(argv)
     cfg = (BuildConfig.quick_config(args.out, args.seed) if args.quick
            else BuildConfig(out=args.out, seed=args.seed))
+    cfg.loras = tuple(k.strip() for k in args.lora.split(",") if k.strip())
     run_build(cfg, [s.strip() for s in args.stage.split(",") if s.strip()], force=args.force)
 
 
