@@ -265,8 +265,8 @@ def test_run_small_study_returns_table_dataframe_and_plot():
     calls = []
     markdown, table, image = ev.run_small_study(engine, [FACE, RING], seeds=1, n_prompts=2, train_steps=3,
                                                 steps=5, scorers=scorers, on_progress=lambda *a: calls.append(a))
-    assert list(table["label"]) == ["MoLE (block)", "Linear (normalised)", "SVD", "Single: face", "Single: ring",
-                                    "Base model"]
+    assert list(table["label"]) == ["MoLE (block)", "MoLE (block, per-token)", "Linear (normalised)", "SVD",
+                                    "Single: face", "Single: ring", "Base model"]
     assert table.loc[table["label"] == "SVD", "subject:face"].item() == 0.0
     assert "| MoLE (block) |" in markdown and "SVD leads" not in markdown
     assert image.size[0] > 100 and calls and calls[-1][0] == calls[-1][1]
