@@ -321,7 +321,7 @@ def train_mixture(engine, keys, mole_config, train_config, progress: Progress | 
 def evaluate(engine, keys, *, granularities=("block",), gates=("sample",), methods=("mole", "linear", "svd", "base", "singles"),
              prompts=None, seeds=range(4), n_prompts: int = 6, plain_prompts=None, train_steps: int = 100,
              lr: float | None = None, balance_alpha: float = 0.5, train_seed: int = 0,
-             mixture=None, rank: int | None = None, steps: int = 20, guidance: float = 4.0,
+             batch_size: int | None = None, mixture=None, rank: int | None = None, steps: int = 20, guidance: float = 4.0,
              scorers=None, on_progress=None) -> Evaluation:
     """Train (or take) the mixtures and score every method on the same prompts and seeds.
 
@@ -374,8 +374,10 @@ def evaluate(engine, keys, *, granularities=("block",), gates=("sample",), metho
         if mixture is not None:
             cell.mixture = mixture
             continue
+        given = {"lr": lr, "batch_size": batch_size}
         train_config = TrainConfig(steps=train_steps, balance_alpha=balance_alpha, seed=train_seed,
-                                   resolution=engine.default_size()[0], **({"lr": lr} if lr is not None else {}))
+                                   resolution=engine.default_size()[0],
+                                   **{k: v for k, v in given.items() if v is not None})
         cell.mixture, training[cell.label] = train_mixture(engine, keys, mole, train_config,
                                                            progress, cell.label)
     # 4. score
@@ -614,7 +616,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="gate learning rate (default: TrainConfig's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="balance-loss weight α")
     parser.add_argument("--seed", type=int, default=0, help="gate-training seed")
-    parser.add_argument("--seeds", type=int, default=4, help="image seeds per prompt (0..N-1)")
+    parser.add_argument("--seeds", type=int, default=4, help="image seeds per prompt (START..START+N-1)")
+    parser.add_argument("--seed-start", type=int, default=0, help="first image seed (the study uses 1000)")
+    parser.add_argument("--batch-size", type=int, default=None, help="gate-training batch (default: TrainConfig's)")
     parser.add_argument("--prompts", type=int, default=6, help="prompts drawn from the world's captions")
     parser.add_argument("--templates", help="file of caption templates, one per line; {0}, {1}, ... = the "
                         "LoRAs' triggers in --lora order")
@@ -657,8 +661,9 @@ def cli_evaluate(args) -> int:
     try:
         result = evaluate(engine, keys, granularities=args.granularity or ["block"], gates=args.gate or ["sample"],
                           methods=methods,
-                          prompts=prompts, seeds=range(args.seeds), n_prompts=args.prompts,
-                          train_steps=args.steps, lr=args.lr, balance_alpha=args.alpha, train_seed=args.seed,
+                          prompts=prompts, seeds=range(args.seed_start, args.seed_start + args.seeds),
+                          n_prompts=args.prompts, train_steps=args.steps, lr=args.lr, balance_alpha=args.alpha,
+                          train_seed=args.seed, batch_size=args.batch_size,
                           mixture=mixture, rank=args.rank, steps=args.denoise_steps, guidance=args.guidance,
                           scorers=scorers, on_progress=on_progress)
     finally:

@@ -90,7 +90,7 @@ class BuildConfig:
     n_examples: int = 12                  # example images per manifest
     # evaluation / generation
     eval_images: int = 120                # generated images for the base bar (half 1-, half 2-object)
-    eval_lora_images: int = 60            # per LoRA, with its trigger
+    eval_lora_images: int = 120           # per LoRA, with its trigger (≥ 100, as the base bar)
     eval_preserve_images: int = 40        # per LoRA, captions without its trigger
     eval_oracle_images: int = 1000        # clean renders for the oracle bar
     steps: int = 20                       # sampler steps used for evaluation and examples

@@ -91,7 +91,13 @@ class Scene:
 # Captions
 
 def caption(scene: Scene) -> str:
-    """"a red circle on the left and a zwx on the right" (+ " in nyq style")."""
+    """"a red circle on the left and a zwx on the right" (+ " in nyq style").
+
+    The style phrase comes last. In a three-object caption it then sits at text-encoder positions the base
+    only ever filled with padding (its longest caption has 20 words), and the night LoRA is found in only
+    0.12 of three-object images (0.97-1.0 with one or two). Measured with the phrase first instead: 0.50 on
+    three objects, but the retrained night LoRA then ruined trigger-free captions (caption fidelity 1.00 ->
+    0.09), so this stays as it is."""
     items = []
     for obj in sorted(scene.objects, key=lambda o: POSITIONS.index(o.position)):
         if obj.identity in SUBJECT_BY_KEY:
