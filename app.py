@@ -29,7 +29,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from mole_core.attach import MoleConfig
+from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig
 from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, Engine, GenerateRequest, write_gates_csv
 from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
@@ -39,8 +39,7 @@ TRAIN_STEPS = 60                       # default gate-training steps here (Train
 TRAIN_LR = 1e-3                        # the study's gate learning rate: at TrainConfig's 1e-4, 60 steps left the
                                        # gates at 0.495 / 0.505
 UPLOAD_MAX_BYTES = 256 * 2**20         # a LoRA file larger than this is refused before it is read
-GRANULARITIES = ["matrix", "layer", "block", "network"]
-GATE_KINDS = [("Per sample (the paper)", "sample"), ("Per token / pixel", "token")]
+GATE_CHOICES = [("Per sample (the paper)", "sample"), ("Per token / pixel", "token")]   # MoleConfig.gate
 MODEL_QUEUE = "model"                  # the concurrency id every model-running event shares
 CSS_PATH = Path(__file__).resolve().parent / "assets" / "app.css"
 
@@ -158,8 +157,8 @@ def check_train(engine: Engine, keys: list[str], granularity: str, steps: float,
         raise gr.Error(f"At most {MAX_EXPERTS} LoRAs can be mixed here; {len(keys)} are selected.")
     if granularity not in GRANULARITIES:
         raise gr.Error(f"Unknown granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
-    if gate not in dict(GATE_KINDS).values():
-        raise gr.Error(f"Unknown gate kind {gate!r}: choose 'sample' or 'token'.")
+    if gate not in GATE_KINDS:
+        raise gr.Error(f"Unknown gate kind {gate!r}: choose one of {', '.join(GATE_KINDS)}.")
     if not (steps and steps >= 1) or not (lr and lr > 0) or alpha is None or alpha < 0 or seed is None:
         raise gr.Error("Steps must be at least 1, the learning rate above 0, α at least 0, and a seed given.")
     _human(engine.check_request, keys, GenerateRequest(prompt=""), ["mole"])
@@ -434,8 +433,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
             # 2. Train gates
             with gr.Tab("Train gates", id="train"):
                 with gr.Row():
-                    granularity = gr.Radio(GRANULARITIES, value="block", label="Granularity")
-                    gate_kind = gr.Radio(GATE_KINDS, value="sample", label="Gates")
+                    granularity = gr.Radio(list(GRANULARITIES), value="block", label="Granularity")
+                    gate_kind = gr.Radio(GATE_CHOICES, value="sample", label="Gates")
                     train_steps = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1,
                                             elem_id="train-steps")
                     lr = gr.Number(TRAIN_LR, label="Learning rate")

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mole_core import evaluate as ev  # noqa: E402
+from mole_core.atomic import write_text  # noqa: E402
 from mole_core.attach import MoleConfig  # noqa: E402
 from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, Engine  # noqa: E402
 from mole_core.lora import sha256_file  # noqa: E402
@@ -178,7 +179,7 @@ class Study:
 
     def write_section(self, key, text):
         out = Path(self.args.out)
-        ev._atomic_write(out / f"study_{key}.section.md", lambda p: Path(p).write_text(text))
+        write_text(out / f"study_{key}.section.md", text)
         self.write()
 
     def write(self):
@@ -187,7 +188,7 @@ class Study:
         out = Path(self.args.out)
         logs = ev.to_json(ev.Evaluation(rows=[], training=self.training))["training"]
         payload = json.dumps({"command": self.command, "args": vars(self.args), "training": logs}, indent=1)
-        ev._atomic_write(out / f"study_training_{self.tag}.json", lambda p: Path(p).write_text(payload))
+        write_text(out / f"study_training_{self.tag}.json", payload)
         header = [
             "# Study: MoLE vs linear vs SVD on the pixel world",
             "",
@@ -202,7 +203,7 @@ class Study:
         ]
         sections = [p.read_text() for p in sorted(out.glob("study_*.section.md"))]
         text = "\n".join(header) + "\n" + "\n".join(sections)
-        ev._atomic_write(out / "study.md", lambda p: Path(p).write_text(text))
+        write_text(out / "study.md", text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ class MoleConfig:
     balance_alpha: float = 0.5      # α in L = L_task + α·L_balance; train_gates uses it unless TrainConfig sets one
     gate: str = "sample"            # "sample": one decision per sample (the paper); "token": per token / pixel
 
+    @property
+    def describe(self) -> str:
+        """"block" or "block, per-token": how result labels name this configuration."""
+        return self.granularity + (", per-token" if self.gate == "token" else "")
+
 
 # ----------------------------------------------------------------------------------------------
 # Grouping

@@ -118,8 +118,7 @@ def cmd_train_gates(args) -> int:
             bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{g:.2f}" for g in gates))
 
         mixture = engine.train(args.lora, MoleConfig(granularity=args.granularity, gate=args.gate), config,
-                               on_step=on_step,
-                               out_path=args.out)
+                               on_step=on_step, out_path=args.out)
     final = mixture.meta.get("final_losses", {})
     print(f"wrote {args.out}: {mixture.granularity} per-{mixture.gate} gates for {', '.join(mixture.names)}, "
           f"{mixture.meta.get('steps')} steps, final loss {final.get('loss', float('nan')):.4f}, "
@@ -184,13 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
+    from mole_core.attach import GATE_KINDS, GRANULARITIES
     from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, METHODS
     p = sub.add_parser("train-gates", help="train MoLE gates over bank LoRAs and write a mixture file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id (default: the embedded model)")
     p.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the embedded bank)")
     p.add_argument("--lora", action="append", required=True, metavar="KEY", help="a bank key; repeat (2 or more)")
-    p.add_argument("--granularity", choices=["matrix", "layer", "block", "network"], default="block")
-    p.add_argument("--gate", choices=["sample", "token"], default="sample",
+    p.add_argument("--granularity", choices=GRANULARITIES, default="block")
+    p.add_argument("--gate", choices=GATE_KINDS, default="sample",
                    help="one gate decision per sample (the paper) or per token / pixel")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainConfig's)")

@@ -386,8 +386,7 @@ class Engine:
     def _mole_label(keys, mole: MoleConfig, mixture, mask) -> str:
         on = sum(1 for k in keys if (mask or {}).get(k, True))
         experts = f"{len(keys)} experts" if on == len(keys) else f"{on} of {len(keys)} experts on"
-        kind = ", per-token" if mole.gate == "token" else ""
-        return f"MoLE ({mole.granularity}{kind}, {experts}{'' if mixture is not None else ', untrained'})"
+        return f"MoLE ({mole.describe}, {experts}{'' if mixture is not None else ', untrained'})"
 
     def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
         height, width = self._size(request)

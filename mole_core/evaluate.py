@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from mole_core.atomic import atomic_path
+from mole_core.atomic import atomic_path, write_text
 from mole_core.metrics import ClipScorer, Target, WorldScorer, mean_ci, plateau_step
 
 NO_SCORER = ("No scores: this model has no oracle and no CLIP model was given "
@@ -356,8 +356,7 @@ def evaluate(engine, keys, *, granularities=("block",), gates=("sample",), metho
         granularities, gates = [mixture.granularity], [mixture.gate]
     configs = [MoleConfig(granularity=g, gate=k, balance_alpha=balance_alpha) for g in granularities for k in gates]
     # 2. the rows
-    cells = [Cell(f"MoLE ({c.granularity}{', per-token' if c.gate == 'token' else ''})", "mole", keys)
-             for c in configs] if "mole" in methods else []
+    cells = [Cell(f"MoLE ({c.describe})", "mole", keys) for c in configs] if "mole" in methods else []
     if "linear" in methods:
         cells.append(Cell("Linear (normalised)", "linear", keys))
     if "svd" in methods:
@@ -556,12 +555,6 @@ def sample_grid(result: Evaluation, scale: int = 2) -> PIL.Image.Image | None:
     return grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) into a temp file next to `path`, then replace it (mole_core.atomic)."""
-    with atomic_path(path, suffix=Path(path).suffix or ".tmp") as tmp:
-        write(tmp)
-
-
 def to_json(result: Evaluation, extra: dict | None = None) -> dict:
     def clean(v):
         if isinstance(v, float):
@@ -582,15 +575,17 @@ def write_outputs(result: Evaluation, out_dir, name: str = "results", title: str
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / f"{name}.md", "json": out / f"{name}.json", "plot": out / f"{name}.png"}
     markdown = to_markdown(result, title)
-    _atomic_write(paths["markdown"], lambda p: Path(p).write_text(markdown))
+    write_text(paths["markdown"], markdown)
     payload = json.dumps(to_json(result, extra), indent=1)
-    _atomic_write(paths["json"], lambda p: Path(p).write_text(payload))
+    write_text(paths["json"], payload)
     image = plot(result, columns=plot_columns, title=title)
-    _atomic_write(paths["plot"], lambda p: image.save(p, format="PNG"))
+    with atomic_path(paths["plot"], suffix=".png") as tmp:
+        image.save(tmp, format="PNG")
     grid = sample_grid(result)
     if grid is not None:
         paths["samples"] = out / f"{name}_samples.png"
-        _atomic_write(paths["samples"], lambda p: grid.save(p, format="PNG"))
+        with atomic_path(paths["samples"], suffix=".png") as tmp:
+            grid.save(tmp, format="PNG")
     return paths
 
 
@@ -605,9 +600,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="KEY",
                         help="a bank key to compose (repeat; default: the mixture's LoRAs)")
     parser.add_argument("--mixture", help="a trained mixture (.safetensors) to score instead of training")
-    parser.add_argument("--granularity", action="append", choices=["matrix", "layer", "block", "network"],
+    from mole_core.attach import GATE_KINDS, GRANULARITIES
+    parser.add_argument("--granularity", action="append", choices=GRANULARITIES,
                         help="train and score MoLE at this granularity (repeat; default: block)")
-    parser.add_argument("--gate", action="append", choices=["sample", "token"],
+    parser.add_argument("--gate", action="append", choices=GATE_KINDS,
                         help="gate kind: sample (the paper: one decision per image) or token (per pixel / "
                              "token); repeat for both (default: sample)")
     parser.add_argument("--methods", default="mole,linear,svd,singles,base",

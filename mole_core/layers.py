@@ -105,6 +105,11 @@ class Runtime:
         self.evaluated: dict[str, list[torch.Tensor]] = {}
 
 
+def _per_sample(G: torch.Tensor) -> torch.Tensor:
+    """Gate weights (B, N) or per token (B, T, N) -> per sample (B, N): the mean over tokens."""
+    return G.mean(1) if G.dim() == 3 else G
+
+
 class Group:
     """A gate plus its per-pass cache; shared (not registered) by the members of one group."""
 
@@ -131,8 +136,7 @@ class Group:
         outputs = outputs_fn()                                             # (B, [T,] N, d_out)
         gate.materialise(outputs.shape[-1], outputs.device)
         G = gate(outputs)                                                  # (B, [T,] N) softmax
-        per_sample = G.mean(1) if G.dim() == 3 else G                     # (B, N)
-        rt.evaluated.setdefault(self.network, []).append(per_sample)
+        rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
         if rt.gates is not None:                                           # forced weights (no gate)
             forced = rt.gates.to(G.device, G.dtype)
             G = (forced.unsqueeze(1) if forced.dim() == 2 and G.dim() == 3 else forced).expand_as(G)
@@ -141,8 +145,7 @@ class Group:
             G = G * m
             G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
         if rt.recording is not None:
-            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1,
-                             G.mean(1) if G.dim() == 3 else G)
+            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, _per_sample(G))
         self.cache = G
         return G
 

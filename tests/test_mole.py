@@ -218,12 +218,13 @@ def test_settings_are_restored_on_exit(setup):
             pass
 
 
-def test_mask_renormalises_by_hand_on_one_linear():
-    """A bare model with one wrapped Linear: the output matches the MOLE.md formulas written out."""
+def one_linear_masked_by_hand(gate_kind: str):
+    """A bare model with one wrapped Linear, random gate, experts masked [on, off, on], run under a
+    recording; -> (output, recording, W, expert outputs E_i (B, T, d_out), the gate, the mask)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5))
     loras = [make_lora(model, f"e{i}", 10 + i, r, ["0"]) for i, r in enumerate((1, 2, 3))]
-    handle = attach(model, loras, MoleConfig(granularity="matrix"))
+    handle = attach(model, loras, MoleConfig(granularity="matrix", gate=gate_kind))
     x = torch.randn(3, 4, 6)                                       # (B, T, d_in)
     with torch.no_grad():
         model(x)
@@ -235,13 +236,17 @@ def test_mask_renormalises_by_hand_on_one_linear():
     m = torch.tensor([1.0, 0.0, 1.0])
     with torch.no_grad(), handle.settings(mask=m.bool().tolist()), handle.recording() as rec:
         got = model(x)
-    # by hand
-    W = handle.layers["0"].base
     E = [l.modules["0"].scale * (x @ l.modules["0"].A.T @ l.modules["0"].B.T) for l in loras]   # (B, T, d_out)
+    return got, rec, handle.layers["0"].base(x), E, gate, m
+
+
+def test_mask_renormalises_by_hand_on_one_linear():
+    """A bare model with one wrapped Linear: the output matches the MOLE.md formulas written out."""
+    got, rec, Wx, E, gate, m = one_linear_masked_by_hand("sample")
     z = F.layer_norm(torch.cat([e.mean(1) for e in E], dim=-1), (3 * 5,))
     G = torch.softmax((z @ gate.proj.weight.T + gate.proj.bias) / torch.exp(torch.tensor(0.4)), dim=-1)
     G = m * G / (m * G).sum(-1, keepdim=True)
-    expected = W(x) + sum(G[:, i, None, None] * E[i] for i in range(3))
+    expected = Wx + sum(G[:, i, None, None] * E[i] for i in range(3))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert len(rec.entries) == 1
     torch.testing.assert_close(rec.entries[0][3], G)
@@ -407,27 +412,11 @@ def test_registered_tensors_follow_the_model(setup):
 
 def test_per_token_gates_by_hand_on_one_linear():
     """gate="token": the same gate applied to each token's expert outputs; matches the formula written out."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5))
-    loras = [make_lora(model, f"e{i}", 10 + i, r, ["0"]) for i, r in enumerate((1, 2, 3))]
-    handle = attach(model, loras, MoleConfig(granularity="matrix", gate="token"))
-    x = torch.randn(3, 4, 6)                                       # (B, T, d_in)
-    with torch.no_grad():
-        model(x)
-    gate = handle.gate_modules()[0]
-    with torch.no_grad():
-        gate.proj.weight.normal_()
-        gate.proj.bias.normal_()
-        gate.log_tau.fill_(0.4)
-    m = torch.tensor([1.0, 0.0, 1.0])
-    with torch.no_grad(), handle.settings(mask=m.bool().tolist()), handle.recording() as rec:
-        got = model(x)
-    W = handle.layers["0"].base
-    E = [l.modules["0"].scale * (x @ l.modules["0"].A.T @ l.modules["0"].B.T) for l in loras]   # (B, T, d_out)
+    got, rec, Wx, E, gate, m = one_linear_masked_by_hand("token")
     z = F.layer_norm(torch.cat(E, dim=-1), (3 * 5,))                                           # per token
     G = torch.softmax((z @ gate.proj.weight.T + gate.proj.bias) / torch.exp(torch.tensor(0.4)), dim=-1)  # (B, T, N)
     G = m * G / (m * G).sum(-1, keepdim=True)
-    expected = W(x) + sum(G[..., i, None] * E[i] for i in range(3))
+    expected = Wx + sum(G[..., i, None] * E[i] for i in range(3))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(G[:, 0], G[:, 1])                    # tokens of one sample really differ
     torch.testing.assert_close(rec.entries[0][3], G.mean(1))       # recorded: the per-sample mean

@@ -25,7 +25,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,6 @@ class BuildConfig:
                                           # subjects' look poorly (face found in 0.38 of images)
     lora_text_encoder: bool = True        # also the text encoder, so the trigger word gets a meaning
     lora_steps: int = 300                 # measured on the shipped base: checker found 0.50 at 150 steps, 0.75 at 300
-    lora_steps_by_key: dict = field(default_factory=dict)   # per-LoRA step counts where a subject needs more
     lora_batch: int = 16                  # instance images per step
     lora_prior_batch: int = 8             # prior-preservation images (captions without the trigger)
     lora_style_prior_batch: int = 12      # ... for a style LoRA, which changes every pixel
@@ -144,10 +143,14 @@ def update_report(cfg: BuildConfig, stage: str, figures: dict, seconds: float) -
     write_json_atomic(path, report)
 
 
+# each stage's random stream (numpy) and torch seed offset
+STREAMS = {"vae": 1, "decoder": 6, "base": 2, "base2": 7, "oracle": 3, "loras": 4, "examples": 5, "base3": 8,
+           "eval": 1000}
+
+
 def rng_for(cfg: BuildConfig, stage: str) -> np.random.Generator:
     """One independent random stream per stage (evaluation streams never meet training ones)."""
-    offsets = {"vae": 1, "decoder": 6, "base": 2, "base2": 7, "oracle": 3, "loras": 4, "examples": 5, "base3": 8, "eval": 1000}
-    return np.random.default_rng([cfg.seed, offsets[stage]])
+    return np.random.default_rng([cfg.seed, STREAMS[stage]])
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
@@ -351,15 +354,15 @@ def stage_base(cfg: BuildConfig) -> dict:
             "final_loss": round(running, 4)}
 
 
-def refine_base(cfg: BuildConfig, name: str, steps: int, peak_lr: float, seed_offset: int) -> dict:
+def refine_base(cfg: BuildConfig, name: str, steps: int, peak_lr: float) -> dict:
     """Continue training the saved text encoder + UNet for one more cosine cycle (stages base2, base3).
 
     Split from `stage_base` so the build checkpoints between cycles: measured on the shipped build,
     1,000 steps left shapes and colours soft (oracle caption fidelity ~0.6 on generated images), 1,800
     left squares with round corners (objects right 0.88)."""
     rng = rng_for(cfg, name)
-    torch.manual_seed(cfg.seed + seed_offset)
-    gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
+    torch.manual_seed(cfg.seed + STREAMS[name])
+    gen = torch.Generator().manual_seed(cfg.seed + STREAMS[name])
     pipe = load_pipeline(cfg.model_dir)
     vae, tokenizer, text_encoder, unet = pipe.vae.requires_grad_(False), pipe.tokenizer, pipe.text_encoder, pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -373,11 +376,11 @@ def refine_base(cfg: BuildConfig, name: str, steps: int, peak_lr: float, seed_of
 
 
 def stage_base2(cfg: BuildConfig) -> dict:
-    return refine_base(cfg, "base2", cfg.base2_steps, cfg.base_lr / 2, seed_offset=7)
+    return refine_base(cfg, "base2", cfg.base2_steps, cfg.base_lr / 2)
 
 
 def stage_base3(cfg: BuildConfig) -> dict:
-    return refine_base(cfg, "base3", cfg.base3_steps, cfg.base_lr / 4, seed_offset=8)
+    return refine_base(cfg, "base3", cfg.base3_steps, cfg.base_lr / 4)
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, model_dir: Path, keep=()) -> None:
@@ -470,15 +473,14 @@ def train_lora(cfg: BuildConfig, spec: LoraSpec, rng: np.random.Generator) -> tu
     unet.train()
     text_encoder.train(cfg.lora_text_encoder)
     running = None
-    steps = cfg.lora_steps_by_key.get(spec.key, cfg.lora_steps)
-    for step in range(steps):
+    for step in range(cfg.lora_steps):
         scenes = [spec.scene(rng) for _ in range(cfg.lora_batch)]
         # prior preservation: ordinary captions must keep drawing what the base draws
         prior = cfg.lora_style_prior_batch if spec.kind == "style" else cfg.lora_prior_batch
         scenes += [world.sample_scene(rng) for _ in range(prior)]
         captions = [world.caption(s) for s in scenes]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.lora_lr, warmup=min(20, steps // 5 + 1))
+            group["lr"] = lr_at(step, cfg.lora_steps, cfg.lora_lr, warmup=min(20, cfg.lora_steps // 5 + 1))
         with torch.set_grad_enabled(cfg.lora_text_encoder):
             context = encode_captions(tokenizer, text_encoder, captions)
         z0 = latents_of(vae, world.render_batch(scenes, rng))
@@ -491,8 +493,8 @@ def train_lora(cfg: BuildConfig, spec: LoraSpec, rng: np.random.Generator) -> tu
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"lora {spec.key} step {step}/{steps} loss {running:.4f}")
+        if step % 25 == 0 or step == cfg.lora_steps - 1:
+            log(f"lora {spec.key} step {step}/{cfg.lora_steps} loss {running:.4f}")
     # PEFT key layout (`<path>.lora_A.weight`), which save_lora_weights prefixes with "unet." /
     # "text_encoder.". Not convert_state_dict_to_diffusers: it renames only the attention keys (to
     # `lora.down`) and leaves the feed-forward ones as lora_A, a mixed layout that stricter readers refuse.
