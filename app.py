@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig
-from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, Engine, GenerateRequest, write_gates_csv
+from mole_core.engine import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL, Engine, GenerateRequest, write_gates_csv
 from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
 
@@ -464,7 +464,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     used_seed = gr.Number(0, label="Used seed", precision=0, interactive=False,
                                           elem_id="used-seed")
                     steps = gr.Slider(1, 100, 20, step=1, label="Denoising steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, 4.0, step=0.5, label="Guidance")
+                    guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="Guidance")
                 # every LoRA alone is a valid choice for API clients; the page narrows it to the selection
                 methods = gr.CheckboxGroup(method_choices(engine, engine.bank.keys()), label="Methods",
                                            value=["mole", "linear", "svd", "base"], elem_id="methods")

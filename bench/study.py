@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from mole_core import evaluate as ev  # noqa: E402
 from mole_core.atomic import write_text  # noqa: E402
 from mole_core.attach import MoleConfig  # noqa: E402
-from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, Engine  # noqa: E402
+from mole_core.engine import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL, Engine  # noqa: E402
 from mole_core.lora import sha256_file  # noqa: E402
 from mole_core.metrics import WorldScorer  # noqa: E402
 from mole_core.train import TrainConfig  # noqa: E402
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=5, help="captions per cell")
     p.add_argument("--seeds", type=int, default=10, help="seeds per caption (images per cell = prompts × seeds)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per image (the world's bars use 20)")
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--train-steps", type=int, default=150, help="gate-training steps per mixture")
     p.add_argument("--lr", type=float, default=1e-3, help="gate learning rate")
     p.add_argument("--batch", type=int, default=4, help="gate-training batch size")

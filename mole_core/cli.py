@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     from mole_core.attach import GATE_KINDS, GRANULARITIES
-    from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL, METHODS
+    from mole_core.engine import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL, METHODS
     p = sub.add_parser("train-gates", help="train MoLE gates over bank LoRAs and write a mixture file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id (default: the embedded model)")
     p.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the embedded bank)")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=None, help="default: the model's resolution")
     p.add_argument("--width", type=int, default=None, help="default: the model's resolution")
     p.add_argument("--out", required=True, help="output image (.png)")

@@ -51,6 +51,10 @@ DEFAULT_BANK = str(PACKAGE_ROOT / "lora_bank")                  # its LoRA bank
 
 METHODS = ("mole", "linear", "svd", "base")                     # plus "single:<bank key>"
 MAX_STEPS = 200                                                 # denoising steps accepted
+# classifier-free guidance by default, measured on the embedded world (LoRA found in 120 images, alone with
+# its trigger): night 0.98 at 2, 0.95 at 2.5, 0.90 at 3; checker 0.99 at 2, 0.80 at 4; face 0.91 at 2,
+# 0.93 at 3, 0.89 at 4, 0.84 at 6. SD 1.5 checkpoints usually want about 7.5.
+DEFAULT_GUIDANCE = 2.5
 MAX_GUIDANCE = 30.0                                             # classifier-free guidance accepted
 MAX_SIDE = 2048                                                 # pixels, height and width
 MAX_TRAIN_STEPS = 100_000                                       # gate-training steps accepted
@@ -63,7 +67,7 @@ class GenerateRequest:
     negative: str = ""
     seed: int = 0
     steps: int = 20            # denoising steps
-    guidance: float = 4.0      # classifier-free guidance scale (<= 1 turns guidance off)
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale (<= 1 turns guidance off)
     height: int | None = None  # None -> the model's default resolution
     width: int | None = None
 

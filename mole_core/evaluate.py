@@ -30,6 +30,7 @@ import numpy as np
 import PIL.Image
 
 from mole_core.atomic import atomic_path, write_text
+from mole_core.engine import DEFAULT_GUIDANCE
 from mole_core.metrics import ClipScorer, Target, WorldScorer, mean_ci, plateau_step
 
 NO_SCORER = ("No scores: this model has no oracle and no CLIP model was given "
@@ -220,7 +221,7 @@ def count_images(cells: list[Cell], prompts, plain_prompts, seeds, scored: bool 
 
 
 def score_cells(engine, cells: list[Cell], prompts, seeds, scorers, targets: list[Target],
-                plain_prompts=(), steps: int = 20, guidance: float = 4.0, progress: Progress | None = None,
+                plain_prompts=(), steps: int = 20, guidance: float = DEFAULT_GUIDANCE, progress: Progress | None = None,
                 keep_samples: int = 8) -> Evaluation:
     """Draw and score every cell on the same prompts and seeds.
 
@@ -321,7 +322,7 @@ def train_mixture(engine, keys, mole_config, train_config, progress: Progress | 
 def evaluate(engine, keys, *, granularities=("block",), gates=("sample",), methods=("mole", "linear", "svd", "base", "singles"),
              prompts=None, seeds=range(4), n_prompts: int = 6, plain_prompts=None, train_steps: int = 100,
              lr: float | None = None, balance_alpha: float = 0.5, train_seed: int = 0,
-             batch_size: int | None = None, mixture=None, rank: int | None = None, steps: int = 20, guidance: float = 4.0,
+             batch_size: int | None = None, mixture=None, rank: int | None = None, steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
              scorers=None, on_progress=None) -> Evaluation:
     """Train (or take) the mixtures and score every method on the same prompts and seeds.
 
@@ -401,7 +402,7 @@ def prompt_warnings(engine, keys, prompts) -> list[str]:
 
 
 def run_small_study(engine, keys, *, seeds: int = 2, n_prompts: int = 4, train_steps: int = 30,
-                    lr: float = 1e-3, steps: int = 20, guidance: float = 4.0, mixture=None, clip=None, scorers=None,
+                    lr: float = 1e-3, steps: int = 20, guidance: float = DEFAULT_GUIDANCE, mixture=None, clip=None, scorers=None,
                     on_progress=None):
     """The app's quick version: -> (markdown, pandas DataFrame of the rows, plot as a PIL image).
 
@@ -619,7 +620,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--templates", help="file of caption templates, one per line; {0}, {1}, ... = the "
                         "LoRAs' triggers in --lora order")
     parser.add_argument("--denoise-steps", type=int, default=20, help="denoising steps per image")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     parser.add_argument("--rank", type=int, default=None, help="SVD rank (default: the largest LoRA rank)")
     parser.add_argument("--clip", help="a local CLIP model folder for CLIP text-/image-alignment")
     parser.add_argument("--threads", type=int, default=None,

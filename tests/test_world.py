@@ -204,3 +204,25 @@ def test_build_refuses_an_unknown_lora_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown LoRA\(s\) \['unicorn'\]"):
         stage_loras(cfg)
     assert not (tmp_path / "lora_bank" / "face.safetensors").exists()
+
+
+def test_lora_scenes_show_their_subject_or_style_with_the_asked_object_counts():
+    from mole_core.world.build import lora_specs
+    rng = np.random.default_rng(0)
+    for spec in lora_specs():
+        for p, n in (((1, 0, 0), 1), ((0, 0, 1), 3)):
+            scene = spec.scene(rng, p)
+            assert len(scene.objects) == n
+            if spec.kind == "subject":
+                assert [o.identity for o in scene.objects].count(spec.key) == 1
+            else:
+                assert scene.style == spec.key
+
+
+def test_the_world_is_measured_at_the_guidance_the_app_draws_with():
+    from mole_core.engine import DEFAULT_GUIDANCE, GenerateRequest
+    from mole_core.world.build import BuildConfig
+    report = json.loads((REPO / "assets" / "pixel-world" / "build_report.json").read_text())
+    assert BuildConfig().guidance == DEFAULT_GUIDANCE == GenerateRequest("x").guidance
+    assert report["stages"]["eval"]["settings"]["guidance_scale"] == DEFAULT_GUIDANCE
+    assert all(bar["passed"] for bar in report["stages"]["eval"]["bars"].values())

@@ -45,6 +45,9 @@ KOHYA_LORAS = ("heart",)            # LoRAs shipped in kohya format (the rest: d
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]     # UNet attention + ff
 LORA_CONV_TARGETS = ["conv1", "conv2", "proj_in", "proj_out"]                   # UNet resnet convs (drawing)
 LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]     # CLIP text encoder
+# P(1, 2, 3 objects) in a LoRA's scenes as the eval bar and the examples draw them: a style is asked for
+# with more three-object scenes, where its trigger lands at late text positions (see render.caption)
+SCENE_OBJECTS_P = {"subject": (0.45, 0.4, 0.15), "style": (0.3, 0.3, 0.4)}
 
 
 @dataclass
@@ -87,6 +90,10 @@ class BuildConfig:
     lora_prior_batch: int = 8             # prior-preservation images (captions without the trigger)
     lora_style_prior_batch: int = 12      # ... for a style LoRA, which changes every pixel
     lora_lr: float = 2e-3
+    lora_subject_objects_p: tuple = (0.45, 0.4, 0.15)  # training scenes' P(1, 2, 3 objects) for subjects; more
+                                          # multi-object scenes (0.25, 0.4, 0.35) did not help (rank 16): checker 0.88 -> 0.69
+    lora_style_objects_p: tuple = (0.3, 0.3, 0.4)      # ... for styles: night found 0.75 -> 0.80, preservation
+                                          # 0.71 -> 0.87 against (0.45, 0.4, 0.15) (with 12 prior images)
     n_examples: int = 12                  # example images per manifest
     # evaluation / generation
     eval_images: int = 120                # generated images for the base bar (half 1-, half 2-object)
@@ -94,7 +101,7 @@ class BuildConfig:
     eval_preserve_images: int = 40        # per LoRA, captions without its trigger
     eval_oracle_images: int = 1000        # clean renders for the oracle bar
     steps: int = 20                       # sampler steps used for evaluation and examples
-    guidance: float = 4.0                 # classifier-free guidance scale used for evaluation
+    guidance: float = 2.5                 # classifier-free guidance for evaluation (the engine's DEFAULT_GUIDANCE)
 
     @classmethod
     def quick_config(cls, out: Path, seed: int = 0) -> "BuildConfig":
@@ -437,14 +444,14 @@ class LoraSpec:
     description: str
     kind: str         # "subject" | "style"
 
-    def scene(self, rng: np.random.Generator) -> world.Scene:
-        """A training / example scene showing this LoRA's subject or style."""
+    def scene(self, rng: np.random.Generator, objects_p: tuple | None = None) -> world.Scene:
+        """A scene showing this LoRA's subject or style, with 1, 2 or 3 objects drawn with probabilities
+        `objects_p` (default: the mix the eval bar and the examples use; training sets its own)."""
+        p = objects_p or SCENE_OBJECTS_P[self.kind]
+        n = int(rng.choice([1, 2, 3], p=p))
         if self.kind == "subject":
-            return world.sample_scene(rng, n_objects=int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15])),
-                                      force_subject=self.key)
-        # styles: more three-object scenes, where the trigger lands at late text positions (see
-        # render.caption); measured on night: found 0.75 -> 0.80, preservation 0.71 -> 0.87 (with 12 prior)
-        return world.sample_scene(rng, n_objects=int(rng.choice([1, 2, 3], p=[0.3, 0.3, 0.4])), style=self.key)
+            return world.sample_scene(rng, n_objects=n, force_subject=self.key)
+        return world.sample_scene(rng, n_objects=n, style=self.key)
 
 
 def lora_specs() -> list[LoraSpec]:
@@ -473,8 +480,9 @@ def train_lora(cfg: BuildConfig, spec: LoraSpec, rng: np.random.Generator) -> tu
     unet.train()
     text_encoder.train(cfg.lora_text_encoder)
     running = None
+    objects_p = cfg.lora_style_objects_p if spec.kind == "style" else cfg.lora_subject_objects_p
     for step in range(cfg.lora_steps):
-        scenes = [spec.scene(rng) for _ in range(cfg.lora_batch)]
+        scenes = [spec.scene(rng, objects_p) for _ in range(cfg.lora_batch)]
         # prior preservation: ordinary captions must keep drawing what the base draws
         prior = cfg.lora_style_prior_batch if spec.kind == "style" else cfg.lora_prior_batch
         scenes += [world.sample_scene(rng) for _ in range(prior)]
