@@ -30,8 +30,11 @@ import numpy as np
 import PIL.Image
 
 from mole_core.atomic import atomic_path, write_text
-from mole_core.engine import DEFAULT_GUIDANCE
+from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig
+from mole_core.engine import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL, Engine, GenerateRequest
 from mole_core.metrics import ClipScorer, Target, WorldScorer, mean_ci, plateau_step
+from mole_core.mixture import load_mixture
+from mole_core.train import TrainConfig
 
 NO_SCORER = ("No scores: this model has no oracle and no CLIP model was given "
              "(pass --clip PATH to a local CLIP model folder). Only timings are shown.")
@@ -188,7 +191,6 @@ def render(engine, cell: Cell, prompts, seeds, steps: int, guidance: float, prog
 
     gates: expert -> mean gate weight over every recorded gate of every image (MoLE only, else {}).
     """
-    from mole_core.engine import GenerateRequest
     images, captions, used_seeds, seconds = [], [], [], []
     gate_sum: dict[str, float] = {}
     gate_count: dict[str, int] = {}
@@ -333,8 +335,6 @@ def evaluate(engine, keys, *, granularities=("block",), gates=("sample",), metho
     plain_prompts: trigger-free captions for base preservation; None -> world captions when the
     world's grammar applies, else base preservation is skipped.
     """
-    from mole_core.attach import MoleConfig
-    from mole_core.train import TrainConfig
     # 1. check inputs, choose prompts
     keys, seeds = list(keys), [int(s) for s in seeds]
     unknown = set(methods) - {"mole", "linear", "svd", "base", "singles"}
@@ -393,7 +393,6 @@ def prompt_warnings(engine, keys, prompts) -> list[str]:
     check = getattr(engine, "check_request", None)
     if check is None:
         return []
-    from mole_core.engine import GenerateRequest
     found = []
     for prompt in dict.fromkeys(prompts):
         for warning in check(keys, GenerateRequest(prompt=prompt), ["base"]):
@@ -595,13 +594,11 @@ def write_outputs(result: Evaluation, out_dir, name: str = "results", title: str
 
 def add_arguments(parser) -> None:
     """The flags of `python -m mole_core evaluate` (cli.py registers the subcommand)."""
-    from mole_core.engine import DEFAULT_BANK, DEFAULT_MODEL
     parser.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder (default: the pixel world)")
     parser.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the shipped bank)")
     parser.add_argument("--lora", action="append", default=[], metavar="KEY",
                         help="a bank key to compose (repeat; default: the mixture's LoRAs)")
     parser.add_argument("--mixture", help="a trained mixture (.safetensors) to score instead of training")
-    from mole_core.attach import GATE_KINDS, GRANULARITIES
     parser.add_argument("--granularity", action="append", choices=GRANULARITIES,
                         help="train and score MoLE at this granularity (repeat; default: block)")
     parser.add_argument("--gate", action="append", choices=GATE_KINDS,
@@ -631,8 +628,6 @@ def add_arguments(parser) -> None:
 def cli_evaluate(args) -> int:
     """Body of `python -m mole_core evaluate`: run, show a progress bar, write the three outputs."""
     from tqdm import tqdm
-    from mole_core.engine import Engine
-    from mole_core.mixture import load_mixture
     # 1. inputs
     if args.threads:
         import torch

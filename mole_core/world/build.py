@@ -36,6 +36,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from mole_core.atomic import atomic_path, write_text
+from mole_core.engine import DEFAULT_GUIDANCE
 from mole_core.world import render as world
 from mole_core.world.tokenizer import build_tokenizer
 
@@ -90,9 +91,9 @@ class BuildConfig:
     lora_prior_batch: int = 8             # prior-preservation images (captions without the trigger)
     lora_style_prior_batch: int = 12      # ... for a style LoRA, which changes every pixel
     lora_lr: float = 2e-3
-    lora_subject_objects_p: tuple = (0.45, 0.4, 0.15)  # training scenes' P(1, 2, 3 objects) for subjects; more
+    lora_subject_objects_p: tuple = SCENE_OBJECTS_P["subject"]  # training scenes' P(1, 2, 3 objects) for subjects; more
                                           # multi-object scenes (0.25, 0.4, 0.35) did not help (rank 16): checker 0.88 -> 0.69
-    lora_style_objects_p: tuple = (0.3, 0.3, 0.4)      # ... for styles: night found 0.75 -> 0.80, preservation
+    lora_style_objects_p: tuple = SCENE_OBJECTS_P["style"]      # ... for styles: night found 0.75 -> 0.80, preservation
                                           # 0.71 -> 0.87 against (0.45, 0.4, 0.15) (with 12 prior images)
     n_examples: int = 12                  # example images per manifest
     # evaluation / generation
@@ -101,7 +102,7 @@ class BuildConfig:
     eval_preserve_images: int = 40        # per LoRA, captions without its trigger
     eval_oracle_images: int = 1000        # clean renders for the oracle bar
     steps: int = 20                       # sampler steps used for evaluation and examples
-    guidance: float = 2.5                 # classifier-free guidance for evaluation (the engine's DEFAULT_GUIDANCE)
+    guidance: float = DEFAULT_GUIDANCE    # classifier-free guidance for evaluation: what the app draws with
 
     @classmethod
     def quick_config(cls, out: Path, seed: int = 0) -> "BuildConfig":
