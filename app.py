@@ -1,198 +1,372 @@
-"""MoLE Studio, the web app: pick LoRAs from a bank, train MoLE gates, compare MoLE with the linear
-and SVD merges side by side, switch experts on and off, look inside the gates, export a merge.
+"""MoLE Studio, the web app: pick LoRAs from a bank, train MoLE gates, compare MoLE with the merges and
+the other composition methods side by side, switch experts on and off, look inside the gates, export.
 
-Layout and wiring live in `build_demo(engine)`; every handler is a short module-level function that
-takes the engine first, so tests call them without a server. The engine is the one process-wide,
-read-mostly object; everything that belongs to one browser (trained mixture, last comparison, gate
-rows) lives in a `gr.State`, and the LoRA selection, masks and strengths are ordinary components, so
-two people on one Space never see each other's settings. Every event that runs the model shares the
-concurrency id "model" (one queue), validates first (`.click(check).success(run)`) and leaves the
-pipeline as it found it (the engine guarantees that).
+Layout: one small function per tab (`_bank_tab`, `_train_tab`, …) builds its components; `build_demo`
+puts the tabs together and wires the events. Every handler is a short module-level function that takes
+the `Studio` (the engine + how this server runs) first, so tests call them without a server.
+
+What belongs to one browser lives in its `gr.State` (a dict, see `new_session`): the trained mixture, the
+last comparison (as `Mix` values), the gate rows, and a session folder for the files this session gets
+(exports, the mixture, uploads). The folder is removed when the session ends (`end_session`, the State's
+delete callback), so disk use returns to where it was.
+
+Uploads: on a public Space (the default) an uploaded LoRA joins only the uploader's bank, an overlay of
+the shared bank in the session folder; `--writable-bank` (a private app) writes into the bank folder
+itself, where every session sees it. The model events share one engine lock, handed over in arrival order;
+gate training and the study step aside between steps, so a visitor's compare waits at most one training
+step. Counts are capped by the engine's `Limits` (Space-sized unless `--local`).
 
 Run: `python app.py` (the embedded pixel world) or `python app.py --model DIR_OR_HUB_ID --bank DIR`.
 
-References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); Gradio 6 Blocks, gr.State, gr.Progress.
+References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); Gradio 6 Blocks, gr.State(delete_callback),
+gr.Progress, Blocks(delete_cache).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import math
 import queue
 import random
+import re
 import shutil
 import tempfile
-import re
 import threading
+import uuid
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
 
-from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig
-from mole_core.engine import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL, Engine, GenerateRequest, write_gates_csv
+from mole_core.attach import GRANULARITIES, MoleConfig
+from mole_core.bank import Bank
+from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL, PACKAGE_ROOT,
+                                TRAIN_LR, TRAIN_STEPS, Limits)
+from mole_core.engine import Engine, GenerateRequest, write_gates_csv
+from mole_core.mix import Mix
 from mole_core.mixture import load_mixture
+from mole_core.plots import gate_heatmap, mean_by, placeholder
 from mole_core.train import TrainConfig
 
-MAX_EXPERTS = 8                        # rows of switches/strengths (and weights) the page can show
-TRAIN_STEPS = 60                       # default gate-training steps here (TrainConfig's 400 is the paper's)
-TRAIN_LR = 1e-3                        # the study's gate learning rate: at TrainConfig's 1e-4, 60 steps left the
-                                       # gates at 0.495 / 0.505
-UPLOAD_MAX_BYTES = 256 * 2**20         # a LoRA file larger than this is refused before it is read
-GATE_CHOICES = [("Per sample (the paper)", "sample"), ("Per token / pixel", "token")]   # MoleConfig.gate
-MODEL_QUEUE = "model"                  # the concurrency id every model-running event shares
+MAX_EXPERTS = 8                        # rows of switches/strengths the page can show
+GATE_CHOICES = [("Per token / pixel", "token"), ("Per sample (the paper)", "sample"),
+                ("Static (one weight per LoRA)", "static")]
+DEFAULT_GATE = "token"                 # per-token gates lead every composition of the study (README)
+TRAIN_BATCH = 4                        # the study's gate-training batch
+COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIES", "ties"), ("DARE", "dare"),
+                   ("LoRA Switch", "switch"), ("LoRA Composite (N× the cost)", "composite"), ("base", "base")]
+DEFAULT_METHODS = ["mole", "linear", "svd", "ties", "dare", "switch", "base"]   # Composite: N× cost, opt-in
+MODEL_QUEUE = "model"                  # short model events (compare, toggle, export, uploads)
+LONG_QUEUE = "long"                    # training and the study: one at a time, stepping aside for the rest
 CSS_PATH = Path(__file__).resolve().parent / "assets" / "app.css"
+
+ABOUT = """
+**MoLE — Mixture of LoRA Experts** (Wu, Huang, Wei, ICLR 2024) keeps every LoRA frozen and separate and
+learns only a small **gate** per block that decides how much each LoRA (an *expert*) contributes. Merging
+the weights instead (linear, SVD, TIES, DARE) melts the LoRAs into one, which dilutes each; MoLE's gates
+can give each expert its say where it matters, and experts can be switched off later without retraining.
+
+- **Granularity** — which layers share one gate: *matrix* (each weight matrix), *layer* (each attention /
+  feed-forward layer), *block* (each transformer or resnet block), *network* (one gate per network).
+- **Gates per sample / per token / static** — one decision per image (the paper); one per pixel or token,
+  so two subjects at two places get different experts (ours); or one learned weight per LoRA for the whole
+  model, whatever the input (LoraHub's idea, MoLE's static ablation).
+- **Balance α** — weight of the loss that keeps every expert in use (α = 0: gates may collapse on one).
+- **LoRA Switch / Composite** — no merge: one LoRA active at a time, rotating every k steps; or every
+  LoRA run alone at each step and the predictions averaged (N× the cost).
+- **Caption fidelity** — share of images whose every object is drawn where the caption says (the world's
+  oracle reads the image). **Subject fidelity** — share showing a given LoRA's subject.
+  **Base preservation** — caption fidelity on prompts without trigger words, with the LoRAs attached.
+"""
+
+
+@dataclass
+class Studio:
+    """The shared engine and how this server runs; handlers take it first."""
+    engine: Engine
+    writable_bank: bool = False        # uploads go into the bank folder (every session) instead of the session
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mole_studio_")))
+    banks: dict = field(default_factory=dict)   # session folder -> that session's overlay Bank
+
+    def __post_init__(self):
+        atexit.register(shutil.rmtree, self.root, True)
 
 
 def new_session() -> dict:
     """What one browser keeps between events (gr.State copies it for each session)."""
     return {
+        "dir": None,            # this session's folder (exports, mixture, uploads), made on first need
         "mixture": None,        # mole_core.mixture.Mixture of the last training (or upload)
         "mixture_file": None,   # where that mixture is saved, for download and the snippet
-        "cancel": False,        # set by Cancel, read by the training loop
-        "compared": None,       # the last comparison's arguments (keys, methods, request, weights, ...)
+        "cancel": False,        # set by Cancel, read by the training loop and the study
+        "compared": None,       # the last comparison: {"mixes": [Mix], "request": GenerateRequest}
         "gates": None,          # tidy gate rows of the last MoLE image
     }
 
 
-def _human(fn, *args, **kwargs):
-    """Call fn; a ValueError (the engine's bad-input signal) becomes a gr.Error the user can read."""
+def end_session(studio: Studio, state: dict) -> None:
+    """The browser went away: stop its long jobs and remove its folder (uploads, exports, mixture)."""
+    if not isinstance(state, dict):
+        return
+    state["cancel"] = True
+    if state.get("dir"):
+        studio.banks.pop(state["dir"], None)
+        shutil.rmtree(state["dir"], ignore_errors=True)
+
+
+def _session_dir(studio: Studio, state: dict, kind: str) -> Path:
+    """`<session folder>/<kind>/`, emptied: one file of each kind per session at a time."""
+    if not state.get("dir"):
+        state["dir"] = str(studio.root / uuid.uuid4().hex)
+    folder = Path(state["dir"]) / kind
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def bank_of(studio: Studio, state: dict | None) -> Bank:
+    """The bank this session sees: its own overlay once it uploaded something, else the shared one."""
+    return studio.banks.get((state or {}).get("dir"), studio.engine.bank)
+
+
+def _human(studio: Studio, fn, *args, **kwargs):
+    """Call fn; a ValueError (the engine's bad-input signal) becomes a gr.Error with no server paths."""
     try:
         return fn(*args, **kwargs)
-    except ValueError as err:
-        raise gr.Error(str(err)) from err
+    except (ValueError, KeyError) as err:
+        raise gr.Error(public_message(studio, str(err).strip("'\""))) from err
 
 
-def _workdir() -> Path:
-    """A fresh folder for files this event hands to the browser (Gradio serves the temp dir)."""
-    return Path(tempfile.mkdtemp(prefix="mole_studio_"))
+def public_message(studio: Studio, text: str) -> str:
+    """A message with the server's folders cut out (a visitor sees their own file names only)."""
+    folders = [studio.root, studio.engine.bank.folder, Path(studio.engine.model_id or "/nonexistent"),
+               PACKAGE_ROOT, Path(tempfile.gettempdir())]
+    for folder in sorted({str(Path(f)) for f in folders}, key=len, reverse=True):
+        text = re.sub(re.escape(folder) + r"[^\s:'\"]*/", "", text)
+        text = text.replace(folder, "the server folder")
+    return text
 
 
 # ---- Bank ---------------------------------------------------------------------------------------
-def bank_gallery(engine: Engine) -> list[tuple[str | None, str]]:
-    """(example image, "name · trigger") for every LoRA of the bank, in bank order."""
-    return [(str(entry.examples[0][0]) if entry.examples else None, f"{entry.name} · {_triggers(entry)}")
-            for entry in engine.bank.entries]
+def bank_gallery(bank: Bank) -> list[tuple]:
+    """(example image or a placeholder tile, "name · trigger") for every LoRA of the bank, in bank order."""
+    items = []
+    for entry in bank.entries:
+        if entry.error:
+            items.append((placeholder("cannot be used"), f"{entry.name} · broken"))
+        elif entry.examples:
+            items.append((str(entry.examples[0][0]), f"{entry.name} · {_triggers(entry)}"))
+        else:
+            items.append((placeholder("no example"), f"{entry.name} · {_triggers(entry)}"))
+    return items
 
 
 def _triggers(entry) -> str:
     return ", ".join(entry.trigger)
 
 
-def bank_table(engine: Engine) -> str:
-    """The bank as a Markdown table: name, trigger words, description."""
+def bank_table(studio: Studio, bank: Bank) -> str:
+    """The bank as a Markdown table: name, trigger words, description, problems."""
     lines = ["| LoRA | trigger | description |", "|---|---|---|"]
-    for entry in engine.bank.entries:
-        state = f" (broken: {entry.error})" if entry.error else ""
-        lines.append(f"| {entry.name}{state} | `{_triggers(entry)}` | {entry.description} |")
+    for entry in bank.entries:
+        state = f" (cannot be used: {public_message(studio, entry.error)})" if entry.error else ""
+        lines.append(f"| {_cell(entry.name)}{_cell(state)} | `{_cell(_triggers(entry))}` | {_cell(entry.description)} |")
     return "\n".join(lines)
 
 
-def bank_choices(engine: Engine) -> list[tuple[str, str]]:
-    return [(f"{entry.name} ({_triggers(entry)})", entry.key) for entry in engine.bank.entries]
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def pick_from_gallery(engine: Engine, keys: list[str], index: int) -> list[str]:
+def bank_choices(bank: Bank) -> list[tuple[str, str]]:
+    return [(f"{entry.name} ({_triggers(entry)})", entry.key) for entry in bank.entries if not entry.error]
+
+
+def on_load(studio: Studio, state: dict):
+    """Page (re)load: the bank as it is now (a writable bank may have grown since start-up)."""
+    bank = bank_of(studio, state)
+    return bank_gallery(bank), bank_table(studio, bank), gr.CheckboxGroup(choices=bank_choices(bank)), \
+        gr.Dropdown(choices=prompt_examples(bank))
+
+
+def pick_from_gallery(studio: Studio, keys: list[str], index: int, state: dict) -> list[str]:
     """Clicking a LoRA in the gallery adds it to the selection, or removes it if already chosen."""
-    key = engine.bank.entries[index].key
-    return [k for k in keys if k != key] if key in keys else [*keys, key]
+    entry = bank_of(studio, state).entries[index]
+    if entry.error:
+        raise gr.Error(f"{entry.name} cannot be used: {public_message(studio, entry.error)}")
+    return [k for k in keys if k != entry.key] if entry.key in keys else [*keys, entry.key]
 
 
-def insert_triggers(engine: Engine, keys: list[str], prompt: str) -> str:
-    """Append the trigger words of the chosen LoRAs that the prompt does not contain yet."""
+def compose_caption(bank: Bank, keys: list[str]) -> str:
+    """A caption that asks for each chosen subject at its own place, styles last:
+    "a zwx on the left and a qlo on the right in nyq style" (the pixel world's grammar, plain English)."""
+    entries = [bank.get(k) for k in keys]
+    subjects = [e.trigger[0] for e in entries if e.kind == "subject" and e.trigger][:3]
+    styles = [e.trigger[0] for e in entries if e.kind == "style" and e.trigger]
+    places = {1: ["in the center"], 2: ["on the left", "on the right"],
+              3: ["on the left", "in the center", "on the right"]}.get(len(subjects), [])
+    text = " and ".join(f"a {word} {place}" for word, place in zip(subjects, places))
+    return " ".join([text, *[f"in {word} style" for word in styles]]).strip()
+
+
+def insert_triggers(studio: Studio, keys: list[str], state: dict) -> str:
+    """The prompt box gets a caption that places each chosen LoRA's trigger word."""
     if not keys:
         raise gr.Error("No LoRA is selected: tick at least one LoRA in the Bank tab first.")
-    missing = [w for k in keys for w in engine.bank.get(k).trigger if w.lower() not in prompt.lower()]
-    return ", ".join([prompt.strip(), *missing]) if prompt.strip() else ", ".join(missing)
+    return compose_caption(bank_of(studio, state), keys)
 
 
-def method_choices(engine: Engine, keys: list[str]) -> list[tuple[str, str]]:
-    """(label, engine method) for the Methods checkboxes: the four methods, then each LoRA alone."""
-    return [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("base", "base")] + \
-        [(f"only {engine.bank.get(k).name}", f"single:{k}") for k in keys]
+def prompt_examples(bank: Bank) -> list[str]:
+    """A few captions over pairs and triples of the bank's subjects (and one with a style)."""
+    subjects = [e.key for e in bank.entries if not e.error and e.kind == "subject" and e.trigger]
+    styles = [e.key for e in bank.entries if not e.error and e.kind == "style" and e.trigger]
+    sets = [subjects[i:i + 2] for i in range(0, max(len(subjects) - 1, 0))][:3] + [subjects[:3]]
+    if styles and subjects:
+        sets.append([subjects[0], styles[0]])
+    return list(dict.fromkeys(c for c in (compose_caption(bank, s) for s in sets if s) if c))
 
 
-def on_selection(engine: Engine, keys: list[str]):
+def method_choices(bank: Bank, keys: list[str]) -> list[tuple[str, str]]:
+    """(label, method) for the Methods checkboxes: every method, then each chosen LoRA alone."""
+    return COMPARE_METHODS + [(f"only {bank.get(k).name}", f"single:{k}") for k in keys]
+
+
+def on_selection(studio: Studio, keys: list[str], methods: list[str], state: dict):
     """Selection changed: method choices, linear weights and the expert rows follow it."""
-    keys = list(keys or [])[:MAX_EXPERTS]
-    methods = method_choices(engine, keys)
-    weights = pd.DataFrame({"expert": keys, "weight": [engine.bank.get(k).default_weight for k in keys]})
-    names = [engine.bank.get(k).name for k in keys] + [""] * (MAX_EXPERTS - len(keys))
+    bank = bank_of(studio, state)
+    keys = [k for k in (keys or []) if k in bank.keys()][:MAX_EXPERTS]
+    choices = method_choices(bank, keys)
+    kept = [m for m in (methods or []) if m in {value for _, value in choices}]
+    weights = pd.DataFrame({"expert": keys, "weight": [bank.get(k).default_weight for k in keys]})
+    names = [bank.get(k).name for k in keys] + [""] * (MAX_EXPERTS - len(keys))
     rows = [gr.Row(visible=i < len(keys)) for i in range(MAX_EXPERTS)]
     switches = [gr.Checkbox(value=True, label=names[i]) for i in range(MAX_EXPERTS)]
-    strengths = [gr.Slider(value=1.0) for _ in range(MAX_EXPERTS)]
-    return [gr.CheckboxGroup(choices=methods), weights, *rows, *switches, *strengths]
+    strengths = [gr.Slider(value=1.0, label=f"strength of {names[i]}") for i in range(MAX_EXPERTS)]
+    return [gr.CheckboxGroup(choices=choices, value=kept), weights, *rows, *switches, *strengths]
 
 
-def upload_lora(engine: Engine, lora_file: str | None, name: str, trigger: str, description: str,
-                examples: list[str] | None):
-    """Validate an uploaded LoRA against the loaded model, then add it to the bank."""
+def upload_lora(studio: Studio, lora_file: str | None, name: str, trigger: str, description: str,
+                examples: list[str] | None, state: dict):
+    """Validate an uploaded LoRA against the loaded model, then add it to this session's bank (or the
+    shared one with --writable-bank)."""
+    engine = studio.engine
     if not lora_file:
         raise gr.Error("No LoRA file was uploaded: choose a .safetensors file.")
     path = Path(lora_file)
     if path.suffix != ".safetensors":
         raise gr.Error(f"{path.name} is not a .safetensors file; only .safetensors LoRAs are accepted.")
-    if path.stat().st_size > UPLOAD_MAX_BYTES:
+    if path.stat().st_size > engine.limits.upload_bytes:
         raise gr.Error(f"{path.name} is {path.stat().st_size / 2**20:.0f} MiB; the limit is "
-                       f"{UPLOAD_MAX_BYTES / 2**20:.0f} MiB.")
-    if not (trigger or "").strip():
+                       f"{engine.limits.upload_bytes / 2**20:.0f} MiB.")
+    words = [w.strip() for w in (trigger or "").split(",") if w.strip()]
+    if not words:
         raise gr.Error("The trigger word is empty: give the word that calls this LoRA up in a prompt.")
-    name = (name or "").strip() or path.stem
-    words = [w.strip() for w in trigger.split(",") if w.strip()]
-    manifest = {"name": name, "trigger": words, "description": description or "",
-                "base_model": engine.model_id or "", "kind": "subject", "default_weight": 1.0}
-    key = re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_") or "lora"
-    images = [(image, f"a photo of {' '.join(words)}") for image in examples or []]
-    entry = _human(engine.add_to_bank, path, manifest, images, key=key)
-    gr.Info(f"{entry.name} joined the bank as {entry.key!r}.")
-    return bank_gallery(engine), bank_table(engine), gr.CheckboxGroup(choices=bank_choices(engine))
+    name = (name or "").strip()[:80] or path.stem[:80]
+    manifest = {"name": name, "trigger": words, "description": (description or "")[:500],
+                "base_model": engine.model_name, "kind": "subject", "default_weight": 1.0}
+    key = re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_")[:48] or "lora"
+    images = [(image, compose_caption_words(words)) for image in examples or []]
+    if studio.writable_bank:
+        bank = engine.bank
+    else:   # this session's own bank on top of the shared one
+        if state.get("dir") not in studio.banks:
+            folder = _session_dir(studio, state, "bank")
+            studio.banks[state["dir"]] = engine.bank.overlay(folder)
+        bank = studio.banks[state["dir"]]
+    entry = _human(studio, engine.add_to_bank, path, manifest, images, key=key, bank=bank, display=path.name)
+    where = "the bank (every visitor sees it)" if studio.writable_bank else "your session's bank"
+    gr.Info(f"{entry.name} joined {where} as {entry.key!r}.")
+    return bank_gallery(bank), bank_table(studio, bank), gr.CheckboxGroup(choices=bank_choices(bank)), state
+
+
+def compose_caption_words(words: list[str]) -> str:
+    return f"a {words[0]} in the center"
 
 
 # ---- Train gates --------------------------------------------------------------------------------
-def check_train(engine: Engine, keys: list[str], granularity: str, steps: float, lr: float,
-                alpha: float, seed: float, gate: str = "sample") -> None:
+def _train_config(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate):
+    """(MoleConfig, TrainConfig) from the form; gr.Error naming the field for what cannot run."""
     if len(keys or []) < 2:
         raise gr.Error(f"Gate training needs at least two LoRAs; {len(keys or [])} selected in the Bank tab.")
-    if len(keys) > MAX_EXPERTS:
-        raise gr.Error(f"At most {MAX_EXPERTS} LoRAs can be mixed here; {len(keys)} are selected.")
-    if granularity not in GRANULARITIES:
-        raise gr.Error(f"Unknown granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
-    if gate not in GATE_KINDS:
-        raise gr.Error(f"Unknown gate kind {gate!r}: choose one of {', '.join(GATE_KINDS)}.")
-    if not (steps and steps >= 1) or not (lr and lr > 0) or alpha is None or alpha < 0 or seed is None:
-        raise gr.Error("Steps must be at least 1, the learning rate above 0, α at least 0, and a seed given.")
-    _human(engine.check_request, keys, GenerateRequest(prompt=""), ["mole"])
+    for label, value in (("Steps", steps), ("Learning rate", lr), ("Balance α", alpha), ("Seed", seed)):
+        if value is None or not math.isfinite(float(value)):
+            raise gr.Error(f"{label} must be a finite number; got {value!r}.")
+    if float(steps) != int(steps) or float(seed) != int(seed):
+        raise gr.Error("Steps and the seed must be whole numbers.")
+    mole = MoleConfig(granularity=granularity, gate=gate)
+    train = TrainConfig(steps=int(steps), lr=float(lr), balance_alpha=float(alpha), seed=int(seed),
+                        batch_size=TRAIN_BATCH)
+    return mole, train
 
 
-def train(engine: Engine, keys: list[str], granularity: str, steps: float, lr: float, alpha: float,
-          seed: float, gate: str, state: dict, progress=gr.Progress()):
-    """Train the gates; stream (state, status, loss plot, gate-balance plot, mixture file) per step."""
-    check_train(engine, keys, granularity, steps, lr, alpha, seed, gate)
-    state["cancel"] = False
-    config = TrainConfig(steps=int(steps), lr=float(lr), balance_alpha=float(alpha), seed=int(seed))
-    out_path = _workdir() / "mixture.safetensors"
-    worker = _Worker(lambda on_step: engine.train(keys, MoleConfig(granularity=granularity, gate=gate), config,
-                                                  on_step=on_step, should_stop=lambda: state["cancel"],
-                                                  out_path=out_path))
-    losses, balance = [], []
+def check_train(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, state: dict) -> None:
+    mole, train = _train_config(studio, keys, granularity, steps, lr, alpha, seed, gate)
+    _human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state))
+
+
+def train_estimate(studio: Studio, steps, gate) -> str:
+    """What a run of `steps` will take on this server, from the measured cost of a step."""
     try:
-        for step, loss, gates in worker:
-            losses += [{"step": step, "term": term, "value": float(v)} for term, v in loss.items()]
-            balance += [{"step": step, "expert": k, "gate": float(g)} for k, g in zip(keys, gates)]
-            progress((step, int(steps)), desc=f"loss {loss['loss']:.4f}")
-            yield state, f"Step {step}/{int(steps)} · loss {loss['loss']:.4f}", pd.DataFrame(losses), \
-                pd.DataFrame(balance), None
+        seconds = studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH)
+    except (TypeError, ValueError, OverflowError):
+        return ""
+    return f"Expected: about {_duration(seconds)} on this server ({int(steps)} steps)."
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def train(studio: Studio, keys: list[str], granularity: str, steps: float, lr: float, alpha: float,
+          seed: float, gate: str, state: dict, progress=gr.Progress()):
+    """Train the gates; stream (state, status, task-loss plot, balance plot, gate plot, mixture file)."""
+    engine, bank = studio.engine, bank_of(studio, state)
+    mole, config = _train_config(studio, keys, granularity, steps, lr, alpha, seed, gate)
+    state["cancel"] = False
+    out_path = _session_dir(studio, state, "mixture") / "mixture.safetensors"
+    worker = _Worker(lambda on_step: engine.train(keys, mole, config, on_step=on_step, bank=bank,
+                                                  should_stop=lambda: state["cancel"], out_path=out_path))
+    task, balance, gates = [], [], []
+    try:
+        for step, loss, mean_gates in worker:
+            task.append({"step": step, "term": "task (this step)", "value": loss["task"]})
+            recent = [row["value"] for row in task if row["term"] == "task (this step)"][-10:]
+            task.append({"step": step, "term": "task (mean of last 10)", "value": sum(recent) / len(recent)})
+            balance.append({"step": step, "term": "balance", "value": loss["balance"]})
+            gates += [{"step": step, "expert": k, "gate": float(g)} for k, g in zip(keys, mean_gates)]
+            progress((step, config.steps), desc=f"training step {step}/{config.steps}")
+            yield state, f"Step {step}/{config.steps} · task loss {loss['task']:.4f}", pd.DataFrame(task), \
+                pd.DataFrame(balance), pd.DataFrame(gates), None
     except ValueError as err:
-        raise gr.Error(str(err)) from err
+        raise gr.Error(public_message(studio, str(err))) from err
     finally:  # the page went away or the event was cancelled: stop the training thread too
         state["cancel"] = state["cancel"] or worker.running
     mixture = state["mixture"] = worker.result
     state["mixture_file"] = str(out_path)
-    verb = "Stopped (cancelled)" if state["cancel"] else "Trained"
-    final = mixture.meta.get("final_losses") or {}
-    last = f" · last loss {final['loss']:.4f}" if "loss" in final else ""
-    yield state, f"{verb} after {mixture.meta.get('steps', 0)} steps{last}.", pd.DataFrame(losses), \
-        pd.DataFrame(balance), state["mixture_file"]
+    yield state, train_summary(mixture, [r["value"] for r in task if r["term"] == "task (this step)"],
+                               state["cancel"]), pd.DataFrame(task), pd.DataFrame(balance), pd.DataFrame(gates), \
+        state["mixture_file"]
+
+
+def train_summary(mixture, task_losses: list[float], cancelled: bool) -> str:
+    """What training changed: the gates' distance from uniform and the task loss, first vs last steps."""
+    verb = "Stopped (cancelled)" if cancelled else "Trained"
+    steps = mixture.meta.get("steps", 0)
+    gates = mixture.meta.get("mean_gates") or []
+    lines = [f"**{verb} after {steps} steps** ({mixture.meta.get('seconds', 0):.0f} s)."]
+    if gates:
+        n = len(gates)
+        moved = max(abs(g - 1 / n) for g in gates)
+        lines.append(f"Mean gates {' / '.join(f'{g:.2f}' for g in gates)} (uniform: {1 / n:.2f}; the largest "
+                     f"move {moved:.2f}). The Inspect tab shows them per layer and per pixel's share.")
+    if len(task_losses) >= 4:
+        k = max(1, min(10, len(task_losses) // 4))
+        first, last = sum(task_losses[:k]) / k, sum(task_losses[-k:]) / k
+        lines.append(f"Task (denoising) loss, mean of the first {k} vs last {k} steps: {first:.4f} → {last:.4f}"
+                     f" ({'fell' if last < first else 'rose'} {abs(last - first) / max(first, 1e-12):.0%}).")
+    return " ".join(lines)
 
 
 class _Worker:
@@ -224,37 +398,42 @@ class _Worker:
             raise self._error
 
 
-def cancel_training(state: dict) -> str:
+def cancel(state: dict) -> str:
     state["cancel"] = True
     return "Cancelling after the current step…"
 
 
-def load_mixture_upload(engine: Engine, path: str | None, keys: list[str], state: dict):
-    """Take a downloaded mixture back; it must have been trained for the bank's LoRA files."""
+def load_mixture_upload(studio: Studio, path: str | None, state: dict):
+    """Take a downloaded mixture back; it must have been trained for the bank's LoRA files, this model."""
     if not path:
         raise gr.Error("No mixture file was uploaded: choose a mixture .safetensors you downloaded here.")
-    mixture = _human(load_mixture, path)
-    missing = [k for k in mixture.names if not _known(engine, k)]
+    name, bank = Path(path).name, bank_of(studio, state)
+    mixture = _human(studio, load_mixture, path, display=name)
+    missing = [k for k in mixture.names if k not in bank.keys()]
     if missing:
-        raise gr.Error(f"The mixture needs LoRAs the bank does not hold: {', '.join(missing)}.")
-    _human(mixture.check, [(k, engine.bank.get(k).lora_path) for k in mixture.names])
-    state["mixture"] = mixture
-    state["mixture_file"] = str(shutil.copy(path, _workdir() / "mixture.safetensors"))
-    return state, list(mixture.names), f"Loaded a {mixture.granularity} mixture of {', '.join(mixture.names)}."
-
-
-def _known(engine: Engine, key: str) -> bool:
-    return any(entry.key == key for entry in engine.bank.entries)
+        raise gr.Error(f"{name} needs LoRAs the bank does not hold: {', '.join(missing)}.")
+    _human(studio, mixture.check, [(k, bank.get(k).lora_path) for k in mixture.names], studio.engine.model_name)
+    target = _session_dir(studio, state, "mixture") / "mixture.safetensors"
+    shutil.copyfile(path, target)
+    state["mixture"] = load_mixture(target, display=name)
+    state["mixture_file"] = str(target)
+    return state, list(mixture.names), f"Loaded {name}: {mixture.mole_config().describe} gates of " \
+                                       f"{', '.join(mixture.names)}."
 
 
 # ---- Compare ------------------------------------------------------------------------------------
 def _request(prompt, negative, seed, steps, guidance) -> GenerateRequest:
-    return GenerateRequest(prompt=prompt or "", negative=negative or "", seed=int(seed or 0),
+    for label, value in (("Seed", seed), ("Denoising steps", steps), ("Guidance", guidance)):
+        if value is None or not math.isfinite(float(value)):
+            raise gr.Error(f"{label} must be a finite number; got {value!r}.")
+    if float(seed) != int(seed) or float(steps) != int(steps):
+        raise gr.Error("The seed and the number of steps must be whole numbers.")
+    return GenerateRequest(prompt=str(prompt or ""), negative=str(negative or ""), seed=int(seed),
                            steps=int(steps), guidance=float(guidance))
 
 
 def _weights(table: pd.DataFrame | None) -> dict[str, float] | None:
-    """Linear/SVD weights from the editable table (None or empty -> the engine's defaults)."""
+    """Merge weights from the editable table (None or empty -> each LoRA's default weight)."""
     if table is None or len(table) == 0:
         return None
     try:
@@ -269,312 +448,397 @@ def _mixture_for(state: dict, keys: list[str]):
     return mixture if mixture is not None and list(mixture.names) == list(keys) else None
 
 
-def check_compare(engine: Engine, keys, prompt, negative, seed, randomise, steps, guidance, methods) -> None:
+def mixes_from_form(state: dict, keys, methods, weights, rank, normalize, density, switch_every,
+                    granularity, gate) -> list[Mix]:
+    """One Mix per ticked method, all over the same selection."""
+    keys = list(keys or [])
+    for label, value in (("SVD / TIES / DARE rank", rank), ("Density", density), ("Switch every", switch_every)):
+        if value is not None and not math.isfinite(float(value)):
+            raise gr.Error(f"{label} must be a finite number; got {value!r}.")
+    shared = dict(weights=_weights(weights), normalize=bool(normalize), rank=int(rank) if rank else None,
+                  density=float(density if density is not None else 0.5),
+                  switch_every=int(switch_every or 5), granularity=granularity or "block", gate=gate or DEFAULT_GATE)
+    mixes = []
+    for method in methods or []:
+        if method.startswith("single:"):
+            mixes.append(Mix(method))
+        elif method == "base":
+            mixes.append(Mix("base"))
+        else:
+            mixes.append(Mix(method, keys, mixture=_mixture_for(state, keys) if method == "mole" else None,
+                             **shared))
+    return mixes
+
+
+def check_compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
+                  rank, normalize, density, switch_every, granularity, gate, state: dict) -> None:
     """Validate before queueing; a prompt too long for the text encoder is a warning, not an error."""
-    for warning in _compare_warnings(engine, keys, prompt, negative, seed, steps, guidance, methods):
+    if not methods:
+        raise gr.Error("No method is ticked: choose at least one method or a single LoRA.")
+    mixes = mixes_from_form(state, keys, methods, weights, rank, normalize, density, switch_every, granularity, gate)
+    for warning in _human(studio, studio.engine.check, mixes, _request(prompt, negative, seed, steps, guidance),
+                          bank_of(studio, state)):
         gr.Warning(warning)
 
 
-def _compare_warnings(engine: Engine, keys, prompt, negative, seed, steps, guidance, methods) -> list[str]:
-    """gr.Error for input the engine cannot run; the engine's warnings (words cut from a prompt)."""
-    if not methods:
-        raise gr.Error("No method is ticked: choose at least one of MoLE, linear, SVD, base or a single LoRA.")
-    if len(keys or []) > MAX_EXPERTS:
-        raise gr.Error(f"At most {MAX_EXPERTS} LoRAs can be compared here; {len(keys)} are selected.")
-    if seed is None or seed < 0:
-        raise gr.Error("The seed must be a non-negative whole number.")
-    return _human(engine.check_request, keys, _request(prompt, negative, seed, steps, guidance), methods)
-
-
-def compare(engine: Engine, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
-            rank, normalize, state: dict):
+def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
+            rank, normalize, density, switch_every, granularity, gate, state: dict):
     """Render every ticked method from the same seed; returns (gallery, used seed, notes, state)."""
-    warnings = _compare_warnings(engine, keys, prompt, negative, seed, steps, guidance, methods)
-    seed = random.randrange(2**31) if randomise else int(seed)
+    if not methods:
+        raise gr.Error("No method is ticked: choose at least one method or a single LoRA.")
+    seed = random.randrange(2**31) if randomise else seed
     request = _request(prompt, negative, seed, steps, guidance)
-    mixture = _mixture_for(state, keys)
-    results = _human(engine.compare, keys, list(methods), request, mixture=mixture, weights=_weights(weights),
-                     rank=int(rank) if rank else None, normalize=bool(normalize))
-    state["compared"] = dict(keys=list(keys), methods=list(methods), request=request, weights=_weights(weights),
-                             rank=int(rank) if rank else None, normalize=bool(normalize),
-                             mixture=mixture is not None)
+    mixes = mixes_from_form(state, keys, methods, weights, rank, normalize, density, switch_every, granularity, gate)
+    bank = bank_of(studio, state)
+    warnings = _human(studio, studio.engine.check, mixes, request, bank)
+    results = _human(studio, studio.engine.compare, mixes, request, bank)
+    state["compared"] = {"mixes": mixes, "request": request}
     state["gates"] = next((r.gates for r in results if r.method == "mole"), state["gates"])
     gallery = [(r.image, f"{r.label} · {r.seconds:.2f} s") for r in results]
-    if mixture is None and "mole" in methods:
-        warnings.append("MoLE uses untrained gates (equal weights): train gates for this selection in the "
-                        "Train tab.")
-    return gallery, seed, "\n".join(f"- {w}" for w in warnings), state
+    if "mole" in methods and _mixture_for(state, keys) is None:
+        warnings.append("MoLE uses untrained gates (equal weights, the same as the linear merge): train gates "
+                        "for this selection in the Train gates tab.")
+    return gallery, request.seed, "\n".join(f"- {w}" for w in warnings), state
 
 
 # ---- Toggle experts -----------------------------------------------------------------------------
-def toggle(engine: Engine, keys, prompt, negative, seed, steps, guidance, state: dict, *rows):
+def toggle(studio: Studio, keys, prompt, negative, seed, steps, guidance, granularity, gate, state: dict, *rows):
     """Re-render only the MoLE image with some experts off / weaker; the rest are renormalised."""
-    keys = list(keys or [])
+    keys = list(keys or [])[:MAX_EXPERTS]
     switches, strengths = rows[:MAX_EXPERTS], rows[MAX_EXPERTS:]
     mask = {k: bool(on) for k, on in zip(keys, switches)}
-    strength = {k: float(s) for k, s in zip(keys, strengths)}
+    strength = {k: (1.0 if s is None else float(s)) for k, s in zip(keys, strengths)}
     if keys and not any(mask.values()):
         gr.Info("Every expert is switched off: this is the base model.")
-    request = _request(prompt, negative, seed, steps, guidance)
-    result = _human(engine.generate, keys, "mole", request, mixture=_mixture_for(state, keys), mask=mask,
-                    strengths=strength)
+    mix = Mix("mole", keys, mixture=_mixture_for(state, keys), mask=mask, strengths=strength,
+              granularity=granularity or "block", gate=gate or DEFAULT_GATE)
+    result = _human(studio, studio.engine.generate, mix, _request(prompt, negative, seed, steps, guidance),
+                    bank_of(studio, state))
     state["gates"] = result.gates
-    on = ", ".join(k for k in keys if mask[k]) or "none"
-    return result.image, f"**{result.label} · {result.seconds:.2f} s** — experts on: {on}", state
+    on = ", ".join(f"{k}{'' if strength[k] == 1 else f' ×{strength[k]:g}'}" for k in keys if mask[k]) or "none"
+    caption = (f"**{result.label} · {result.seconds:.2f} s** — experts on: {on} · prompt “{prompt}”, "
+               f"seed {int(seed)}")
+    return result.image, caption, state
 
 
 # ---- Inspect gates ------------------------------------------------------------------------------
-def show_gates(state: dict):
+def show_gates(studio: Studio, state: dict):
     """Heat-map (groups × experts), per-step line chart and CSV of the last MoLE image's gates."""
     rows = state.get("gates")
     if not rows:
         return None, pd.DataFrame({"step": [], "weight": [], "expert": []}), None
-    frame = pd.DataFrame(rows)
-    per_step = frame.groupby(["step", "expert"], sort=False, as_index=False)["weight"].mean()
-    csv = write_gates_csv(rows, _workdir() / "gates.csv")
-    return gate_heatmap(frame), per_step, str(csv)
-
-
-VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-
-
-def _colour(value: float) -> tuple[int, int, int]:
-    """Viridis-like colour of a value in [0, 1] (interpolated between five anchor colours)."""
-    x = min(max(value, 0.0), 1.0) * (len(VIRIDIS) - 1)
-    i = min(int(x), len(VIRIDIS) - 2)
-    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
-
-
-def gate_heatmap(frame: pd.DataFrame, cell=(72, 22)) -> Image.Image:
-    """Mean gate weight per group (rows, network order) × expert (columns), drawn with PIL.
-
-    PIL rather than a plotting library: a table of coloured cells with their values printed in them
-    is all this needs, and it draws in milliseconds with no plotting backend to set up.
-    """
-    table = frame.groupby(["group", "expert"], sort=False)["weight"].mean().unstack("expert")
-    table = table.loc[list(dict.fromkeys(frame["group"])), list(dict.fromkeys(frame["expert"]))]
-    font = ImageFont.load_default(size=12)
-    label_w = 8 + max(int(font.getlength(str(g))) for g in table.index)
-    cw, ch = max(cell[0], 8 + max(int(font.getlength(str(e))) for e in table.columns)), cell[1]
-    image = Image.new("RGB", (label_w + cw * table.shape[1] + 8, ch * (table.shape[0] + 1) + 8), "white")
-    draw = ImageDraw.Draw(image)
-    for j, expert in enumerate(table.columns):
-        draw.text((label_w + j * cw + cw / 2, ch / 2), str(expert), fill="black", font=font, anchor="mm")
-    for i, group in enumerate(table.index):
-        y = ch * (i + 1)
-        draw.text((label_w - 6, y + ch / 2), str(group), fill="black", font=font, anchor="rm")
-        for j, value in enumerate(table.loc[group]):
-            x = label_w + j * cw
-            draw.rectangle([x, y, x + cw - 1, y + ch - 1], fill=_colour(value))
-            draw.text((x + cw / 2, y + ch / 2), f"{value:.2f}", font=font, anchor="mm",
-                      fill="black" if value > 0.6 else "white")
-    return image
+    per_step = pd.DataFrame([{"step": step, "expert": expert, "weight": w}
+                             for (step, expert), w in mean_by(rows, "step", "expert").items()])
+    csv = write_gates_csv(rows, _session_dir(studio, state, "gates") / "gates.csv")
+    return gate_heatmap(rows), per_step, str(csv)
 
 
 # ---- Export -------------------------------------------------------------------------------------
-def export(engine: Engine, keys, method: str, fmt: str, weights, rank, normalize) -> str:
-    """Write the linear or SVD merge of the selection as a LoRA file and hand it to the browser."""
-    name = f"mole_studio_{method}{'_r' + str(int(rank)) if method == 'svd' and rank else ''}_{fmt}.safetensors"
-    path = _human(engine.export, keys, method, _workdir() / name, weights=_weights(weights),
-                  rank=int(rank) if rank else None, format=fmt, normalize=bool(normalize))
-    return str(path)
+def export(studio: Studio, keys, method: str, fmt: str, weights, rank, normalize, density, state: dict) -> str:
+    """Write a merge of the selection as a LoRA file and hand it to the browser."""
+    if fmt not in ("diffusers", "kohya"):
+        raise gr.Error(f"Unknown format {fmt!r}: choose diffusers or kohya.")
+    mix = mixes_from_form(state, keys, [method], weights, rank, normalize, density, 5, "block", "sample")[0]
+    name = f"mole_studio_{method}{'_r' + str(int(rank)) if rank and method != 'linear' else ''}_{fmt}.safetensors"
+    path = _session_dir(studio, state, "export") / name
+    return str(_human(studio, studio.engine.export, mix, path, format=fmt, bank=bank_of(studio, state)))
 
 
-def snippet(engine: Engine, state: dict) -> str:
+def snippet(studio: Studio, state: dict) -> str:
     """Python that reproduces the last comparison with mole_core (the mixture as downloaded)."""
     if state.get("compared") is None:
         raise gr.Error("Nothing to reproduce yet: run a comparison in the Compare tab first.")
-    args = dict(state["compared"])
-    mixture_path = Path(state["mixture_file"]).name if args.pop("mixture") else None
-    return engine.snippet(args.pop("keys"), args.pop("methods"), args.pop("request"),
-                          mixture_path=mixture_path, **args)
+    return studio.engine.snippet(state["compared"]["mixes"], state["compared"]["request"],
+                                 mixture_file="mixture.safetensors")
 
 
 # ---- Evaluate -----------------------------------------------------------------------------------
-def study(engine: Engine, keys, seeds, n_prompts, train_steps, state: dict, progress=gr.Progress()):
-    """A small study of the selection (mole_core.evaluate): -> (markdown, table, bar chart)."""
-    from mole_core.evaluate import run_small_study  # its plotting imports load only when asked
+def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps) -> str:
+    from mole_core.evaluate import small_study_seconds
+    try:
+        seconds = small_study_seconds(studio.engine, len(keys or []), seeds=int(seeds), n_prompts=int(n_prompts),
+                                      train_steps=int(train_steps))
+    except (TypeError, ValueError, OverflowError):
+        return ""
+    return f"Expected: about {_duration(seconds)} on this server."
+
+
+def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, progress=gr.Progress()):
+    """A small study of the selection: streams its progress, then (markdown, table, bar chart)."""
+    from mole_core.evaluate import run_small_study
+    limits = studio.engine.limits
     if len(keys or []) < 2:
         raise gr.Error(f"A study needs at least two LoRAs; {len(keys or [])} selected in the Bank tab.")
-    return _human(run_small_study, engine, list(keys), seeds=int(seeds), n_prompts=int(n_prompts),
-                  train_steps=int(train_steps), mixture=_mixture_for(state, keys),
-                  on_progress=lambda done, total, message: progress((done, total), desc=message))
+    for label, value, most in (("Seeds", seeds, limits.study_seeds), ("Prompts", n_prompts, limits.study_prompts),
+                               ("Gate-training steps", train_steps, limits.train_steps)):
+        if value is None or not math.isfinite(float(value)) or not 1 <= float(value) <= most:
+            raise gr.Error(f"{label} must be between 1 and {most} on this server; got {value!r}.")
+    state["cancel"] = False
+    worker = _Worker(lambda on_progress: run_small_study(
+        studio.engine, list(keys), seeds=int(seeds), n_prompts=int(n_prompts), train_steps=int(train_steps),
+        mixture=_mixture_for(state, keys), on_progress=on_progress, should_stop=lambda: state["cancel"]))
+    try:
+        for done, total, message in worker:
+            progress((done, total), desc=message)
+            yield f"{message} ({done}/{total})", None, None
+    except ValueError as err:
+        raise gr.Error(public_message(studio, str(err))) from err
+    finally:
+        state["cancel"] = state["cancel"] or worker.running
+    text, table, chart = worker.result
+    yield text, table, chart
 
 
-# ---- Layout and wiring --------------------------------------------------------------------------
-def build_demo(engine: Engine) -> gr.Blocks:
-    """The whole page for one engine. Loads nothing; the engine loads the model on first use."""
-    model_event = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-    keys0 = [entry.key for entry in engine.bank.entries if not entry.error][:2]
+# ---- Layout -------------------------------------------------------------------------------------
+def _bank_tab(studio: Studio) -> dict:
+    bank = studio.engine.bank
+    keys0 = [entry.key for entry in bank.entries if not entry.error][:2]
+    c = {}
+    c["gallery"] = gr.Gallery(bank_gallery(bank), label="LoRA bank (click to pick)", columns=6, rows=1,
+                              height=200, allow_preview=False, elem_id="bank-gallery")
+    c["chosen"] = gr.CheckboxGroup(bank_choices(bank), value=keys0, label="Experts (pick 2 or more)",
+                                   elem_id="chosen")
+    c["table"] = gr.Markdown(bank_table(studio, bank))
+    where = ("the bank folder: every visitor sees it" if studio.writable_bank else
+             "your session only: it is gone when you close the page")
+    with gr.Accordion(f"Add a LoRA (kept in {where})", open=False):
+        with gr.Row():
+            c["up_file"] = gr.File(label="LoRA (.safetensors)", file_types=[".safetensors"])
+            c["up_examples"] = gr.File(label="Example images (optional; they are the gate-training data)",
+                                       file_count="multiple", file_types=["image"])
+        with gr.Row():
+            c["up_name"] = gr.Textbox(label="Name", max_length=80)
+            c["up_trigger"] = gr.Textbox(label="Trigger word(s), comma separated", max_length=200)
+            c["up_description"] = gr.Textbox(label="Description", max_length=500)
+        c["up_button"] = gr.Button("Validate and add")
+    return c
 
-    with gr.Blocks(title="MoLE Studio") as demo:
-        state = gr.State(new_session())  # Gradio deep-copies it for every browser session
-        gr.Markdown("# MoLE Studio\nMix LoRAs as gated experts (MoLE) and compare with linear and SVD "
-                    "merges, same seed, side by side.")
+
+def _train_tab(studio: Studio) -> dict:
+    c = {}
+    limits = studio.engine.limits
+    gr.Markdown("Only the gates learn, from the chosen LoRAs' example images; the LoRAs stay frozen.")
+    with gr.Row():
+        c["granularity"] = gr.Radio(list(GRANULARITIES), value="block", label="Granularity")
+        c["gate_kind"] = gr.Radio(GATE_CHOICES, value=DEFAULT_GATE, label="Gates")
+        c["steps"] = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1, maximum=limits.train_steps,
+                               elem_id="train-steps")
+        c["lr"] = gr.Number(TRAIN_LR, label="Learning rate", minimum=1e-7, maximum=10)
+        c["alpha"] = gr.Number(MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100)
+        c["seed"] = gr.Number(TrainConfig().seed, label="Seed", precision=0, minimum=0)
+    c["estimate"] = gr.Markdown(train_estimate(studio, TRAIN_STEPS, DEFAULT_GATE), elem_id="train-estimate")
+    with gr.Row():
+        c["button"] = gr.Button("Train gates", variant="primary", elem_id="train-button")
+        c["cancel"] = gr.Button("Cancel", variant="stop")
+    c["status"] = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        c["task_plot"] = gr.LinePlot(x="step", y="value", color="term", height=240, x_title="step",
+                                     title="Denoising (task) loss")
+        c["balance_plot"] = gr.LinePlot(x="step", y="value", color="term", height=240, x_title="step",
+                                        title="Balance term (−Σ log mean gate)")
+        c["gates_plot"] = gr.LinePlot(x="step", y="gate", color="expert", height=240, x_title="step",
+                                      title="Mean gate per expert")
+    with gr.Row():
+        c["mixture_out"] = gr.File(label="Trained mixture (download)", interactive=False)
+        c["mixture_in"] = gr.File(label="Load a mixture", file_types=[".safetensors"])
+    return c
+
+
+def _compare_tab(studio: Studio) -> dict:
+    c = {}
+    bank, limits = studio.engine.bank, studio.engine.limits
+    examples = prompt_examples(bank)
+    with gr.Row():
+        c["prompt"] = gr.Textbox(label="Prompt", scale=4, elem_id="prompt", max_length=2000,
+                                 value=examples[0] if examples else "",
+                                 placeholder="e.g. " + (examples[0] if examples else "a photo of sks"))
+        c["trigger_button"] = gr.Button("Caption from the chosen LoRAs", scale=1)
+    c["examples"] = gr.Dropdown(examples, label="Example prompts (click one)", value=None, allow_custom_value=False,
+                                elem_id="example-prompts")
+    c["negative"] = gr.Textbox(label="Negative prompt", max_length=2000)
+    with gr.Row():
+        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**63 - 1)
+        c["randomise"] = gr.Checkbox(False, label="Randomise seed")
+        c["used_seed"] = gr.Number(0, label="Used seed", precision=0, interactive=False, elem_id="used-seed")
+        c["steps"] = gr.Slider(1, limits.denoise_steps, DEFAULT_DENOISE_STEPS, step=1, label="Denoising steps",
+                               elem_id="steps")
+        c["guidance"] = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="Guidance")
+    # every LoRA alone is a valid choice for API clients; the page narrows it to the selection
+    c["methods"] = gr.CheckboxGroup(method_choices(bank, bank.keys()), label="Methods", value=DEFAULT_METHODS,
+                                    elem_id="methods")
+    with gr.Accordion("Method settings (merge weights, rank, density, switch interval)", open=False):
+        with gr.Row():
+            c["weights"] = gr.Dataframe(headers=["expert", "weight"], datatype=["str", "number"],
+                                        label="Merge weights (linear / SVD / TIES / DARE)",
+                                        column_count=2, interactive=True, scale=3)
+            with gr.Column(scale=2):
+                c["rank"] = gr.Slider(1, 64, 8, step=1, label="Rank of SVD / TIES / DARE")
+                c["density"] = gr.Slider(0.05, 1, 0.5, step=0.05, label="TIES / DARE density (share kept)")
+                c["switch_every"] = gr.Slider(1, 20, 5, step=1, label="LoRA Switch: steps per LoRA (k)")
+                c["normalize"] = gr.Checkbox(True, label="Normalise weights to sum 1")
+    c["button"] = gr.Button("Compare", variant="primary", elem_id="compare-button")
+    c["notes"] = gr.Markdown()
+    c["results"] = gr.Gallery(label="Same seed, side by side", columns=4, height="auto", format="png",
+                              elem_id="results")
+    return c
+
+
+def _toggle_tab() -> dict:
+    c = {"rows": [], "switches": [], "strengths": []}
+    gr.Markdown("Switch experts off or weaken them: only the MoLE image is re-rendered (prompt and seed of the "
+                "last comparison), the remaining experts renormalised, no retraining. A switch re-renders at "
+                "once; after moving a strength, press Render.")
+    for i in range(MAX_EXPERTS):  # a fixed number of rows; the selection shows the first N
+        with gr.Row(visible=False) as row:
+            c["rows"].append(row)
+            c["switches"].append(gr.Checkbox(True, label=f"expert {i}", elem_id=f"switch-{i}"))
+            c["strengths"].append(gr.Slider(0, 2, 1.0, step=0.05, label="strength", elem_id=f"strength-{i}"))
+    c["button"] = gr.Button("Render MoLE", variant="primary", elem_id="toggle-button")
+    c["caption"] = gr.Markdown(elem_id="toggle-caption")
+    c["image"] = gr.Image(label="MoLE", type="pil", format="png", interactive=False, elem_id="toggle-image",
+                          height=384)
+    return c
+
+
+def _inspect_tab() -> dict:
+    gr.Markdown("Gates of the last MoLE image: mean weight per gated group (rows, network order) × expert, "
+                "and per denoising step.")
+    return {"heatmap": gr.Image(label="Gate heat-map", type="pil", format="png", interactive=False,
+                                elem_id="heatmap"),
+            "step_plot": gr.LinePlot(x="step", y="weight", color="expert", height=260, x_title="denoising step",
+                                     title="Mean gate per denoising step"),
+            "csv": gr.File(label="Gate weights (CSV)", interactive=False)}
+
+
+def _export_tab() -> dict:
+    c = {}
+    with gr.Row():
+        c["method"] = gr.Radio(["linear", "svd", "ties", "dare"], value="linear", label="Merge")
+        c["format"] = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Format")
+        c["button"] = gr.Button("Export LoRA")
+    c["file"] = gr.File(label="Merged LoRA", interactive=False)
+    c["snippet_button"] = gr.Button("Python for the last comparison")
+    gr.Markdown("Install MoLE Studio (`pip install -e .` in its folder), put the mixture downloaded from the "
+                "Train gates tab beside the script as `mixture.safetensors` (if MoLE used trained gates), run it.")
+    c["snippet"] = gr.Code(language="python", label="Reproduce with mole_core")
+    return c
+
+
+def _evaluate_tab(studio: Studio) -> dict:
+    c = {}
+    limits = studio.engine.limits
+    gr.Markdown("A small study of the selected LoRAs on the pixel world's captions: MoLE (per sample and per "
+                "token, freshly trained, or the session's trained gates if they match), the merges, each LoRA "
+                "alone and the base model, on the same prompts and seeds, scored by the world's oracle.")
+    with gr.Row():
+        c["seeds"] = gr.Number(2, label="Seeds", precision=0, minimum=1, maximum=limits.study_seeds)
+        c["prompts"] = gr.Number(2, label="Prompts", precision=0, minimum=1, maximum=limits.study_prompts)
+        c["steps"] = gr.Number(30, label="Gate-training steps", precision=0, minimum=1, maximum=limits.train_steps)
+        c["button"] = gr.Button("Run the study", variant="primary")
+        c["cancel"] = gr.Button("Cancel", variant="stop")
+    c["estimate"] = gr.Markdown()
+    c["text"] = gr.Markdown()
+    c["table"] = gr.Dataframe(label="Scores", interactive=False, visible=True, value=None)
+    c["chart"] = gr.Image(label="Scores with 95% intervals", type="pil", interactive=False)
+    return c
+
+
+def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 3600)) -> gr.Blocks:
+    """The whole page. Loads nothing; the engine loads the model on first use."""
+    studio = studio if isinstance(studio, Studio) else Studio(studio)
+    engine, fast, long = studio.engine, dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1), \
+        dict(concurrency_id=LONG_QUEUE, concurrency_limit=1)
+    private = dict(api_visibility="private")
+    on = partial  # handlers take the studio first
+
+    with gr.Blocks(title="MoLE Studio", delete_cache=delete_cache) as demo:
+        state = gr.State(new_session(), delete_callback=partial(end_session, studio))
+        gr.Markdown("# MoLE Studio\nMix LoRAs as gated experts (MoLE) and compare with the merges and the other "
+                    "composition methods, same seed, side by side. **Start:** pick two LoRAs in *Bank* → "
+                    "*Train gates* → *Compare* (the prompt is filled in) → *Toggle experts* / *Inspect gates*.")
+        with gr.Accordion("What is MoLE? (and the words this page uses)", open=False):
+            gr.Markdown(ABOUT)
         with gr.Tabs():
-            # 1. Bank
             with gr.Tab("Bank", id="bank"):
-                gallery = gr.Gallery(bank_gallery(engine), label="LoRA bank (click to pick)", columns=6,
-                                     fit_columns=False, height="auto", allow_preview=False,
-                                     elem_id="bank-gallery")
-                chosen = gr.CheckboxGroup(bank_choices(engine), value=keys0, label="Experts (pick 2 or more)",
-                                          elem_id="chosen")
-                table = gr.Markdown(bank_table(engine))
-                with gr.Accordion("Add a LoRA to the bank", open=False):
-                    with gr.Row():
-                        up_file = gr.File(label="LoRA (.safetensors)", file_types=[".safetensors"])
-                        up_examples = gr.File(label="Example images", file_count="multiple",
-                                              file_types=["image"])
-                    with gr.Row():
-                        up_name = gr.Textbox(label="Name")
-                        up_trigger = gr.Textbox(label="Trigger word(s), comma separated")
-                        up_description = gr.Textbox(label="Description")
-                    up_button = gr.Button("Validate and add")
-            # 2. Train gates
+                b = _bank_tab(studio)
             with gr.Tab("Train gates", id="train"):
-                with gr.Row():
-                    granularity = gr.Radio(list(GRANULARITIES), value="block", label="Granularity")
-                    gate_kind = gr.Radio(GATE_CHOICES, value="sample", label="Gates")
-                    train_steps = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1,
-                                            elem_id="train-steps")
-                    lr = gr.Number(TRAIN_LR, label="Learning rate")
-                    alpha = gr.Number(MoleConfig().balance_alpha, label="Balance α")
-                    train_seed = gr.Number(TrainConfig().seed, label="Seed", precision=0)
-                with gr.Row():
-                    train_button = gr.Button("Train gates", variant="primary", elem_id="train-button")
-                    cancel_button = gr.Button("Cancel", variant="stop")
-                train_status = gr.Markdown(elem_id="train-status")
-                with gr.Row():
-                    loss_plot = gr.LinePlot(x="step", y="value", color="term", height=240,
-                                            title="Loss (total, denoising task, balance)")
-                    balance_plot = gr.LinePlot(x="step", y="gate", color="expert", height=240,
-                                               title="Mean gate per expert (balance)")
-                with gr.Row():
-                    mixture_out = gr.File(label="Trained mixture (download)", interactive=False)
-                    mixture_in = gr.File(label="Load a mixture", file_types=[".safetensors"])
-            # 3. Compare
+                t = _train_tab(studio)
             with gr.Tab("Compare", id="compare"):
-                with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", scale=4, elem_id="prompt")
-                    trigger_button = gr.Button("Insert trigger words", scale=1)
-                negative = gr.Textbox(label="Negative prompt")
-                with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0)
-                    randomise = gr.Checkbox(False, label="Randomise seed")
-                    used_seed = gr.Number(0, label="Used seed", precision=0, interactive=False,
-                                          elem_id="used-seed")
-                    steps = gr.Slider(1, 100, 20, step=1, label="Denoising steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="Guidance")
-                # every LoRA alone is a valid choice for API clients; the page narrows it to the selection
-                methods = gr.CheckboxGroup(method_choices(engine, engine.bank.keys()), label="Methods",
-                                           value=["mole", "linear", "svd", "base"], elem_id="methods")
-                with gr.Row():
-                    weights = gr.Dataframe(headers=["expert", "weight"], datatype=["str", "number"],
-                                           label="Linear / SVD weights",
-                                           column_count=2, interactive=True, scale=3)
-                    with gr.Column(scale=1):
-                        rank = gr.Slider(1, 64, 8, step=1, label="SVD rank")
-                        normalize = gr.Checkbox(True, label="Normalise weights to sum 1")
-                compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
-                compare_notes = gr.Markdown()
-                results = gr.Gallery(label="Same seed, side by side", columns=5, height="auto",
-                                     format="png", elem_id="results")
-            # 4. Toggle experts
+                c = _compare_tab(studio)
             with gr.Tab("Toggle experts", id="toggle"):
-                gr.Markdown("Switch experts off or weaken them: only the MoLE image is re-rendered, the "
-                            "remaining experts renormalised, no retraining.")
-                rows, switches, strengths = [], [], []
-                for i in range(MAX_EXPERTS):  # a fixed number of rows; the selection shows the first N
-                    with gr.Row(visible=False) as row:
-                        rows.append(row)
-                        switches.append(gr.Checkbox(True, label=f"expert {i}", elem_id=f"switch-{i}"))
-                        strengths.append(gr.Slider(0, 2, 1.0, step=0.05, label="strength", show_label=False))
-                toggle_button = gr.Button("Render MoLE", variant="primary", elem_id="toggle-button")
-                toggle_caption = gr.Markdown(elem_id="toggle-caption")
-                toggle_image = gr.Image(label="MoLE", type="pil", format="png", interactive=False,
-                                        elem_id="toggle-image", height=384)
-            # 5. Inspect gates
+                g = _toggle_tab()
             with gr.Tab("Inspect gates", id="inspect"):
-                gr.Markdown("Gates of the last MoLE image: mean weight per gated group (rows, network order) "
-                            "× expert, and per denoising step.")
-                heatmap = gr.Image(label="Gate heat-map", type="pil", format="png", interactive=False,
-                                   elem_id="heatmap")
-                step_plot = gr.LinePlot(x="step", y="weight", color="expert", height=260,
-                                        title="Mean gate per denoising step")
-                gates_csv = gr.File(label="Gate weights (CSV)", interactive=False)
-            # 6. Export
+                i = _inspect_tab()
             with gr.Tab("Export", id="export"):
-                with gr.Row():
-                    export_method = gr.Radio(["linear", "svd"], value="linear", label="Merge")
-                    export_format = gr.Radio(["diffusers", "kohya"], value="diffusers", label="Format")
-                    export_button = gr.Button("Export LoRA")
-                export_file = gr.File(label="Merged LoRA", interactive=False)
-                snippet_button = gr.Button("Python for the last comparison")
-                gr.Markdown("Run it beside the mixture file downloaded from the Train gates tab (if MoLE "
-                            "used trained gates).")
-                snippet_code = gr.Code(language="python", label="Reproduce with mole_core")
-            # 7. Evaluate
+                x = _export_tab()
             with gr.Tab("Evaluate", id="evaluate"):
-                gr.Markdown("A small study of the selected LoRAs: MoLE (the session's trained gates if "
-                            "they match, else freshly trained), linear, SVD, each LoRA alone and the base "
-                            "model on the same prompts and seeds.")
-                with gr.Row():
-                    study_seeds = gr.Number(2, label="Seeds", precision=0, minimum=1)
-                    study_prompts = gr.Number(4, label="Prompts", precision=0, minimum=1)
-                    study_steps = gr.Number(30, label="Gate-training steps", precision=0, minimum=1)
-                    study_button = gr.Button("Run the study", variant="primary")
-                study_text = gr.Markdown()
-                study_table = gr.Dataframe(label="Scores", interactive=False)
-                study_chart = gr.Image(label="Scores with 95% intervals", type="pil", interactive=False)
+                e = _evaluate_tab(studio)
 
-        # Wiring. Selection-driven components are refreshed on load and whenever the selection changes.
-        selection_outputs = [methods, weights, *rows, *switches, *strengths]
-        demo.load(partial(on_selection, engine), [chosen], selection_outputs, api_visibility="private")
-        chosen.change(partial(on_selection, engine), [chosen], selection_outputs, api_visibility="private")
+        # Bank and selection
+        selection_outputs = [c["methods"], c["weights"], *g["rows"], *g["switches"], *g["strengths"]]
+        demo.load(on(on_load, studio), [state], [b["gallery"], b["table"], b["chosen"], c["examples"]], **private) \
+            .then(on(on_selection, studio), [b["chosen"], c["methods"], state], selection_outputs, **private)
+        b["chosen"].change(on(on_selection, studio), [b["chosen"], c["methods"], state], selection_outputs,
+                           **private)
 
-        def pick(keys: list[str], evt: gr.SelectData) -> list[str]:  # a partial would hide the evt type
-            return pick_from_gallery(engine, keys, evt.index)
-        gallery.select(pick, [chosen], [chosen], api_visibility="private")
-        trigger_button.click(partial(insert_triggers, engine), [chosen, prompt], [prompt],
-                             api_visibility="private")
-        upload_inputs = [up_file, up_name, up_trigger, up_description, up_examples]
-        up_button.click(partial(upload_lora, engine), upload_inputs, [gallery, table, chosen],
-                        api_name="add_lora", **model_event)
+        def pick(keys: list[str], st: dict, evt: gr.SelectData) -> list[str]:  # a partial would hide evt's type
+            return pick_from_gallery(studio, keys, evt.index, st)
+        b["gallery"].select(pick, [b["chosen"], state], [b["chosen"]], **private)
+        b["up_button"].click(on(upload_lora, studio), [b["up_file"], b["up_name"], b["up_trigger"],
+                                                       b["up_description"], b["up_examples"], state],
+                             [b["gallery"], b["table"], b["chosen"], state], api_name="add_lora", **fast)
 
-        train_inputs = [chosen, granularity, train_steps, lr, alpha, train_seed, gate_kind]
-        train_button.click(partial(check_train, engine), train_inputs, None, api_visibility="private") \
-            .success(partial(train, engine), [*train_inputs, state],
-                     [state, train_status, loss_plot, balance_plot, mixture_out], api_name="train",
-                     **model_event)
-        cancel_button.click(cancel_training, [state], [train_status], queue=False, api_name="cancel")
-        mixture_in.upload(partial(load_mixture_upload, engine), [mixture_in, chosen, state],
-                          [state, chosen, train_status], api_name="load_mixture", **model_event)
+        # Train gates
+        train_inputs = [b["chosen"], t["granularity"], t["steps"], t["lr"], t["alpha"], t["seed"], t["gate_kind"]]
+        gr.on([t["steps"].change, t["gate_kind"].change], on(train_estimate, studio), [t["steps"], t["gate_kind"]],
+              [t["estimate"]], queue=False, **private)
+        t["button"].click(on(check_train, studio), [*train_inputs, state], None, **private) \
+            .success(on(train, studio), [*train_inputs, state],
+                     [state, t["status"], t["task_plot"], t["balance_plot"], t["gates_plot"], t["mixture_out"]],
+                     api_name="train", **long)
+        t["cancel"].click(cancel, [state], [t["status"]], queue=False, api_name="cancel")
+        t["mixture_in"].upload(on(load_mixture_upload, studio), [t["mixture_in"], state],
+                               [state, b["chosen"], t["status"]], api_name="load_mixture", **fast)
 
-        compare_inputs = [chosen, prompt, negative, seed, randomise, steps, guidance, methods]
-        compare_button.click(partial(check_compare, engine), compare_inputs, None, api_visibility="private") \
-            .success(partial(compare, engine), [*compare_inputs, weights, rank, normalize, state],
-                     [results, used_seed, compare_notes, state], api_name="compare", **model_event) \
-            .success(show_gates, [state], [heatmap, step_plot, gates_csv], api_visibility="private")
+        # Compare
+        c["trigger_button"].click(on(insert_triggers, studio), [b["chosen"], state], [c["prompt"]], **private)
+        c["examples"].input(lambda text: text, [c["examples"]], [c["prompt"]], **private)
+        compare_inputs = [b["chosen"], c["prompt"], c["negative"], c["seed"], c["randomise"], c["steps"],
+                          c["guidance"], c["methods"], c["weights"], c["rank"], c["normalize"], c["density"],
+                          c["switch_every"], t["granularity"], t["gate_kind"], state]
+        c["button"].click(on(check_compare, studio), compare_inputs, None, **private) \
+            .success(on(compare, studio), compare_inputs, [c["results"], c["used_seed"], c["notes"], state],
+                     api_name="compare", **fast) \
+            .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"]], **private)
 
-        toggle_inputs = [chosen, prompt, negative, used_seed, steps, guidance, state, *switches, *strengths]
-        toggle_outputs = [toggle_image, toggle_caption, state]
-        triggers = [toggle_button.click] + [s.input for s in switches] + [s.release for s in strengths]
-        gr.on(triggers, partial(toggle, engine), toggle_inputs, toggle_outputs, api_name="toggle",
-              trigger_mode="always_last", **model_event) \
-            .success(show_gates, [state], [heatmap, step_plot, gates_csv], api_visibility="private")
+        # Toggle experts
+        toggle_inputs = [b["chosen"], c["prompt"], c["negative"], c["used_seed"], c["steps"], c["guidance"],
+                         t["granularity"], t["gate_kind"], state, *g["switches"], *g["strengths"]]
+        triggers = [g["button"].click] + [s.input for s in g["switches"]]
+        gr.on(triggers, on(toggle, studio), toggle_inputs, [g["image"], g["caption"], state], api_name="toggle",
+              trigger_mode="always_last", **fast) \
+            .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"]], **private)
 
-        export_inputs = [chosen, export_method, export_format, weights, rank, normalize]
-        export_button.click(partial(export, engine), export_inputs, [export_file], api_name="export",
-                            **model_event)
-        study_button.click(partial(study, engine), [chosen, study_seeds, study_prompts, study_steps, state],
-                           [study_text, study_table, study_chart], api_name="study", **model_event)
-        snippet_button.click(partial(snippet, engine), [state], [snippet_code], api_visibility="private")
+        # Export
+        x["button"].click(on(export, studio), [b["chosen"], x["method"], x["format"], c["weights"], c["rank"],
+                                               c["normalize"], c["density"], state], [x["file"]],
+                          api_name="export", **fast)
+        x["snippet_button"].click(on(snippet, studio), [state], [x["snippet"]], **private)
+
+        # Evaluate
+        study_inputs = [b["chosen"], e["seeds"], e["prompts"], e["steps"]]
+        gr.on([demo.load, e["seeds"].change, e["prompts"].change, e["steps"].change, b["chosen"].change],
+              on(study_estimate, studio), study_inputs, [e["estimate"]], queue=False, **private)
+        e["button"].click(on(study, studio), [*study_inputs, state], [e["text"], e["table"], e["chart"]],
+                          api_name="study", **long)
+        e["cancel"].click(cancel, [state], [e["text"]], queue=False, **private)
     return demo
 
 
-def launch_options() -> dict:
+def launch_options(engine: Engine | None = None) -> dict:
     """Keyword arguments of `demo.launch` shared by main() and the tests (Gradio 6: css goes here)."""
-    options = {"max_file_size": UPLOAD_MAX_BYTES}
+    limits = engine.limits if engine is not None else Limits()
+    options = {"max_file_size": limits.upload_bytes}
     if CSS_PATH.exists():
         options["css_paths"] = [CSS_PATH]
     return options
@@ -589,9 +853,22 @@ def main(argv: list[str] | None = None) -> None:
                         "GRADIO_SERVER_NAME on a Space)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or GRADIO_SERVER_PORT)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--writable-bank", action="store_true",
+                        help="uploads join the bank folder, for every session (a private app); default: "
+                             "each visitor's uploads stay in their session and are removed when it ends")
+    parser.add_argument("--local", action="store_true",
+                        help="a private machine: raise the public-Space caps (training steps, study size, "
+                             "image side) to mole_core.defaults.Limits.local()")
+    parser.add_argument("--max-train-steps", type=int, default=None, help="cap on gate-training steps per run")
     args = parser.parse_args(argv)
-    demo = build_demo(Engine(args.model, args.bank))
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    limits = Limits.local() if args.local else Limits()
+    if args.max_train_steps:
+        limits = Limits(**{**limits.__dict__, "train_steps": args.max_train_steps})
+    engine = Engine(args.model, args.bank, limits=limits)
+    if args.writable_bank:
+        engine.bank.clean()    # leftovers of an interrupted upload
+    demo = build_demo(Studio(engine, writable_bank=args.writable_bank))
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(engine))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ References: MoLE (Wu et al., ICLR 2024) — the experts; kohya/Civitai practice 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from mole_core.atomic import atomic_path, write_text
 from mole_core.lora import Lora, load_lora, validate_lora
 
 KINDS = ("subject", "style")
+MAX_KEY = 64                                    # characters of a bank key (file names stay short)
 EXAMPLES_DIR = "examples"
 
 
@@ -45,7 +47,7 @@ class BankEntry:
 
 def parse_manifest(manifest: dict, folder: Path, key: str) -> dict:
     """Check a manifest dict and return the BankEntry fields it gives; ValueError naming the bad field."""
-    where = f"{folder / (key + '.json')}"
+    where = f"{key}.json"
     if not isinstance(manifest, dict):
         raise ValueError(f"{where}: the manifest must be a JSON object, found {type(manifest).__name__}.")
     trigger = manifest.get("trigger", [])
@@ -58,13 +60,17 @@ def parse_manifest(manifest: dict, folder: Path, key: str) -> dict:
         raise ValueError(f"{where}: 'kind' must be one of {KINDS}, found {kind!r}.")
     try:
         default_weight = float(manifest.get("default_weight", 1.0))
-    except (TypeError, ValueError):
+        if not math.isfinite(default_weight):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{where}: 'default_weight' must be a number, found {manifest.get('default_weight')!r}.")
     examples = []
     for i, ex in enumerate(manifest.get("examples", [])):
         if not isinstance(ex, dict) or not isinstance(ex.get("image"), str):
             raise ValueError(f"{where}: examples[{i}] must be {{'image': path, 'caption': text}}, found {ex!r}.")
         image = folder / ex["image"]
+        if not image.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{where}: examples[{i}] image '{ex['image']}' lies outside the bank folder.")
         if not image.is_file():
             raise ValueError(f"{where}: examples[{i}] image '{ex['image']}' does not exist in the bank folder.")
         examples.append((image, str(ex.get("caption", ""))))
@@ -79,32 +85,62 @@ def _broken(key: str, lora_path: Path | None, error: str) -> BankEntry:
 
 
 class Bank:
-    """A folder of LoRAs with manifests. `entries` lists all of them, broken ones with `error` set."""
+    """A folder of LoRAs with manifests. `entries` lists all of them, broken ones with `error` set.
 
-    def __init__(self, folder: str | Path):
+    A bank may sit on top of another (`shared.overlay(folder)`): it lists the shared entries first, then
+    its own, and `add` writes only into its own folder. That is how a visitor of a public app gets
+    uploads of their own without writing into the bank every visitor shares.
+    """
+
+    def __init__(self, folder: str | Path, base: "Bank | None" = None):
         self.folder = Path(folder)
+        self.base = base                       # the shared bank under this one, or None
         self._cache: dict[str, Lora] = {}
-        self.entries: list[BankEntry] = []
+        self.own: list[BankEntry] = []         # the entries of this folder
         self.rescan()
+
+    def overlay(self, folder: str | Path) -> "Bank":
+        """A bank over this one whose own entries (and uploads) live in `folder`."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Bank(folder, base=self)
+
+    @property
+    def entries(self) -> list[BankEntry]:
+        return (self.base.entries if self.base is not None else []) + self.own
 
     def rescan(self) -> None:
         """Read the folder again (manifests only; LoRA weights load lazily in `load`)."""
         self._cache.clear()
-        stems = sorted({p.stem for p in self.folder.glob("*.safetensors")} |
-                       {p.stem for p in self.folder.glob("*.json")})
-        self.entries = [self._read_entry(stem) for stem in stems]
+        stems = sorted({p.stem for p in self.folder.glob("*.safetensors") if not p.name.startswith(".")} |
+                       {p.stem for p in self.folder.glob("*.json") if not p.name.startswith(".")})
+        self.own = [self._read_entry(stem) for stem in stems]
+
+    def clean(self) -> list[Path]:
+        """Remove what an interrupted write left behind: atomic-write temp files (`.NAME.*.tmp`) and
+        example images of uploads that never got their manifest. Call it at start-up, not while writing."""
+        removed = [p for p in (*self.folder.glob(".*.tmp"), *(self.folder / EXAMPLES_DIR).glob(".*"))
+                   if p.is_file()]
+        used = {ex[0].resolve() for entry in self.own for ex in entry.examples}
+        keys = {entry.key for entry in self.own}
+        for image in (self.folder / EXAMPLES_DIR).glob("*_*.*"):
+            key, _, index = image.stem.rpartition("_")
+            if image.resolve() not in used and index.isdigit() and key not in keys:
+                removed.append(image)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
 
     def _read_entry(self, key: str) -> BankEntry:
         lora_path, manifest_path = self.folder / f"{key}.safetensors", self.folder / f"{key}.json"
         if not lora_path.is_file():
-            return _broken(key, None, f"{manifest_path}: manifest without its LoRA file {lora_path.name}.")
+            return _broken(key, None, f"{manifest_path.name}: manifest without its LoRA file {lora_path.name}.")
         if not manifest_path.is_file():
-            return _broken(key, lora_path, f"{lora_path}: no manifest {manifest_path.name} beside it.")
+            return _broken(key, lora_path, f"{lora_path.name}: no manifest {manifest_path.name} beside it.")
         try:
             manifest = json.loads(manifest_path.read_text())
             fields = parse_manifest(manifest, self.folder, key)
-        except json.JSONDecodeError as e:
-            return _broken(key, lora_path, f"{manifest_path}: not valid JSON: {e}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _broken(key, lora_path, f"{manifest_path.name}: not valid JSON: {e}")
         except ValueError as e:
             return _broken(key, lora_path, str(e))
         return BankEntry(key=key, lora_path=lora_path, **fields)
@@ -113,13 +149,15 @@ class Bank:
         for entry in self.entries:
             if entry.key == key:
                 return entry
-        raise KeyError(f"no LoRA '{key}' in the bank {self.folder} (have: {', '.join(self.keys())}).")
+        raise KeyError(f"no LoRA '{key}' in the bank (have: {', '.join(self.keys())}).")
 
     def keys(self) -> list[str]:
         return [e.key for e in self.entries]
 
     def load(self, key: str) -> Lora:
         """The entry's LoRA in canonical form (named by its key), read once and cached."""
+        if self.base is not None and key in self.base.keys() and key not in {e.key for e in self.own}:
+            return self.base.load(key)
         if key not in self._cache:
             entry = self.get(key)
             if entry.error:
@@ -140,38 +178,49 @@ class Bank:
         return report
 
     def add(self, src_path: str | Path, manifest: dict, images=(), components: nn.Module | None = None,
-            key: str | None = None) -> BankEntry:
+            key: str | None = None, display: str | None = None, max_pixels: int = 4096 * 4096) -> BankEntry:
         """Copy a LoRA file into the bank with its manifest and example images.
 
         images: paths, or (path, caption) pairs; they are copied to examples/<key>_<i><suffix> and listed
         in the manifest after any examples it already names. Everything is checked first (the LoRA reads
         and fits `components`, the manifest is valid, the images exist); nothing is written unless all of it
         is fine, each file lands by an atomic rename, and a failure while writing removes what was written.
+        display: what to call the uploaded file in messages (its own name, never a server path).
+        max_pixels: an example image larger than this is refused before it is decoded.
         """
         # 1. check everything before touching the folder
         src_path = Path(src_path)
         key = key or src_path.stem
-        if not key or "." in key or "/" in key:
-            raise ValueError(f"{src_path}: bank key '{key}' must be a plain file stem without dots.")
-        if (self.folder / f"{key}.safetensors").exists() or (self.folder / f"{key}.json").exists():
-            raise ValueError(f"{self.folder}: the bank already has an entry '{key}'.")
-        lora = load_lora(src_path, name=key)
+        display = display or src_path.name
+        if not key or "." in key or "/" in key or len(key) > MAX_KEY:
+            raise ValueError(f"{display}: the name must give a bank key of 1 to {MAX_KEY} letters, digits, "
+                             f"'_' or '-' (got '{key[:40]}{'…' if len(key) > 40 else ''}').")
+        if key in self.keys() or (self.folder / f"{key}.safetensors").exists() or \
+                (self.folder / f"{key}.json").exists():
+            raise ValueError(f"The bank already has an entry '{key}': choose another name.")
+        try:
+            lora = load_lora(src_path, name=key)
+        except ValueError as e:
+            raise ValueError(str(e).replace(str(src_path), display)) from e
         if components is not None:
             validate_lora(lora, components)
         pairs = [(Path(i), "") if isinstance(i, (str, Path)) else (Path(i[0]), str(i[1])) for i in images]
         for image, _ in pairs:
             try:
                 with Image.open(image) as im:
+                    if im.width * im.height > max_pixels:
+                        raise ValueError(f"{image.name}: the example image is {im.width}×{im.height} pixels; "
+                                         f"the limit is {max_pixels:,} pixels.")
                     im.verify()
-            except (OSError, SyntaxError) as e:  # PIL reports unreadable images as either
-                raise ValueError(f"{image}: example image cannot be read as an image: {e}") from e
+            except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to say "unreadable"
+                raise ValueError(f"{image.name}: example image cannot be read as an image: {e}") from e
         copies = [(image, f"{EXAMPLES_DIR}/{key}_{i}{image.suffix.lower()}") for i, (image, _) in enumerate(pairs)]
         manifest = dict(manifest)
         manifest["examples"] = list(manifest.get("examples", [])) + [
             {"image": rel, "caption": caption} for (_, rel), (_, caption) in zip(copies, pairs)]
         for _, rel in copies:
             if (self.folder / rel).exists():
-                raise ValueError(f"{self.folder / rel}: an example image of that name already exists.")
+                raise ValueError(f"{rel}: an example image of that name already exists in the bank.")
         self._check_manifest_with_copies(manifest, key, {rel for _, rel in copies})
 
         # 2. write: images, then the LoRA, then the manifest (the entry exists only once its manifest does)

@@ -1,23 +1,25 @@
 """The engine: one loaded pipeline, a LoRA bank, and every way of combining LoRAs side by side.
 
 `Engine` is what the app, the CLI and the evaluation talk to. It owns one Stable Diffusion pipeline
-(loaded lazily) and a `Bank`, and renders the same prompt and seed with
+(loaded lazily) and a `Bank`, and renders a `GenerateRequest` (prompt, seed, steps, guidance) with a
+`Mix` (mole_core.mix: the method and all its parameters, passed whole):
 
-    "mole"          the LoRAs as gated experts (trained gates from a Mixture, or untrained = equal weights)
-    "linear"        W + Σ w_i s_i B_i A_i, weights normalised to sum 1 unless normalize=False
-    "svd"           the rank-r truncated SVD of that same ΔW
-    "base"          the model without any LoRA
-    "single:<key>"  one LoRA of the bank alone, at its own scale
+    engine.generate(Mix("svd", ("face", "ring"), rank=8), GenerateRequest("a zwx on the left", seed=1))
+    engine.compare([Mix("mole", keys, mixture=m), Mix("linear", keys)], request)   # same latents for all
+
+A method is one `_run_<method>` function and one entry in `Engine._RUNNERS` (mix.METHODS names them).
 
 Contract (what the callers rely on):
 - Same seed -> same starting latents for every method (drawn with a seeded CPU generator and passed
   as `latents=`), and the same image on every run.
 - Every call leaves the shared pipeline as it found it: MoLE settings are context managers of the
   attachment, merges go through `merged_weights`, which restores the pristine weights; nothing is added
-  into a weight twice. One MoLE attachment is kept for the current keys, granularity and gate kind and re-attached
-  only when they change; while it stays attached, the other methods run with every expert masked off,
-  which is the base model exactly (the wrapped layers then return their base layer's output untouched).
-- A `threading.Lock` serialises the calls that use the model, so two users of one engine take turns.
+  into a weight twice. One MoLE attachment is kept, keyed by exactly what the Mix asks for (keys,
+  granularity, gate kind), and re-attached when another Mix asks for something else; while it stays
+  attached, the other methods run with every expert masked off, which is the base model exactly.
+- A `threading.Lock` serialises every call that uses the model or the engine's caches, so two users of
+  one engine take turns. Long calls (training) check `should_stop` between steps.
+- A non-finite image (NaN/Inf from a LoRA or gates) is an error, never a black picture.
 
 References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); diffusers `StableDiffusionPipeline.__call__`
 (the `latents=` convention for reproducible comparisons).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import tempfile
 import threading
@@ -33,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
 from torch import nn
@@ -40,24 +44,16 @@ from torch import nn
 from mole_core.atomic import atomic_path, write_csv
 from mole_core.attach import GATE_COLUMNS, MoleConfig, attach
 from mole_core.bank import Bank, BankEntry
+from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
+                                Limits)
 from mole_core.lora import Lora, pipeline_components, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
+from mole_core.mix import MERGES, METHODS, Mix
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.train import DiffusionTask, TrainConfig, TrainResult, examples_from_bank, train_gates
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = str(PACKAGE_ROOT / "assets" / "pixel-world")   # the embedded default pipeline
-DEFAULT_BANK = str(PACKAGE_ROOT / "lora_bank")                  # its LoRA bank
-
-METHODS = ("mole", "linear", "svd", "base")                     # plus "single:<bank key>"
-MAX_STEPS = 200                                                 # denoising steps accepted
-# classifier-free guidance by default, measured on the embedded world (LoRA found in 120 images, alone with
-# its trigger): night 0.98 at 2, 0.95 at 2.5, 0.90 at 3; checker 0.99 at 2, 0.80 at 4; face 0.91 at 2,
-# 0.93 at 3, 0.89 at 4, 0.84 at 6. SD 1.5 checkpoints usually want about 7.5.
-DEFAULT_GUIDANCE = 2.5
-MAX_GUIDANCE = 30.0                                             # classifier-free guidance accepted
-MAX_SIDE = 2048                                                 # pixels, height and width
-MAX_TRAIN_STEPS = 100_000                                       # gate-training steps accepted
+__all__ = ["DEFAULT_BANK", "DEFAULT_GUIDANCE", "DEFAULT_MODEL", "Engine", "GenerateRequest", "METHODS", "Mix",
+           "Result", "save_image", "write_gates_csv"]
 
 
 @dataclass
@@ -66,7 +62,7 @@ class GenerateRequest:
     prompt: str
     negative: str = ""
     seed: int = 0
-    steps: int = 20            # denoising steps
+    steps: int = DEFAULT_DENOISE_STEPS  # denoising steps
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale (<= 1 turns guidance off)
     height: int | None = None  # None -> the model's default resolution
     width: int | None = None
@@ -75,36 +71,41 @@ class GenerateRequest:
 @dataclass
 class Result:
     """One rendered image of a comparison."""
-    method: str                 # "mole" | "linear" | "svd" | "base" | "single:<bank key>"
+    method: str                 # the Mix's method
     image: PIL.Image.Image
     seconds: float              # wall time of this generation (merge / gate loading included)
     gates: list[dict] | None    # mole only: tidy rows {"group", "step", "sample", "expert", "weight"}
     label: str                  # human label, e.g. "MoLE (block, 3 experts)" / "SVD r=8"
+    mix: Mix | None = None      # what was rendered
 
 
 class Engine:
     """A pipeline + a LoRA bank; generates, compares, trains gates and exports merges.
 
     model: a diffusers folder or hub id (loaded lazily with `StableDiffusionPipeline.from_pretrained`),
-    or an already loaded `StableDiffusionPipeline`. bank: a lora_bank folder.
+    or an already loaded `StableDiffusionPipeline`. bank: a lora_bank folder (or a `Bank`).
     device: None -> "cuda" when available, else "cpu". dtype: None -> float32 (the gates train in it and
     the equivalences between methods hold to float rounding); torch.float16 is faster on a GPU.
-    Expert names are bank keys everywhere (masks, strengths, weights, gate rows, mixtures).
+    limits: the largest counts a request may ask for (mole_core.defaults.Limits; the CLI uses the local ones).
+    Expert names are bank keys everywhere (masks, strengths, weights, gate rows, mixtures). Every verb takes
+    an optional `bank=` (a session's own bank, see `Bank.overlay`); the default is the engine's bank.
     """
 
-    def __init__(self, model=DEFAULT_MODEL, bank: str | Path = DEFAULT_BANK, device: str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
+                 dtype: torch.dtype | None = None, limits: Limits | None = None):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
-        self.bank = Bank(bank)
+        self.bank = bank if isinstance(bank, Bank) else Bank(bank)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or torch.float32
+        self.limits = limits or Limits()
         self._pipe = None if self.model_id else self._prepare(model)
         self._handle = None                      # the MoLE attachment, or None
-        self._handle_keys: tuple[str, ...] = ()  # ... its experts (bank keys, in order)
-        self._mole = MoleConfig()                # ... and its MoleConfig (granularity, gate kind)
-        self._fits: set[str] = set()             # bank keys already validated against the model
+        self._handle_key: tuple = ()             # ... what it was attached for: (LoRA files, granularity, gate)
+        self._fits: set[str] = set()             # LoRA files (path, mtime) already validated against the model
         self._checked_mixtures: set[tuple] = set()
-        self._lock = threading.Lock()            # one model call at a time
+        self._lock = FairLock()                  # one model call at a time, in arrival order
+        self._training = None                    # the attachment being trained, while it is
+        self.costs = dict(COSTS)                 # seconds per denoising step / training step, kept measured
         self._load_lock = threading.Lock()       # one lazy load
 
     # ---- the pipeline ---------------------------------------------------------------------------
@@ -134,7 +135,7 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        """The model's identity recorded in mixtures: the folder name or hub id."""
+        """The model's identity recorded in mixtures and manifests: the folder name or hub id."""
         return Path(self.model_id).name if self.model_id else type(self._pipe).__name__
 
     def default_size(self) -> tuple[int, int]:
@@ -142,33 +143,61 @@ class Engine:
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return side, side
 
-    # ---- checks ---------------------------------------------------------------------------------
-    def check_request(self, keys, request: GenerateRequest, methods=None) -> list[str]:
-        """Raise ValueError with a human sentence for bad input; return warnings (prompt cut off).
+    def expected_seconds(self, train_steps: int = 0, images: int = 0, denoise_steps: int = DEFAULT_DENOISE_STEPS,
+                         gate: str = "sample", batch_size: int = 4) -> float:
+        """What a job will take here, from this engine's measured costs (defaults.COSTS until it ran)."""
+        per_step = self.costs["train_step_token" if gate == "token" else "train_step_sample"] * batch_size / 4
+        return train_steps * per_step + images * denoise_steps * self.costs["denoise_step"]
 
-        keys may be empty only when `methods` is given and needs no selection ("base", "single:<key>").
+    def _measured(self, what: str, seconds: float) -> None:
+        """Running mean (weight 0.3 for the newest) of a cost, used by `expected_seconds`."""
+        if math.isfinite(seconds) and seconds > 0:
+            self.costs[what] = 0.7 * self.costs[what] + 0.3 * seconds
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def check(self, mixes, request: GenerateRequest, bank: Bank | None = None) -> list[str]:
+        """Raise ValueError with a human sentence for input no method can run; return warnings (prompt cut).
+
+        Mixtures are checked here too (their LoRA files and model), once per file state.
         """
-        keys, methods = list(keys or []), list(methods or [])
-        # 1. methods and LoRAs
-        for method in methods:
-            self._check_method(method)
-        singles = [m.split(":", 1)[1] for m in methods if m.startswith("single:")]
-        if not keys and (not methods or any(m in ("mole", "linear", "svd") for m in methods)):
-            raise ValueError("No LoRA is selected: choose at least one LoRA of the bank.")
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"A LoRA is selected twice: {', '.join(keys)}.")
-        self._check_keys(list(dict.fromkeys(keys + singles)))
-        # 2. numbers
-        if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
-            raise ValueError(f"Steps must be a whole number between 1 and {MAX_STEPS}; got {request.steps!r}.")
-        if not 0.0 <= float(request.guidance) <= MAX_GUIDANCE:
-            raise ValueError(f"Guidance must be between 0 and {MAX_GUIDANCE:g}; got {request.guidance}.")
+        bank = bank or self.bank
+        mixes = list(mixes)
+        if not mixes:
+            raise ValueError("No method is chosen: pick at least one of " + ", ".join(METHODS) + " or single.")
+        with self._lock:
+            keys = []
+            for mix in mixes:
+                mix.check()
+                keys += [*mix.keys, *([mix.single] if mix.single else [])]
+            if len(set(keys)) > self.limits.experts:
+                raise ValueError(f"At most {self.limits.experts} LoRAs can be combined here; "
+                                 f"{len(set(keys))} are selected.")
+            self._check_keys(list(dict.fromkeys(keys)), bank)
+            for mix in mixes:
+                if mix.mixture is not None:
+                    self._check_mixture(mix.mixture, bank)
+            self._check_request(request)
+            return self._prompt_warnings(request)
+
+    def _check_request(self, request: GenerateRequest) -> None:
+        limits = self.limits
+        if not _whole(request.steps) or not 1 <= request.steps <= limits.denoise_steps:
+            raise ValueError(f"Steps must be a whole number between 1 and {limits.denoise_steps}; "
+                             f"got {request.steps!r}.")
+        if not _finite(request.guidance) or not 0.0 <= float(request.guidance) <= limits.guidance:
+            raise ValueError(f"Guidance must be between 0 and {limits.guidance:g}; got {request.guidance}.")
+        max_side = limits.side_factor * max(self.default_size())
         for side_name, side in (("Height", request.height), ("Width", request.width)):
-            if side is not None and (not isinstance(side, int) or not 8 <= side <= MAX_SIDE or side % 8):
-                raise ValueError(f"{side_name} must be a multiple of 8 between 8 and {MAX_SIDE}; got {side!r}.")
-        if not isinstance(request.seed, int) or request.seed < 0:
-            raise ValueError(f"The seed must be a non-negative whole number; got {request.seed!r}.")
-        # 3. prompts longer than the text encoder reads
+            if side is not None and (not _whole(side) or not 8 <= side <= max_side or side % 8):
+                raise ValueError(f"{side_name} must be a multiple of 8 between 8 and {max_side} "
+                                 f"({limits.side_factor}× this model's side); got {side!r}.")
+        if not _whole(request.seed) or not 0 <= request.seed < 2**63:
+            raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {request.seed!r}.")
+        for what, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
+            if not isinstance(text, str):
+                raise ValueError(f"The {what} must be text; got {type(text).__name__}.")
+
+    def _prompt_warnings(self, request: GenerateRequest) -> list[str]:
         warnings = []
         for what, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
             cut = self.truncated_words(text)
@@ -185,110 +214,136 @@ class Engine:
         room = tokenizer.model_max_length - 2   # start and end tokens
         return tokenizer.decode(ids[room:]).strip() if len(ids) > room else ""
 
-    @staticmethod
-    def _check_method(method: str) -> None:
-        if method in METHODS or (method.startswith("single:") and len(method) > len("single:")):
-            return
-        raise ValueError(f"Unknown method {method!r}: expected one of {', '.join(METHODS)} or single:<bank key>.")
-
-    def _check_keys(self, keys) -> None:
+    def _check_keys(self, keys, bank: Bank) -> None:
         """Every key is a healthy bank entry whose LoRA fits the model."""
-        known = {entry.key: entry for entry in self.bank.entries}
+        known = {entry.key: entry for entry in bank.entries}
         for key in keys:
             if key not in known:
-                raise ValueError(f"Unknown LoRA {key!r}: the bank {self.bank.folder} holds "
-                                 f"{', '.join(sorted(known)) or 'no LoRAs'}.")
+                raise ValueError(f"Unknown LoRA {key!r}: the bank holds "
+                                 f"{', '.join(sorted(k for k, e in known.items() if not e.error)) or 'no LoRAs'}.")
             if known[key].error:
                 raise ValueError(f"The LoRA {key!r} of the bank cannot be used: {known[key].error}")
-            if key not in self._fits:   # once per key: neither the file nor the model changes
-                validate_lora(self.bank.load(key), self.components)
-                self._fits.add(key)
+            stamp = _file_stamp(known[key].lora_path)
+            if stamp not in self._fits:   # once per file: neither the file nor the model changes
+                validate_lora(bank.load(key), self.components)
+                self._fits.add(stamp)
 
-    def _check_mixture(self, keys, mixture: Mixture) -> None:
+    def _check_mixture(self, mixture: Mixture, bank: Bank) -> None:
         """The mixture was trained for exactly these LoRA files (names, order, sha256) on this model."""
-        if list(mixture.names) != list(keys):
-            raise ValueError(f"The mixture was trained for the LoRAs {', '.join(mixture.names)}, "
-                             f"but the selection is {', '.join(keys) or 'empty'}.")
-        files = [(k, self.bank.get(k).lora_path) for k in keys]
-        stamp = (tuple(mixture.sha256s), tuple((str(p), os.stat(p).st_mtime_ns) for _, p in files))
+        files = [(k, bank.get(k).lora_path) for k in mixture.names]
+        stamp = (tuple(mixture.sha256s), tuple(_file_stamp(p) for _, p in files), mixture.meta.get("model_id"))
         if stamp not in self._checked_mixtures:   # hashing big LoRA files once, not on every toggle
             mixture.check(files, self.model_name)
             self._checked_mixtures.add(stamp)
 
-    def _weights(self, keys, weights) -> list[float]:
-        """Linear / SVD weights in key order (default: each entry's default weight)."""
-        weights = dict(weights or {})
-        unknown = set(weights) - set(keys)
-        if unknown:
-            raise ValueError(f"Weights name {', '.join(sorted(unknown))}, which is not in the selection "
-                             f"{', '.join(keys)}.")
-        return [float(weights.get(k, self.bank.get(k).default_weight)) for k in keys]
+    def check_train(self, keys, mole: MoleConfig, train: TrainConfig, bank: Bank | None = None) -> None:
+        """ValueError naming the field for gate-training input that cannot run (the app calls this first)."""
+        keys = list(keys or [])
+        if len(keys) < 2 or len(set(keys)) != len(keys):
+            raise ValueError(f"Gate training needs at least two different LoRAs; got {', '.join(keys) or 'none'}.")
+        if len(keys) > self.limits.experts:
+            raise ValueError(f"At most {self.limits.experts} LoRAs can be mixed here; {len(keys)} are selected.")
+        Mix("mole", keys, granularity=mole.granularity, gate=mole.gate).check()
+        if not _whole(train.steps) or not 1 <= train.steps <= self.limits.train_steps:
+            raise ValueError(f"Training steps must be a whole number between 1 and {self.limits.train_steps}; "
+                             f"got {train.steps!r}.")
+        if not _finite(train.lr) or not 0 < train.lr <= 10:
+            raise ValueError(f"The learning rate must be above 0 and at most 10; got {train.lr}.")
+        alpha = train.balance_alpha if train.balance_alpha is not None else mole.balance_alpha
+        if not _finite(alpha) or not 0 <= alpha <= 100:
+            raise ValueError(f"Balance α must be between 0 and 100; got {alpha}.")
+        if not _whole(train.batch_size) or not 1 <= train.batch_size <= 64:
+            raise ValueError(f"The batch size must be a whole number between 1 and 64; got {train.batch_size!r}.")
+        if not _whole(train.seed) or not 0 <= train.seed < 2**63:
+            raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {train.seed!r}.")
+        with self._lock:
+            self._check_keys(keys, bank or self.bank)
 
     # ---- MoLE attachment and merges -------------------------------------------------------------
-    def _attached(self, keys, mole: MoleConfig):
-        """The MoLE attachment for these keys and config, re-attaching only when they change."""
-        keys = tuple(keys)
-        layout = lambda c: (c.granularity, c.gate)          # what decides the gates' shapes
-        if self._handle is not None and (keys, layout(mole)) != (self._handle_keys, layout(self._mole)):
+    def _attached(self, keys, mole: MoleConfig, bank: Bank):
+        """The MoLE attachment for exactly these LoRA files and gate layout, re-attaching when they change."""
+        wanted = (tuple((k, _file_stamp(bank.get(k).lora_path)) for k in keys), mole.granularity, mole.gate)
+        if self._handle is not None and (wanted != self._handle_key or self._handle is self._training):
             self._detach()
         if self._handle is None:
-            self._handle = attach(self.components, [self.bank.load(k) for k in keys], mole)
-            self._handle_keys, self._mole = keys, mole
+            self._handle = attach(self.components, [bank.load(k) for k in keys], mole)
+            self._handle_key = wanted
         return self._handle
 
     def _detach(self) -> None:
         if self._handle is not None:
             self._handle.detach()
-        self._handle, self._handle_keys = None, ()
+        self._handle, self._handle_key = None, ()
 
     def _experts_off(self):
         """While MoLE stays attached: every expert off, which is the base model exactly."""
         if self._handle is None:
             return contextlib.nullcontext()
-        return self._handle.settings(mask={k: False for k in self._handle_keys})
+        return self._handle.settings(mask=[False] * len(self._handle.expert_names))
 
     def _merged(self, lora: Lora):
         """Context: W + ΔW of `lora` on the pristine weights, restored bit-identically on exit."""
         return merged_weights(self.components, lora)
 
+    def merge(self, mix: Mix, bank: Bank | None = None, name: str | None = None) -> Lora:
+        """The weight-space merge a Mix asks for (linear / svd / ties / dare), as one LoRA."""
+        bank = bank or self.bank
+        if mix.method not in MERGES:
+            raise ValueError(f"Only the merges ({', '.join(MERGES)}) give one LoRA; got {mix.method!r}.")
+        loras = [bank.load(k) for k in mix.keys]
+        weights = [float((mix.weights or {}).get(k, bank.get(k).default_weight)) for k in mix.keys]
+        extra = {"density": mix.density} if mix.method in ("ties", "dare") else {}
+        return merge_loras(loras, weights, method=mix.method, rank=mix.rank, normalize=mix.normalize,
+                           name=name, **extra)
+
     # ---- gate training --------------------------------------------------------------------------
     def train(self, keys, mole: MoleConfig, train: TrainConfig, on_step=None, should_stop=None,
-              out_path=None) -> Mixture:
+              out_path=None, bank: Bank | None = None) -> Mixture:
         """Train the gates of a MoLE over `keys` on the bank's example images; return the Mixture.
 
-        The examples are resized to the model's default resolution (TrainConfig.resolution is not used).
-        on_step(step, {"loss", "task", "balance"}, mean_gates) after each step; should_stop() between
-        steps. out_path: also write the mixture file there (atomically); the Mixture's path is set to it.
+        The examples are resized to the model's default resolution. on_step(step, {"loss", "task",
+        "balance"}, mean_gates) after each step; should_stop() between steps. out_path: also write the
+        mixture file there (atomically); the Mixture's path is set to it.
         """
-        keys = list(keys)
+        keys, bank = list(keys), bank or self.bank
+        self.check_train(keys, mole, train, bank)
         with self._lock:
-            # 1. check inputs
-            if len(keys) < 2 or len(set(keys)) != len(keys):
-                raise ValueError(f"Gate training needs at least two different LoRAs; got {', '.join(keys) or 'none'}.")
-            if not isinstance(train.steps, int) or not 1 <= train.steps <= MAX_TRAIN_STEPS:
-                raise ValueError(f"Training steps must be a whole number between 1 and {MAX_TRAIN_STEPS}; "
-                                 f"got {train.steps!r}.")
-            if not train.lr > 0:
-                raise ValueError(f"The learning rate must be positive; got {train.lr}.")
-            self._check_keys(keys)
-            # 2. fresh, untrained gates and the training data
+            # 1. fresh, untrained gates and the training data
             self._detach()
-            handle = attach(self.components, [self.bank.load(k) for k in keys], mole)
-            self._handle, self._handle_keys, self._mole = handle, tuple(keys), mole
-            config = dataclasses.replace(train, resolution=self.default_size()[0])
-            task = DiffusionTask(self.pipe, examples_from_bank(self.bank, keys), config.resolution)
-            # 3. train (the gates start at zero logits: equal weights)
+            handle = self._attached(keys, mole, bank)
+            key, self._training = self._handle_key, handle
+            task = DiffusionTask(self.pipe, examples_from_bank(bank, keys), self.default_size()[0])
+
+            def between_steps() -> bool:
+                """Let whoever waits for the model go first (one image, then training goes on), then
+                put this attachment back if they attached another; True ends the training."""
+                if self._lock.yield_to_waiters() and self._handle is not handle:
+                    self._detach()
+                    handle.reattach()
+                    self._handle, self._handle_key = handle, key
+                return should_stop is not None and bool(should_stop())
+
+            # 2. train (the gates start at zero logits: equal weights)
             try:
-                result = train_gates(handle, task, config, on_step=on_step, should_stop=should_stop)
+                result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
             except BaseException:
                 self._detach()   # half-trained gates must not leak into the next untrained MoLE call
                 raise
-            # 4. the mixture: gates + names and hashes of the LoRA files
-            return self._save_mixture(handle, keys, mole, config, result, out_path)
+            finally:
+                self._training = None
+            if result.steps:
+                kind = "train_step_token" if mole.gate == "token" else "train_step_sample"
+                self._measured(kind, result.seconds / result.steps * 4 / train.batch_size)
+            if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
+                self._detach()
+                raise ValueError("Gate training diverged (the gates are not finite numbers): lower the "
+                                 "learning rate or α.")
+            # 3. the mixture: gates + names and hashes of the LoRA files
+            return self._save_mixture(handle, keys, mole, train, result, out_path, bank)
 
     def _save_mixture(self, handle, keys, mole: MoleConfig, config: TrainConfig, result: TrainResult,
-                      out_path) -> Mixture:
-        files = [(k, self.bank.get(k).lora_path) for k in keys]
+                      out_path, bank: Bank) -> Mixture:
+        files = [(k, bank.get(k).lora_path) for k in keys]
         if out_path is not None:
             save_mixture(out_path, handle, files, [mole, config], result, self.model_name)
             return load_mixture(out_path)
@@ -298,37 +353,17 @@ class Engine:
             return dataclasses.replace(load_mixture(path), path=None)
 
     # ---- generation -----------------------------------------------------------------------------
-    def generate(self, keys, method: str, request: GenerateRequest, mixture: Mixture | None = None,
-                 mask=None, strengths=None, weights=None, rank=None, normalize: bool = True) -> Result:
-        """Render `request` with one method (see the module docstring)."""
-        return self.compare(keys, [method], request, mixture, mask, strengths, weights, rank, normalize)[0]
+    def generate(self, mix: Mix, request: GenerateRequest, bank: Bank | None = None) -> Result:
+        """Render `request` with one Mix."""
+        return self.compare([mix], request, bank)[0]
 
-    def compare(self, keys, methods, request: GenerateRequest, mixture: Mixture | None = None,
-                mask=None, strengths=None, weights=None, rank=None, normalize: bool = True) -> list[Result]:
-        """Render `request` with each method, all from the same starting latents.
-
-        keys: bank keys (empty + a mixture: the mixture's LoRAs). mask: key -> bool (False = expert off,
-        renormalising the rest). strengths: key -> float (MoLE). weights: key -> float for linear / svd
-        (default: each entry's default weight), normalised to sum 1 unless normalize=False.
-        rank: the SVD rank (default: the largest rank of the LoRAs). mixture: trained gates, or None for
-        untrained gates (equal weights).
-        """
-        keys = list(mixture.names) if mixture is not None and not keys else list(keys or [])
-        methods = list(methods)
+    def compare(self, mixes, request: GenerateRequest, bank: Bank | None = None) -> list[Result]:
+        """Render `request` with each Mix, all from the same starting latents."""
+        bank, mixes = bank or self.bank, list(mixes)
         with self._lock:
-            # 1. check inputs
-            if not methods:
-                raise ValueError("No method is chosen: pick at least one of mole, linear, svd, base, single.")
-            self.check_request(keys, request, methods)
-            if mixture is not None:
-                self._check_mixture(keys, mixture)
-            mask = self._mask(keys, mask)
-            if rank is not None and (not isinstance(rank, int) or rank < 1):
-                raise ValueError(f"The SVD rank must be a whole number of at least 1; got {rank!r}.")
-            # 2. the same starting noise for every method, then each method in turn
+            self.check(mixes, request, bank)
             latents = self._latents(request)
-            return [self._run(keys, method, request, latents, mixture, mask, strengths, weights, rank, normalize)
-                    for method in methods]
+            return [self._run(mix, request, latents, bank) for mix in mixes]
 
     def _latents(self, request: GenerateRequest) -> torch.Tensor:
         """Starting noise for this seed and size (float32, CPU): the same for every method and run."""
@@ -341,56 +376,64 @@ class Engine:
         default_h, default_w = self.default_size()
         return request.height or default_h, request.width or default_w
 
-    @staticmethod
-    def _mask(keys, mask) -> dict[str, bool] | None:
-        if mask is None:
-            return None
-        unknown = set(mask) - set(keys)
-        if unknown:
-            raise ValueError(f"The mask names {', '.join(sorted(unknown))}, which is not in the selection "
-                             f"{', '.join(keys)}.")
-        return {k: bool(mask.get(k, True)) for k in keys}
-
-    def _run(self, keys, method, request, latents, mixture, mask, strengths, weights, rank, normalize) -> Result:
-        """One method, timed; the pipeline is as before when it returns."""
+    def _run(self, mix: Mix, request, latents, bank: Bank) -> Result:
+        """One Mix, timed; the pipeline is as before when it returns."""
         start = time.perf_counter()
-        gates = None
-        if method == "mole":
-            mole = mixture.mole_config() if mixture is not None else \
-                (self._mole if self._handle_keys == tuple(keys) else MoleConfig())
-            handle = self._attached(keys, mole)
-            if mixture is not None:
-                apply_mixture(handle, mixture)
-            else:
-                handle.reset_gates()          # untrained: zero logits, equal weights
-            with handle.settings(mask=mask, strengths=strengths), handle.recording() as rec:
-                image = self._call_pipe(request, latents)
-            gates = rec.table()
-            label = self._mole_label(keys, mole, mixture, mask)
-        elif method == "base":
-            with self._experts_off():
-                image = self._call_pipe(request, latents)
-            label = "Base model"
-        elif method.startswith("single:"):
-            key = method.split(":", 1)[1]
-            with self._experts_off(), self._merged(self.bank.load(key)):
-                image = self._call_pipe(request, latents)
-            label = f"Single: {self.bank.get(key).name}"
-        else:  # linear | svd
-            loras = [self.bank.load(k) for k in keys]
-            merged = merge_loras(loras, self._weights(keys, weights), method=method, rank=rank,
-                                 normalize=normalize)
-            with self._experts_off(), self._merged(merged):
-                image = self._call_pipe(request, latents)
-            r = max(w.rank for w in merged.modules.values())
-            label = "Linear merge" if method == "linear" else f"SVD r={r}"
-        return Result(method, image, time.perf_counter() - start, gates, label)
+        runner = self._RUNNERS["single" if mix.single else mix.method]
+        image, gates, label = runner(self, mix, request, latents, bank)
+        seconds = time.perf_counter() - start
+        if mix.method != "composite" and not (request.height or request.width):
+            self._measured("denoise_step", seconds / request.steps)
+        return Result(mix.method, image, seconds, gates, label, mix)
 
-    @staticmethod
-    def _mole_label(keys, mole: MoleConfig, mixture, mask) -> str:
-        on = sum(1 for k in keys if (mask or {}).get(k, True))
-        experts = f"{len(keys)} experts" if on == len(keys) else f"{on} of {len(keys)} experts on"
-        return f"MoLE ({mole.describe}, {experts}{'' if mixture is not None else ', untrained'})"
+    def _run_mole(self, mix: Mix, request, latents, bank: Bank):
+        mole = mix.mole_config
+        handle = self._attached(mix.keys, mole, bank)
+        if mix.mixture is not None:
+            apply_mixture(handle, mix.mixture)
+        else:
+            handle.reset_gates()          # untrained: zero logits, equal weights
+        with handle.settings(mask=_mask(mix), strengths=mix.strengths), handle.recording() as rec:
+            image = self._call_pipe(request, latents)
+        on = sum(1 for k in mix.keys if (mix.mask or {}).get(k, True))
+        experts = f"{len(mix.keys)} experts" if on == len(mix.keys) else f"{on} of {len(mix.keys)} experts on"
+        untrained = "" if mix.mixture is not None else ", untrained"
+        return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained})"
+
+    def _run_base(self, mix: Mix, request, latents, bank: Bank):
+        with self._experts_off():
+            return self._call_pipe(request, latents), None, "Base model"
+
+    def _run_single(self, mix: Mix, request, latents, bank: Bank):
+        with self._experts_off(), self._merged(bank.load(mix.single)):
+            return self._call_pipe(request, latents), None, f"Single: {bank.get(mix.single).name}"
+
+    def _run_merge(self, mix: Mix, request, latents, bank: Bank):
+        merged = self.merge(mix, bank)
+        with self._experts_off(), self._merged(merged):
+            image = self._call_pipe(request, latents)
+        r = max(w.rank for w in merged.modules.values())
+        label = {"linear": "Linear merge", "svd": f"SVD r={r}", "ties": f"TIES d={mix.density:g} r={r}",
+                 "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
+        return image, None, label
+
+    def _run_switch(self, mix: Mix, request, latents, bank: Bank):
+        from mole_core.peers import switching
+        handle = self._attached(mix.keys, MoleConfig(), bank)
+        with switching(self.pipe, handle, every=mix.switch_every):
+            image = self._call_pipe(request, latents)
+        return image, None, f"LoRA Switch (every {mix.switch_every} steps)"
+
+    def _run_composite(self, mix: Mix, request, latents, bank: Bank):
+        from mole_core.peers import compositing
+        handle = self._attached(mix.keys, MoleConfig(), bank)
+        with compositing(self.pipe, handle):
+            image = self._call_pipe(request, latents)
+        return image, None, f"LoRA Composite ({len(mix.keys)}× cost)"
+
+    _RUNNERS = {"mole": _run_mole, "base": _run_base, "single": _run_single, "linear": _run_merge,
+                "svd": _run_merge, "ties": _run_merge, "dare": _run_merge, "switch": _run_switch,
+                "composite": _run_composite}
 
     def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
         height, width = self._size(request)
@@ -399,51 +442,126 @@ class Engine:
                             height=height, width=width, num_inference_steps=request.steps,
                             guidance_scale=float(request.guidance), latents=latents.to(self.device, self.dtype),
                             # only stochastic schedulers draw from it; seeded so they repeat too
-                            generator=torch.Generator("cpu").manual_seed(request.seed))
-        return out.images[0]
+                            generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
+        pixels = out.images[0]
+        if not np.isfinite(pixels).all():
+            raise ValueError("The image came out as NaN/Inf (not a picture): a LoRA's weights, a gate or a "
+                             "strength is too large for this model.")
+        return self.pipe.numpy_to_pil(pixels[None])[0]
 
     # ---- bank, export, snippet ------------------------------------------------------------------
-    def add_to_bank(self, src_path, manifest: dict, images=(), key: str | None = None) -> BankEntry:
+    def add_to_bank(self, src_path, manifest: dict, images=(), key: str | None = None,
+                    bank: Bank | None = None, display: str | None = None) -> BankEntry:
         """Validate a LoRA file against the model and add it to the bank (see `Bank.add`)."""
         with self._lock:
-            entry = self.bank.add(src_path, manifest, images, self.components, key=key)
-            self._fits.discard(entry.key)
-            return entry
+            return (bank or self.bank).add(src_path, manifest, images, self.components, key=key,
+                                           display=display, max_pixels=self.limits.upload_pixels)
 
-    def export(self, keys, method: str, out_path, weights=None, rank=None, format: str = "diffusers",
-               normalize: bool = True) -> Path:
-        """Write the linear or SVD merge of `keys` as one LoRA file (diffusers or kohya keys), atomically."""
-        keys = list(keys or [])
-        if method not in ("linear", "svd"):
-            raise ValueError(f"Only the linear and svd merges can be exported as a LoRA; got {method!r}.")
+    def export(self, mix: Mix, out_path, format: str = "diffusers", bank: Bank | None = None) -> Path:
+        """Write a merge (linear / svd / ties / dare) of the Mix's LoRAs as one LoRA file, atomically."""
+        bank = bank or self.bank
+        if mix.method not in MERGES:
+            raise ValueError(f"Only the merges ({', '.join(MERGES)}) can be exported as a LoRA; got {mix.method!r}.")
         with self._lock:
-            if not keys:
-                raise ValueError("No LoRA is selected: choose at least one LoRA of the bank.")
-            self._check_keys(keys)
-            merged = merge_loras([self.bank.load(k) for k in keys], self._weights(keys, weights), method=method,
-                                 rank=rank, normalize=normalize, name=f"{method}:{'+'.join(keys)}")
+            mix.check()
+            self._check_keys(list(mix.keys), bank)
+            merged = self.merge(mix, bank, name=f"{mix.method}:{'+'.join(mix.keys)}")
             save_lora(merged, out_path, format=format)
         return Path(out_path)
 
-    def snippet(self, keys, methods, request: GenerateRequest, mixture_path=None, mask=None,
-                strengths=None, weights=None, rank=None, normalize: bool = True) -> str:
-        """Python source that reproduces this comparison with mole_core and saves the images."""
-        model = self.model_id or "PATH/TO/DIFFUSERS/MODEL"
-        mixture = f"load_mixture({str(mixture_path)!r})" if mixture_path else "None"
-        return "\n".join([
-            "from mole_core.engine import Engine, GenerateRequest",
-            "from mole_core.mixture import load_mixture",
-            "",
-            f"engine = Engine({model!r}, {str(self.bank.folder)!r})",
-            f"request = {request!r}",
-            f"mixture = {mixture}",
-            f"results = engine.compare({list(keys)!r}, {list(methods)!r}, request, mixture=mixture,",
-            f"                         mask={mask!r}, strengths={strengths!r}, weights={weights!r},",
-            f"                         rank={rank!r}, normalize={normalize!r})",
-            "for result in results:",
-            "    result.image.save(result.method.replace(':', '_') + '.png')",
-            "    print(f'{result.label}: {result.seconds:.2f} s')",
-        ]) + "\n"
+    def snippet(self, mixes, request: GenerateRequest, mixture_file: str | None = None) -> str:
+        """Python source that reproduces this comparison with mole_core and saves the images.
+
+        The model and bank are named as a user has them: the embedded default by `Engine()`'s defaults,
+        anything else by the folder's name (edit it to where your copy lies).
+        """
+        embedded = self.model_id == DEFAULT_MODEL and str(self.bank.folder) == DEFAULT_BANK
+        engine = "Engine()" if embedded else \
+            f"Engine({Path(self.model_id or 'PATH/TO/MODEL').name!r}, {self.bank.folder.name!r})"
+        lines = ["# pip install -e <the MoLE Studio repository>   (or run from its folder)",
+                 "from mole_core.engine import Engine, GenerateRequest, Mix",
+                 "from mole_core.mixture import load_mixture",
+                 "", f"engine = {engine}", f"request = {request!r}", "mixes = ["]
+        lines += [f"    {mix.to_python(mixture_file)}," for mix in mixes]
+        lines += ["]", "for result in engine.compare(mixes, request):",
+                  "    result.image.save(result.method.replace(':', '_') + '.png')",
+                  "    print(f'{result.label}: {result.seconds:.2f} s')"]
+        return "\n".join(lines) + "\n"
+
+
+class FairLock:
+    """A reentrant lock handed over in arrival order (a ticket lock).
+
+    `yield_to_waiters()` lets a long job (gate training) step aside between steps: everyone who asked for
+    the lock before gets it first, then the job goes on. Python's own locks promise no order, so a thread
+    that releases and re-acquires would usually win again.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner, self._depth = None, 0
+        self._next, self._serving = 0, 0          # tickets handed out / the ticket being served
+
+    def acquire(self) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket, self._next = self._next, self._next + 1
+            self._cond.wait_for(lambda: self._owner is None and self._serving == ticket)
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("FairLock released by a thread that does not hold it.")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner, self._serving = None, self._serving + 1
+                self._cond.notify_all()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def waiting(self) -> int:
+        """Threads queued for the lock."""
+        with self._cond:
+            return self._next - self._serving - (self._owner is not None)
+
+    def yield_to_waiters(self) -> bool:
+        """Held by this thread: if anyone waits, release fully, queue again, and return True once back."""
+        if not self.waiting():
+            return False
+        with self._cond:
+            depth, self._depth = self._depth, 1
+        self.release()
+        self.acquire()
+        with self._cond:
+            self._depth = depth
+        return True
+
+
+def _mask(mix: Mix) -> dict[str, bool] | None:
+    return None if mix.mask is None else {k: bool(mix.mask.get(k, True)) for k in mix.keys}
+
+
+def _file_stamp(path) -> tuple[str, int]:
+    return str(path), os.stat(path).st_mtime_ns
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def write_gates_csv(rows: list[dict], path) -> Path:

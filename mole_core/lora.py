@@ -78,6 +78,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # refused: loading t
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_TE_PREFIX = {"text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 METADATA_KEY = "lora_adapter_metadata"                      # diffusers' key for the PEFT LoraConfig
+MAX_ABS = 1e4        # |weight| or alpha above this is refused: real LoRAs stay far below; fp16 tops out at 65504
+MAX_RANK = 1024      # a LoRA rank above this is refused (a 206 MB rank-400,000 file took 2.5 GB to render)
 
 # key marker -> what the file is. Checked before anything else reads the weights.
 UNSUPPORTED_MARKERS = {
@@ -134,9 +136,20 @@ def _refuse_unsupported(path: Path, state: dict[str, torch.Tensor]) -> None:
                 raise LoraFileError(f"{path}: this is {what} (key '{key}'); only plain LoRA (A/B or "
                                     f"lora_down/lora_up with optional alpha) is supported.")
     for key, t in state.items():
+        if t.numel() == 0:
+            raise LoraFileError(f"{path}: tensor '{key}' is empty (shape {tuple(t.shape)}): a LoRA of rank 0 "
+                                f"changes nothing and is refused.")
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).sum().item()
             raise LoraFileError(f"{path}: tensor '{key}' contains {bad} NaN/Inf value(s).")
+        if t.is_floating_point() and t.abs().max().item() > MAX_ABS:
+            raise LoraFileError(f"{path}: tensor '{key}' holds values up to {t.abs().max().item():.3g}; LoRA "
+                                f"weights (and alphas) above {MAX_ABS:g} would overflow the model, so the file "
+                                f"is refused.")
+        if "down" in key or "lora_A" in key:
+            if t.dim() >= 2 and t.shape[0] > MAX_RANK:
+                raise LoraFileError(f"{path}: tensor '{key}' has rank {t.shape[0]}; ranks above {MAX_RANK} "
+                                    f"are refused.")
 
 
 def _rename_map(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -267,6 +280,9 @@ def load_lora(path: str | Path, name: str | None = None) -> Lora:
     modules = {key: LoraWeights(A=A[key].contiguous(), B=B[key].contiguous(), scale=scales.get(key, 1.0))
                for key in sorted(A)}
     for key, w in modules.items():
+        if not math.isfinite(w.scale) or abs(w.scale) > MAX_ABS:
+            raise LoraFileError(f"{path}: module '{key}' has the scale alpha/rank = {w.scale}; it must be a finite "
+                                f"number of at most {MAX_ABS:g}.")
         if w.B.dim() != w.A.dim() or w.B.shape[1] != w.A.shape[0]:
             raise LoraFileError(f"{path}: module '{key}': down/A {tuple(w.A.shape)} and up/B {tuple(w.B.shape)} "
                                 f"do not chain (B must be (d_out, {w.A.shape[0]}{', 1, 1' if w.A.dim() == 4 else ''})).")

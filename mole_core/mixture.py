@@ -20,11 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mole_core.atomic import atomic_path
-from mole_core.attach import MoleConfig, MoleHandle
+from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig, MoleHandle
 from mole_core.lora import sha256_file
 
 FORMAT = "mole-mixture/1"
 META_KEY = "mole.mixture"
+MAX_GATE_ABS = 1e4     # a gate weight above this is not something training produces: refused at load
 
 
 class MixtureError(ValueError):
@@ -56,7 +57,7 @@ class Mixture:
     def check(self, lora_files: list[tuple[str, str | Path]], model_id: str | None = None) -> None:
         """MixtureError unless `lora_files` [(name, path)] are the mixture's files (names, order, sha256)
         and, when both are known, the model id matches."""
-        where = self.path or "the mixture"
+        where = Path(self.path).name if self.path else "the mixture"
         names = [name for name, _ in lora_files]
         if names != list(self.names):
             raise MixtureError(f"{where} was trained for the LoRAs {', '.join(self.names)} (in this order); "
@@ -64,7 +65,7 @@ class Mixture:
         for (name, path), expected in zip(lora_files, self.sha256s):
             found = sha256_file(path)
             if found != expected:
-                raise MixtureError(f"{where}: the LoRA file of '{name}' ({path}) is not the one the gates were "
+                raise MixtureError(f"{where}: the LoRA file of '{name}' ({Path(path).name}) is not the one the gates were "
                                    f"trained with (sha256 {found[:12]}…, expected {expected[:12]}…).")
         trained_on = self.meta.get("model_id")
         if model_id and trained_on and model_id != trained_on:
@@ -112,22 +113,62 @@ def save_mixture(path, handle: MoleHandle, lora_files: list[tuple[str, str | Pat
     return path
 
 
-def load_mixture(path) -> Mixture:
-    """Read a mixture file written by `save_mixture`."""
+def load_mixture(path, display: str | None = None) -> Mixture:
+    """Read a mixture file written by `save_mixture`, checking all of it before anything uses it.
+
+    display: what to call the file in messages (default: its file name). Refused with a MixtureError
+    naming the field: unreadable files, metadata that is not this format's (names, hashes, granularity,
+    gate kind, layout), and gate tensors that are not finite or implausibly large.
+    """
     path = Path(path)
+    where = display or path.name
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:   # safetensors raises its own error types for unreadable files
-        raise MixtureError(f"{path}: not a readable .safetensors file ({e}).") from e
+        raise MixtureError(f"{where}: not a readable .safetensors file ({e}).") from e
     if raw is None:
-        raise MixtureError(f"{path}: a .safetensors file without MoLE mixture metadata (a LoRA file?).")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise MixtureError(f"{path}: mixture format '{meta.get('format')}', expected '{FORMAT}'.")
+        raise MixtureError(f"{where}: a .safetensors file without MoLE mixture metadata (a LoRA file?).")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise MixtureError(f"{where}: its '{META_KEY}' metadata is not valid JSON ({e}).") from e
+    _check_meta(meta, where)
+    for key, t in tensors.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all() or t.abs().max() > MAX_GATE_ABS:
+            raise MixtureError(f"{where}: gate tensor '{key}' is not finite or holds values above "
+                               f"{MAX_GATE_ABS:g}; the file is refused.")
     return Mixture(names=list(meta["names"]), sha256s=list(meta["sha256"]), granularity=meta["granularity"],
                    gate_state=tensors, meta=meta, path=str(path))
+
+
+def _check_meta(meta, where: str) -> None:
+    """MixtureError naming the first metadata field that is not what save_mixture writes."""
+    def bad(field, expected):
+        raise MixtureError(f"{where}: metadata '{field}' must be {expected}; found {meta.get(field)!r:.80}.")
+
+    if not isinstance(meta, dict):
+        raise MixtureError(f"{where}: the mixture metadata must be a JSON object; found {type(meta).__name__}.")
+    if meta.get("format") != FORMAT:
+        raise MixtureError(f"{where}: mixture format '{meta.get('format')}', expected '{FORMAT}'.")
+    names, hashes = meta.get("names"), meta.get("sha256")
+    if not isinstance(names, list) or len(names) < 1 or not all(isinstance(n, str) and n for n in names):
+        bad("names", "a list of LoRA names")
+    if len(set(names)) != len(names):
+        bad("names", "a list of different LoRA names")
+    if not isinstance(hashes, list) or len(hashes) != len(names) or not all(isinstance(h, str) for h in hashes):
+        bad("sha256", f"a list of {len(names)} file hashes")
+    if meta.get("granularity") not in GRANULARITIES:
+        bad("granularity", f"one of {', '.join(GRANULARITIES)}")
+    config = meta.get("mole_config", {})
+    if not isinstance(config, dict) or config.get("gate", "sample") not in GATE_KINDS:
+        bad("mole_config", f"an object whose 'gate' is one of {', '.join(GATE_KINDS)}")
+    layout = meta.get("layout", {})
+    if not isinstance(layout, dict) or not all(isinstance(v, dict) for v in layout.values()):
+        bad("layout", "an object of group -> {leader, d_out}")
+    if not isinstance(meta.get("model_id", ""), str):
+        bad("model_id", "a string")
 
 
 def apply_mixture(handle: MoleHandle, mixture: Mixture, lora_files: list[tuple[str, str | Path]] | None = None) -> None:
@@ -135,7 +176,7 @@ def apply_mixture(handle: MoleHandle, mixture: Mixture, lora_files: list[tuple[s
 
     Fails with MixtureError when the experts, the granularity or the model's groups differ.
     """
-    where = mixture.path or "the mixture"
+    where = Path(mixture.path).name if mixture.path else "the mixture"
     if lora_files is not None:
         mixture.check(lora_files)
     if list(mixture.names) != handle.expert_names:

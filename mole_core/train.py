@@ -47,7 +47,6 @@ class TrainConfig:
     balance_alpha: float | None = None  # α of the balance loss; None = the attachment's MoleConfig (0.5)
     seed: int = 0                       # same seed, same data order, noise and result
     mixed_precision: str = "no"         # "no" | "fp16" | "bf16" (accelerate), where the device supports it
-    resolution: int = 512               # training image size (DiffusionTask: resize + centre crop)
     weight_decay: float = 0.0           # AdamW weight decay on the gate parameters
     cpu: bool = False                   # force the CPU even if an accelerator is present
 

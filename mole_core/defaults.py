@@ -1,0 +1,53 @@
+"""Defaults shared by the engine, the CLI, the app, the evaluation and the world build (a leaf module:
+it imports nothing of the package, so anything may import it).
+
+Limits are what a server accepts from a request. The defaults are sized for a public Space on a
+small CPU (one visitor cannot hold the shared model queue for long); `python app.py --limits local`
+(or `Limits.local()`) raises them for a private machine, and the CLI uses the local limits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = str(PACKAGE_ROOT / "assets" / "pixel-world")   # the embedded default pipeline
+DEFAULT_BANK = str(PACKAGE_ROOT / "lora_bank")                  # its LoRA bank
+
+# Classifier-free guidance by default, measured on the embedded world (LoRA found in 120 images, alone with
+# its trigger): night 0.98 at 2, 0.95 at 2.5, 0.90 at 3; checker 0.99 at 2, 0.80 at 4; face 0.91 at 2,
+# 0.93 at 3, 0.89 at 4, 0.84 at 6. SD 1.5 checkpoints usually want about 7.5.
+DEFAULT_GUIDANCE = 2.5
+DEFAULT_DENOISE_STEPS = 20
+
+# Gate training as the app, the CLI and the small study start it (TrainConfig's own 400 steps / lr 1e-4
+# are the paper's settings; at 1e-4, 60 steps left the gates at 0.495 / 0.505).
+TRAIN_STEPS = 60
+TRAIN_LR = 1e-3
+
+
+# What a job costs on the embedded world, before this server has measured itself (the engine then keeps a
+# running mean of its own runs). Measured on this project's 2-core CPU machine, one torch thread, 32×32
+# images: seconds per denoising step of one image (guidance batches two), and per gate-training step at
+# batch 4 (block gates; per-token gates form every expert's output at every pixel).
+COSTS = {"denoise_step": 0.04, "train_step_sample": 0.35, "train_step_token": 0.45}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest counts a request may ask for (each refused above with a message naming the field)."""
+    denoise_steps: int = 100        # denoising steps of one image
+    train_steps: int = 500          # gate-training steps of one run
+    side_factor: int = 2            # image side at most this × the model's default side
+    guidance: float = 30.0          # classifier-free guidance scale
+    study_seeds: int = 8            # the in-app study: seeds × prompts images per method
+    study_prompts: int = 8
+    experts: int = 8                # LoRAs in one mixture / comparison
+    upload_bytes: int = 256 * 2**20 # one uploaded LoRA file
+    upload_pixels: int = 4096 * 4096  # one uploaded example image
+
+    @classmethod
+    def local(cls) -> "Limits":
+        """For a private machine: long runs allowed (still finite)."""
+        return cls(denoise_steps=1000, train_steps=100_000, side_factor=4, study_seeds=1000, study_prompts=100,
+                   experts=32)

@@ -1,0 +1,137 @@
+"""One value that says how to combine LoRAs for an image: `Mix`, passed whole.
+
+    Mix("mole", ("face", "ring"), mixture=load_mixture("mix.safetensors"), mask={"ring": False})
+    Mix("svd", ("face", "ring"), rank=8)
+    Mix("ties", ("face", "ring"), density=0.5)
+    Mix("switch", ("face", "ring"), switch_every=5)
+    Mix("single:face")
+
+The engine renders a Mix (`Engine.generate(mix, request)`, `Engine.compare(mixes, request)`), the CLI
+builds one from its flags, the app keeps one per ticked method in the session, the evaluation's cells
+are a label + a Mix, and the exported snippet is the Mix written out (`Mix.to_python()`). Each method
+reads only the fields it needs; `check()` refuses values that cannot be right (not finite, out of range)
+with a sentence naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig
+
+# method -> what it is (the app's and the CLI's help text); "single:<bank key>" is the one LoRA alone.
+METHODS = {
+    "mole": "MoLE: the LoRAs as gated experts (trained gates from a mixture, or untrained = equal weights)",
+    "linear": "linear merge: W + Σ w_i ΔW_i, weights normalised to sum 1 unless raw",
+    "svd": "SVD merge: the rank-r truncated SVD of the linear merge's ΔW",
+    "ties": "TIES merge (Yadav et al. 2023): trim to `density`, elect signs, disjoint mean; re-factored to rank r",
+    "dare": "DARE merge (Yu et al. 2024): drop entries with probability 1 − density, rescale, sum; rank r",
+    "switch": "LoRA Switch (Zhong et al. 2024): one LoRA active at a time, the next every k denoising steps",
+    "composite": "LoRA Composite (Zhong et al. 2024): every step runs each LoRA alone and averages (N× the cost)",
+    "base": "the model without any LoRA",
+}
+MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
+NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite")
+
+
+@dataclass
+class Mix:
+    """A method and every parameter a method takes. Expert names are bank keys."""
+    method: str = "mole"                  # a key of METHODS or "single:<bank key>"
+    keys: tuple[str, ...] = ()            # the LoRAs combined, in order (a mixture's order for "mole")
+    weights: dict | None = None           # merges: key -> weight (None: each LoRA's default weight)
+    normalize: bool = True                # merges: weights scaled to sum 1
+    rank: int | None = None               # svd / ties / dare: rank of the result (None: the LoRAs' own)
+    density: float = 0.5                  # ties / dare: fraction of each ΔW's entries kept
+    switch_every: int = 5                 # switch: denoising steps per LoRA (k)
+    granularity: str = "block"            # mole without a mixture: which modules share a gate
+    gate: str = "sample"                  # ... and the gate kind ("sample" | "token" | "static")
+    mixture: object | None = None         # mole: a mole_core.mixture.Mixture (trained gates), or None
+    mask: dict | None = None              # mole: key -> False switches that expert off (the rest renormalised)
+    strengths: dict | None = None         # mole: key -> multiplier of that expert's contribution
+
+    def __post_init__(self):
+        self.keys = tuple(self.keys)
+        if self.mixture is not None and not self.keys:
+            self.keys = tuple(self.mixture.names)
+
+    def replace(self, **changes) -> "Mix":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def single(self) -> str | None:
+        """The bank key of a "single:<key>" method, else None."""
+        return self.method.split(":", 1)[1] if self.method.startswith("single:") else None
+
+    @property
+    def mole_config(self) -> MoleConfig:
+        """The MoleConfig this mix asks for: the mixture's when it has one, else granularity + gate."""
+        if self.mixture is not None:
+            return self.mixture.mole_config()
+        return MoleConfig(granularity=self.granularity, gate=self.gate)
+
+    def check(self) -> None:
+        """ValueError naming the field for a value no method can use (the engine calls it first)."""
+        if self.method not in METHODS and not (self.single and self.single.strip()):
+            raise ValueError(f"Unknown method {self.method!r}: expected one of {', '.join(METHODS)} "
+                             f"or single:<bank key>.")
+        if self.method in NEEDS_SELECTION and not self.keys:
+            raise ValueError(f"No LoRA is selected for {self.method}: choose at least one LoRA of the bank.")
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"A LoRA is selected twice: {', '.join(self.keys)}.")
+        for what, values in (("weight", self.weights), ("strength", self.strengths)):
+            for key, value in (values or {}).items():
+                if not _finite(value) or (what == "strength" and not 0 <= float(value) <= 10):
+                    raise ValueError(f"The {what} of {key!r} must be a finite number"
+                                     f"{' between 0 and 10' if what == 'strength' else ''}; got {value!r}.")
+        if self.weights and self.normalize and self.method in MERGES:
+            total = sum(float(w) for k, w in self.weights.items() if k in self.keys)
+            if abs(total) < 1e-8:
+                raise ValueError("The weights sum to 0, so they cannot be normalised to sum 1; change a weight "
+                                 "or untick 'Normalise'.")
+        if self.rank is not None and (not _whole(self.rank) or not 1 <= self.rank <= 4096):
+            raise ValueError(f"The rank must be a whole number between 1 and 4096; got {self.rank!r}.")
+        if not _finite(self.density) or not 0 < float(self.density) <= 1:
+            raise ValueError(f"The density must be above 0 and at most 1; got {self.density!r}.")
+        if not _whole(self.switch_every) or not 1 <= self.switch_every <= 1000:
+            raise ValueError(f"Switch every k steps: k must be a whole number between 1 and 1000; "
+                             f"got {self.switch_every!r}.")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Unknown granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"Unknown gate kind {self.gate!r}: choose one of {', '.join(GATE_KINDS)}.")
+        for what, names in (("mask", self.mask), ("strengths", self.strengths), ("weights", self.weights)):
+            unknown = sorted(set(names or {}) - set(self.keys))
+            if unknown:
+                raise ValueError(f"The {what} name {', '.join(unknown)}, which is not in the selection "
+                                 f"{', '.join(self.keys) or '(empty)'}.")
+        if self.mixture is not None and tuple(self.mixture.names) != self.keys:
+            raise ValueError(f"The mixture was trained for the LoRAs {', '.join(self.mixture.names)}, "
+                             f"but the selection is {', '.join(self.keys) or 'empty'}.")
+
+    def to_python(self, mixture_file: str | None = None) -> str:
+        """This mix as Python source (the exported snippet); the mixture as `load_mixture(mixture_file)`."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        defaults = Mix()
+        parts = [repr(self.method), repr(self.keys)]
+        for name, value in fields.items():
+            if name in ("method", "keys") or value == getattr(defaults, name):
+                continue
+            if name == "mixture":
+                value = f"load_mixture({mixture_file or 'mixture.safetensors'!r})"
+                parts.append(f"mixture={value}")
+            else:
+                parts.append(f"{name}={value!r}")
+        return f"Mix({', '.join(parts)})"
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
