@@ -2,7 +2,8 @@
 
 Each `Client` is its own session (its own gr.State): a client can train and then compare with its
 mixture, and two clients toggling different experts at the same time get exactly the images each
-gets alone (one model queue; every call leaves the shared pipeline as it found it).
+gets alone (one engine lock; every call leaves the shared pipeline as it found it). A visitor's compare
+is served while another visitor trains, and the training goes on with the same result.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import app
 from mole_core.engine import Engine
 from tests.test_app import SETTINGS, pixels, world_paths
 
-
 NO_WEIGHTS = {"headers": ["expert", "weight"], "data": []}   # an empty weights table: the bank's defaults
 
 
@@ -28,21 +28,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(engine: Engine) -> tuple:
-    """Start the app for `engine` on a free localhost port: (demo, url)."""
-    demo = app.build_demo(engine)
+def launch(engine_or_studio, **options) -> tuple:
+    """Start the app on a free localhost port: (demo, url)."""
+    demo = app.build_demo(engine_or_studio, **options)
     demo.queue()
+    engine = getattr(engine_or_studio, "engine", engine_or_studio)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True, **app.launch_options())
+                            quiet=True, **app.launch_options(engine))
     return demo, url
 
 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory):
-    """(url, bank keys) of a running app."""
-    engine = Engine(*world_paths(request.config, tmp_path_factory))
-    demo, url = launch(engine)
-    yield url, [e.key for e in engine.bank.entries if not e.error][:2]
+    """(url, bank keys, studio) of a running app."""
+    studio = app.Studio(Engine(*world_paths(request.config, tmp_path_factory)),
+                        root=tmp_path_factory.mktemp("api_sessions"))
+    demo, url = launch(studio)
+    yield url, [e.key for e in studio.engine.bank.entries if not e.error][:2], studio
     demo.close()
 
 
@@ -53,24 +55,28 @@ def client(url: str) -> Client:
 def compare_call(c: Client, keys, methods, seed=SETTINGS["seed"]):
     s = SETTINGS
     return c.predict(keys, s["prompt"], s["negative"], seed, False, s["steps"], s["guidance"], methods,
-                     NO_WEIGHTS, 2, True, api_name="/compare")
+                     NO_WEIGHTS, 2, True, 0.5, 1, "block", "sample", api_name="/compare")
 
 
 def toggle_call(c: Client, keys, switches):
     s = SETTINGS
     switches = list(switches) + [True] * (app.MAX_EXPERTS - len(switches))
-    return c.predict(keys, s["prompt"], s["negative"], s["seed"], s["steps"], s["guidance"],
+    return c.predict(keys, s["prompt"], s["negative"], s["seed"], s["steps"], s["guidance"], "block", "sample",
                      *switches, *[1.0] * app.MAX_EXPERTS, api_name="/toggle")
 
 
+def train_submit(c: Client, keys, steps, gate="sample"):
+    return c.submit(keys, "block", steps, 1e-2, 0.5, 0, gate, api_name="/train")
+
+
 def test_endpoints_are_named(served):
-    url, _ = served
+    url, *_ = served
     names = set(client(url).view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/train", "/compare", "/toggle", "/export"} <= names
+    assert {"/train", "/compare", "/toggle", "/export", "/add_lora", "/study", "/cancel"} <= names
 
 
 def test_compare_returns_labelled_images(served):
-    url, keys = served
+    url, keys, _ = served
     gallery, used_seed, notes = compare_call(client(url), keys, ["mole", "linear", "base"])
     assert used_seed == SETTINGS["seed"] and len(gallery) == 3
     captions = [item["caption"] for item in gallery]
@@ -79,16 +85,16 @@ def test_compare_returns_labelled_images(served):
 
 
 def test_compare_refuses_bad_input_with_a_sentence(served):
-    url, _ = served
+    url, *_ = served
     with pytest.raises(Exception, match="No LoRA is selected"):
         compare_call(client(url), [], ["mole"])
 
 
 def test_train_then_compare_uses_this_sessions_mixture(served):
-    url, keys = served
+    url, keys, _ = served
     trained, other = client(url), client(url)
-    status, _, _, mixture_file = trained.predict(keys, "block", 2, 1e-2, 0.5, 0, "sample", api_name="/train")
-    assert status.startswith("Trained after 2 steps") and mixture_file
+    status, *_, mixture_file = train_submit(trained, keys, 2).result(timeout=300)
+    assert status.startswith("**Trained after 2 steps**") and mixture_file
     mine, _, _ = compare_call(trained, keys, ["mole"])
     theirs, _, _ = compare_call(other, keys, ["mole"])
     assert "untrained" not in mine[0]["caption"]
@@ -96,7 +102,7 @@ def test_train_then_compare_uses_this_sessions_mixture(served):
 
 
 def test_concurrent_toggles_match_solo_runs(served):
-    url, keys = served
+    url, keys, _ = served
     masks = {"a": [False, True], "b": [True, False]}
     solo = {name: pixels(toggle_call(client(url), keys, mask)[0]) for name, mask in masks.items()}
     assert not np.array_equal(solo["a"], solo["b"])
@@ -109,12 +115,32 @@ def test_concurrent_toggles_match_solo_runs(served):
 
 
 def test_cancel_stops_this_sessions_training(served):
-    url, keys = served
+    url, keys, _ = served
     c = client(url)
-    job = c.submit(keys, "block", 500, 1e-2, 0.5, 0, "sample", api_name="/train")
+    job = train_submit(c, keys, 400)
     while not (job.status().code.name == "ITERATING" or job.done()):  # wait for the first step
         time.sleep(0.1)
     c.predict(api_name="/cancel")
-    status, _, _, mixture_file = job.result(timeout=300)
-    assert status.startswith("Stopped (cancelled) after") and mixture_file
-    assert int(status.split(" after ")[1].split()[0]) < 500
+    status, *_, mixture_file = job.result(timeout=300)
+    assert status.startswith("**Stopped (cancelled) after") and mixture_file
+    assert int(status.split(" after ")[1].split()[0]) < 400
+
+
+def test_a_compare_is_served_while_another_visitor_trains(served):
+    """Another visitor's compare does not wait for the whole run (the training steps aside between steps);
+    the training then goes on to the very same gates as without the interruption."""
+    url, keys, studio = served
+    steps = 150
+    alone = train_submit(client(url), keys, steps).result(timeout=600)
+    job = train_submit(client(url), keys, steps)
+    while not (job.status().code.name == "ITERATING" or job.done()):
+        time.sleep(0.05)
+    gallery, _, _ = compare_call(client(url), keys, ["base"])
+    still_training = not job.done()
+    interrupted = job.result(timeout=600)
+    assert gallery and still_training, "the compare came back only after the training ended"
+    assert interrupted[0].startswith(f"**Trained after {steps} steps**")
+    from mole_core.mixture import load_mixture
+    a, b = load_mixture(alone[-1]), load_mixture(interrupted[-1])
+    assert a.gate_state.keys() == b.gate_state.keys()
+    assert all(np.array_equal(a.gate_state[k].numpy(), b.gate_state[k].numpy()) for k in a.gate_state)
