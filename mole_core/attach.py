@@ -21,6 +21,10 @@ Groups never span two networks. "Outermost" for blocks because diffusers nests B
 Transformer2DModel, whose proj_in / proj_out belong to the same block (the issue counts a
 Transformer2DModel as one transformer block).
 
+Gate kinds (MoleConfig.gate): "sample" (the paper: one decision per sample), "token" (per token / pixel),
+"static" (one learned logit per expert for the whole attachment, whatever the input: MoLE's static
+ablation, LoraHub's idea trained by gradient; the groups then only decide who evaluates it).
+
 Settings are per call (context managers that restore what was there), never modes stored in the model.
 
 References: MoLE (Wu et al., ICLR 2024); peft `BaseTuner.inject_adapter` (replace the module in its
@@ -41,7 +45,7 @@ from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
 from mole_core.lora import Lora, LoraWeights
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
-GATE_KINDS = ("sample", "token")
+GATE_KINDS = ("sample", "token", "static")
 # Class-name patterns. GEGLU (ff.net.0) and ModuleLists (attn.to_out) match neither on purpose.
 LAYER_CLASS = re.compile(r"(Attention|MLP|Mlp|FeedForward|LayerFF|DenseActDense|DenseGatedActDense)$")
 BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|ResnetBlockCondNorm2D|"
@@ -52,11 +56,14 @@ BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|
 class MoleConfig:
     granularity: str = "block"      # "matrix" | "layer" | "block" | "network": which modules share one gate
     balance_alpha: float = 0.5      # α in L = L_task + α·L_balance; train_gates uses it unless TrainConfig sets one
-    gate: str = "sample"            # "sample": one decision per sample (the paper); "token": per token / pixel
+    gate: str = "sample"            # "sample": one decision per sample (the paper); "token": per token / pixel;
+                                    # "static": one learned weight per expert, the same for every input
 
     @property
     def describe(self) -> str:
-        """"block" or "block, per-token": how result labels name this configuration."""
+        """"block", "block, per-token" or "static": how result labels name this configuration."""
+        if self.gate == "static":
+            return "static"                    # the granularity changes nothing: one set of weights
         return self.granularity + (", per-token" if self.gate == "token" else "")
 
 
@@ -169,7 +176,8 @@ class MoleHandle:
         self._groups = groups
         self.gates = nn.ModuleDict({_gate_key(g): grp.gate for g, grp in groups.items()})
         self._runtime = runtime
-        self._hooks = hooks
+        self._hook_specs = hooks                           # [(network root, forward pre-hook)]
+        self._hooks = [root.register_forward_pre_hook(fn) for root, fn in hooks]
         self.attached = True
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -185,6 +193,24 @@ class MoleHandle:
             hook.remove()
         self._hooks = []
         self.attached = False
+
+    def reattach(self) -> None:
+        """Put this attachment back after `detach`, gates as they are (a job interrupted by another caller's
+        attachment goes on where it was). The modules must be the base modules it left there."""
+        if self.attached:
+            return
+        places = []
+        for key, layer in self.layers.items():
+            parent_name, _, child = key.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            if getattr(parent, child) is not layer.base:
+                raise RuntimeError(f"Module '{key}' changed after this attachment was detached (another attachment "
+                                   f"is on it?); detach that one first.")
+            places.append((parent, child, layer))
+        for parent, child, layer in places:
+            setattr(parent, child, layer)
+        self._hooks = [root.register_forward_pre_hook(fn) for root, fn in self._hook_specs]
+        self.attached = True
 
     # ---- call-time settings ----------------------------------------------------------------------
     def _per_expert(self, value, what: str, default: float | None) -> torch.Tensor:
@@ -250,24 +276,28 @@ class MoleHandle:
         return [m for m in self.gates.modules() if isinstance(m, Gate)]
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters of MoLE: those of the Gate modules (selected by type, not by name)."""
-        return [p for gate in self.gate_modules() for p in gate.parameters()]
+        """The trainable parameters of MoLE: those of the Gate modules (selected by type, not by name),
+        each once (static gates share theirs)."""
+        return list({id(p): p for gate in self.gate_modules() for p in gate.parameters()}.values())
 
     def gate_layout(self) -> dict[str, dict]:
         """Per group: its leader (the member that evaluates the gate) and d_out (None: unmaterialised)."""
         return {g: {"leader": grp.gate.leader, "d_out": grp.gate.d_out} for g, grp in self._groups.items()}
 
     def gate_state_dict(self) -> dict[str, torch.Tensor]:
-        """'<group with / for .>.log_tau' and '.proj.weight' / '.proj.bias' of materialised gates."""
+        """'<group with / for .>.log_tau' and '.proj.weight' / '.proj.bias' of materialised gates; static
+        gates: '.log_tau' and '.logits', the same values under every group."""
         return {k: v.detach().clone() for k, v in self.gates.state_dict().items()}
 
     def load_gate_state_dict(self, state: dict[str, torch.Tensor], layout: dict[str, dict] | None = None) -> None:
         """Load gate tensors (and leaders) saved by `gate_state_dict` / a mixture; shapes must match."""
-        known = {f"{_gate_key(g)}.{p}" for g in self.groups for p in ("log_tau", "proj.weight", "proj.bias")}
+        static = self.config.gate == "static"
+        names = ("log_tau", "logits") if static else ("log_tau", "proj.weight", "proj.bias")
+        known = {f"{_gate_key(g)}.{p}" for g in self.groups for p in names}
         unknown = sorted(set(state) - known)
         if unknown:
             raise ValueError(f"Gate state has tensors for groups this attachment does not have "
-                             f"(another model or granularity?): {', '.join(unknown[:5])}")
+                             f"(another model, granularity or gate kind?): {', '.join(unknown[:5])}")
         n = len(self.expert_names)
         with torch.no_grad():
             for g, grp in self._groups.items():
@@ -280,6 +310,18 @@ class MoleHandle:
                         raise ValueError(f"Gate of group '{g}' is led by '{layout[g]['leader']}', which has no "
                                          f"experts in this attachment.")
                     gate.leader = layout[g]["leader"]
+                if static:                                 # one set of weights: the same in every group
+                    logits, ref = state.get(f"{k}.logits"), _gate_key(self.groups[0])
+                    if logits is None or tuple(logits.shape) != (n,):
+                        raise ValueError(f"Static gate of group '{g}': expected logits of shape ({n},); found "
+                                         f"{None if logits is None else tuple(logits.shape)}.")
+                    if not (torch.equal(logits, state[f"{ref}.logits"])
+                            and torch.equal(state[f"{k}.log_tau"], state[f"{ref}.log_tau"])):
+                        raise ValueError(f"Static gate state: group '{g}' holds other values than group "
+                                         f"'{self.groups[0]}'; a static gate is one set of weights for the "
+                                         f"whole attachment.")
+                    gate.logits.copy_(logits)
+                    continue
                 if f"{k}.proj.weight" not in state:
                     gate.proj = None                       # unmaterialised in the file: equal weights
                     continue
@@ -379,10 +421,12 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
     keys = sorted(modules, key=order.__getitem__)
     runtime = Runtime(names)
     groups: dict[str, Group] = {}
+    static = (nn.Parameter(torch.zeros(len(loras))), nn.Parameter(torch.zeros(()))) \
+        if config.gate == "static" else None                   # (logits, log_tau) shared by every gate
     for key in keys:
         g = group_of(model, key, config.granularity)
         if g not in groups:
-            groups[g] = Group(g, _network_of(model, key), Gate(len(loras)), runtime, config.gate == "token")
+            groups[g] = Group(g, _network_of(model, key), Gate(len(loras), static), runtime, config.gate == "token")
 
     # 3. wrap: replace each module in its parent (the first member of a group owns its gate)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -401,7 +445,7 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         layers[key] = layer
 
     # 4. a pre-hook on each network root starts a new forward pass: clear the gates' cache, count calls
-    hooks = []
+    hooks = []                                   # (root, hook): the handle registers them
     networks = dict.fromkeys(grp.network for grp in groups.values())
     for network in networks:
         root = model[network] if network else model
@@ -414,5 +458,5 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
             for grp in members:
                 grp.cache = None
 
-        hooks.append(root.register_forward_pre_hook(start_pass))
+        hooks.append((root, start_pass))
     return MoleHandle(model, config, names, layers, groups, runtime, hooks)

@@ -294,7 +294,7 @@ class Engine:
         weights = [float((mix.weights or {}).get(k, bank.get(k).default_weight)) for k in mix.keys]
         extra = {"density": mix.density} if mix.method in ("ties", "dare") else {}
         return merge_loras(loras, weights, method=mix.method, rank=mix.rank, normalize=mix.normalize,
-                           name=name, **extra)
+                           name=name or f"{mix.method}:{'+'.join(mix.keys)}", **extra)
 
     # ---- gate training --------------------------------------------------------------------------
     def train(self, keys, mole: MoleConfig, train: TrainConfig, on_step=None, should_stop=None,

@@ -25,7 +25,8 @@ METHODS = {
     "mole": "MoLE: the LoRAs as gated experts (trained gates from a mixture, or untrained = equal weights)",
     "linear": "linear merge: W + Σ w_i ΔW_i, weights normalised to sum 1 unless raw",
     "svd": "SVD merge: the rank-r truncated SVD of the linear merge's ΔW",
-    "ties": "TIES merge (Yadav et al. 2023): trim to `density`, elect signs, disjoint mean; re-factored to rank r",
+    "ties": "TIES merge (Yadav et al. 2023): trim to `density`, elect signs, disjoint mean; re-factored to rank r "
+            "(weights normalised to mean 1, since the disjoint mean already averages)",
     "dare": "DARE merge (Yu et al. 2024): drop entries with probability 1 − density, rescale, sum; rank r",
     "switch": "LoRA Switch (Zhong et al. 2024): one LoRA active at a time, the next every k denoising steps",
     "composite": "LoRA Composite (Zhong et al. 2024): every step runs each LoRA alone and averages (N× the cost)",
@@ -42,7 +43,8 @@ class Mix:
     keys: tuple[str, ...] = ()            # the LoRAs combined, in order (a mixture's order for "mole")
     weights: dict | None = None           # merges: key -> weight (None: each LoRA's default weight)
     normalize: bool = True                # merges: weights scaled to sum 1
-    rank: int | None = None               # svd / ties / dare: rank of the result (None: the LoRAs' own)
+    rank: int | None = None               # svd: rank of the result (None: the largest LoRA rank);
+                                          # ties / dare: None = the sum of the ranks (capped by the module)
     density: float = 0.5                  # ties / dare: fraction of each ΔW's entries kept
     switch_every: int = 5                 # switch: denoising steps per LoRA (k)
     granularity: str = "block"            # mole without a mixture: which modules share a gate

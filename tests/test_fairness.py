@@ -1,0 +1,43 @@
+"""A long job steps aside for a short one: while gate training runs in one thread, a MoLE image over other
+LoRAs (another attachment) is rendered from another thread before the training ends, and the training
+then ends with exactly the gates it reaches alone (its attachment is put back as it was)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mole_core.attach import MoleConfig
+from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL
+from mole_core.engine import Engine, GenerateRequest, Mix
+from mole_core.train import TrainConfig
+
+CONFIG = TrainConfig(steps=30, lr=1e-2, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not (Path(DEFAULT_MODEL) / "model_index.json").exists():
+        pytest.skip("the embedded world is not in this checkout")
+    return Engine(DEFAULT_MODEL, DEFAULT_BANK)
+
+
+def test_another_attachment_between_training_steps(engine):
+    alone = engine.train(["face", "ring"], MoleConfig(), CONFIG)
+    steps, out = [], {}
+    thread = threading.Thread(target=lambda: out.setdefault("mixture", engine.train(
+        ["face", "ring"], MoleConfig(), CONFIG, on_step=lambda step, *_: steps.append(step))))
+    thread.start()
+    while not steps:
+        time.sleep(0.005)
+    result = engine.generate(Mix("mole", ("checker", "heart"), gate="token"),
+                             GenerateRequest("a vrk on the left", seed=1, steps=2))
+    served_at = steps[-1]
+    thread.join()
+    assert result.label.startswith("MoLE (block, per-token") and served_at < CONFIG.steps
+    interrupted = out["mixture"]
+    assert interrupted.meta["steps"] == CONFIG.steps
+    assert all(torch.equal(alone.gate_state[k], interrupted.gate_state[k]) for k in alone.gate_state)
