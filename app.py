@@ -743,8 +743,14 @@ def _evaluate_tab(studio: Studio) -> dict:
     return c
 
 
-def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 3600)) -> gr.Blocks:
-    """The whole page. Loads nothing; the engine loads the model on first use."""
+def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 3600),
+               session_ttl: float = 4 * 3600) -> gr.Blocks:
+    """The whole page. Loads nothing; the engine loads the model on first use.
+
+    delete_cache: (every, older than) seconds: Gradio's copies of uploads and downloads are removed.
+    session_ttl: a session idle this long ends (its State is deleted: `end_session` removes its folder);
+    closing the page ends it too.
+    """
     studio = studio if isinstance(studio, Studio) else Studio(studio)
     engine, fast, long = studio.engine, dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1), \
         dict(concurrency_id=LONG_QUEUE, concurrency_limit=1)
@@ -752,7 +758,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
     on = partial  # handlers take the studio first
 
     with gr.Blocks(title="MoLE Studio", delete_cache=delete_cache) as demo:
-        state = gr.State(new_session(), delete_callback=partial(end_session, studio))
+        state = gr.State(new_session(), time_to_live=session_ttl, delete_callback=partial(end_session, studio))
         gr.Markdown("# MoLE Studio\nMix LoRAs as gated experts (MoLE) and compare with the merges and the other "
                     "composition methods, same seed, side by side. **Start:** pick two LoRAs in *Bank* → "
                     "*Train gates* → *Compare* (the prompt is filled in) → *Toggle experts* / *Inspect gates*.")

@@ -23,6 +23,11 @@ image can get different experts. Members of a group whose token count differs fr
 attention keys/values read the text, not the pixels) use the leader's weights averaged over its tokens.
 Recording and the balance loss see the per-sample mean over tokens.
 
+Static gates (MoleConfig(gate="static"): MoLE's static ablation; LoraHub's one weight per LoRA, here learned
+by gradient): G = softmax(l / τ) with ONE logit l_i per expert and one τ for the whole attachment — every
+group's Gate holds the same two Parameters — so the weights never depend on the input. l = 0 at start: the
+equal-weight linear merge, like the other kinds.
+
 Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
 
@@ -42,13 +47,19 @@ class Gate(nn.Module):
     """One gate: expert outputs (..., N, d_out) -> expert weights (..., N): pooled per sample (B, N, d_out)
     or per token (B, T, N, d_out); the same parameters either way.
 
+    static: (logits (N,), log_tau ()) Parameters shared by all gates of a static attachment; such a gate
+    ignores the outputs (only their leading shape counts) and never gets a projection.
     Trainable parameters of MoLE are exactly the parameters of the modules of this class.
     """
 
-    def __init__(self, n_experts: int):
+    def __init__(self, n_experts: int, static: tuple[nn.Parameter, nn.Parameter] | None = None):
         super().__init__()
         self.n_experts = n_experts
-        self.log_tau = nn.Parameter(torch.zeros(()))     # temperature τ = exp(log_tau), τ = 1 at start
+        if static is None:
+            self.log_tau = nn.Parameter(torch.zeros(()))     # temperature τ = exp(log_tau), τ = 1 at start
+            self.register_parameter("logits", None)
+        else:
+            self.logits, self.log_tau = static               # (N,), (): the same objects in every gate
         self.register_module("proj", None)                # Linear(N·d_out, N), created at the leader's first run
         self.leader: str | None = None                    # key of the member that evaluates this gate
 
@@ -57,7 +68,10 @@ class Gate(nn.Module):
         return None if self.proj is None else self.proj.in_features // self.n_experts
 
     def materialise(self, d_out: int, device=None) -> None:
-        """Create the zero-initialised projection for experts' outputs of size d_out (no-op if present)."""
+        """Create the zero-initialised projection for experts' outputs of size d_out (no-op if present
+        or static)."""
+        if self.logits is not None:
+            return
         if self.proj is not None:
             if self.d_out != d_out:
                 raise ValueError(f"Gate led by '{self.leader}' was built for d_out={self.d_out}, found {d_out}.")
@@ -70,14 +84,14 @@ class Gate(nn.Module):
     def reset(self) -> None:
         """Back to the untrained gate (zero logits, τ = 1): equal weights."""
         with torch.no_grad():
-            self.log_tau.zero_()
-            if self.proj is not None:
-                self.proj.weight.zero_()
-                self.proj.bias.zero_()
+            for p in self.parameters():                   # log_tau, and the logits or the projection
+                p.zero_()
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
         *lead, N, d_out = outputs.shape                                    # (..., N, d_out)
-        if self.proj is None:
+        if self.logits is not None:
+            logits = self.logits.float().expand(*lead, N)                  # static: the same for every input
+        elif self.proj is None:
             logits = outputs.new_zeros(*lead, N, dtype=torch.float32)      # unmaterialised = equal weights
         else:
             z = outputs.float().reshape(*lead, N * d_out)                  # concat_i E_i

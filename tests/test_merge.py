@@ -1,11 +1,16 @@
-"""Merges: linear against diffusers' own multi-adapter, SVD against a dense SVD, export, no drift, CLI."""
+"""Merges: linear against diffusers' own multi-adapter, SVD against a dense SVD, TIES / DARE against PEFT's
+definitions on the dense deltas, export, no drift, CLI."""
 from __future__ import annotations
+
+import contextlib
+import re
 
 import torch
 import pytest
 
 from mole_core.lora import LoraWeights, Lora, delta_weight, load_lora, pipeline_components, save_lora
-from mole_core.merge import linear_factors, merge_loras, merged_weights, svd_factors
+from mole_core.merge import (dare_delta, drop, linear_factors, merge_loras, merged_weights, svd_factors, ties_delta,
+                             trim)
 from tests.test_lora import TARGETS, assert_close, model_outputs, random_lora
 
 
@@ -109,10 +114,117 @@ def test_union_of_modules_missing_contributes_zero(comps):
                                0.25 * _dW(a.modules[TARGETS[3]]) + 0.75 * _dW(b.modules[TARGETS[3]]))
 
 
-@pytest.mark.parametrize("method, fmt", [("linear", "diffusers"), ("svd", "kohya"), ("svd", "diffusers")])
+# ---- TIES and DARE ----------------------------------------------------------------------------------
+
+def _peft():
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    return merge_utils
+
+
+def _flat(lw: LoraWeights) -> torch.Tensor:
+    return _dW(lw).reshape(lw.B.shape[0], -1)
+
+
+def test_dare_at_density_one_is_the_raw_linear_merge(comps):
+    """Any ranks, Linear and Conv2d modules, a LoRA missing from some modules: DARE(1) == Σ w_i ΔW_i."""
+    loras = [random_lora(comps, seed=i, rank=2 + i, alpha=1.0 + i) for i in range(2)]
+    loras.append(random_lora(comps, seed=2, rank=4, targets=TARGETS[3:]))
+    weights = [0.7, 1.3, -0.4]
+    dare = merge_loras(loras, weights, method="dare", density=1.0, normalize=False)
+    linear = merge_loras(loras, weights, method="linear", normalize=False)
+    assert list(dare.modules) == list(linear.modules) == TARGETS
+    for key, lw in dare.modules.items():
+        d_out, d_in = _flat(lw).shape
+        present = sum(l.modules[key].rank for l in loras if key in l.modules)
+        assert lw.rank == min(present, d_out, d_in)                      # default rank Σ r_i, capped
+        assert lw.A.shape[1:] == linear.modules[key].A.shape[1:] and lw.B.dim() == linear.modules[key].B.dim()
+        torch.testing.assert_close(_dW(lw), _dW(linear.modules[key]), rtol=1e-4, atol=1e-5)
+    assert dare.metadata["method"] == "dare" and dare.metadata["density"] == 1.0 and dare.metadata["seed"] == 0
+
+
+@pytest.mark.parametrize("shape_a, shape_b", [((40,), (30,)), ((6, 3, 3), (12, 1, 1))])
+def test_ties_with_agreeing_signs_equals_peft_and_the_linear_merge(shape_a, shape_b):
+    """All A, B > 0, so every ΔW_i > 0: TIES at density 1 is PEFT's `ties` on the same ΔW_i exactly (the
+    result has rank ≤ Σ r_i, so re-factoring loses nothing), and with normalised weights it is the
+    normalised linear merge."""
+    merge_utils = _peft()
+    lws = [LoraWeights(lw.A.abs(), lw.B.abs(), lw.scale) for lw in _factors(shape_a, shape_b, [2, 3, 4], seed=5)]
+    loras = [Lora(f"l{i}", {"m": lw}) for i, lw in enumerate(lws)]
+    for normalize, weights in ((False, [0.5, 1.5, 1.0]), (True, [1.0, 2.0, 1.0])):
+        merged = merge_loras(loras, weights, method="ties", density=1.0, normalize=normalize)
+        used = merged.metadata["weights"]
+        with pytest.warns(UserWarning, match="no pruning"):            # PEFT warns at density 1
+            theirs = merge_utils.ties([_dW(lw) for lw in lws], torch.tensor(used), 1.0)
+        torch.testing.assert_close(_dW(merged.modules["m"]), theirs, rtol=1e-4, atol=1e-5)
+    assert used == pytest.approx([0.75, 1.5, 0.75])                     # normalised to mean 1 for TIES
+    linear = merge_loras(loras, weights, method="linear")
+    torch.testing.assert_close(_dW(merged.modules["m"]), _dW(linear.modules["m"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_delta_is_peft_ties_and_the_merge_is_its_truncated_svd(density):
+    """Mixed signs, any density: our dense TIES == PEFT's `ties`; merge_loras re-factors it by a truncated SVD."""
+    merge_utils = _peft()
+    lws = _factors((6, 3, 3), (12, 1, 1), [2, 3, 4], seed=7)
+    taus, weights = [_flat(lw) for lw in lws], [0.5, -0.2, 0.9]
+    with pytest.warns(UserWarning) if density == 1 else contextlib.nullcontext():
+        theirs = merge_utils.ties(taus, torch.tensor(weights), density)
+    ours = ties_delta(taus, weights, density)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    merged = merge_loras([Lora(f"l{i}", {"m": lw}) for i, lw in enumerate(lws)], weights, method="ties",
+                         density=density, normalize=False, rank=5)
+    U, S, Vh = torch.linalg.svd(theirs.double(), full_matrices=False)
+    truncated = (U[:, :5] * S[:5]) @ Vh[:5]
+    got = _flat(merged.modules["m"]).double()
+    assert merged.modules["m"].A.shape == (5, 6, 3, 3) and merged.modules["m"].B.shape == (12, 5, 1, 1)
+    assert ((got - truncated).norm() / truncated.norm()).item() < 1e-4
+
+
+def test_trim_and_drop_keep_the_expected_fraction():
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(100, 120, generator=g)
+    for density in (0.1, 0.35, 0.8):
+        kept = trim(tau, density)
+        assert int((kept != 0).sum()) == int(density * tau.numel())    # TIES: exactly the top-k ...
+        assert kept.abs().min() == 0 and tau.abs()[kept != 0].min() >= tau.abs()[kept == 0].max()   # ... by |τ|
+        dropped = drop(tau, density, torch.Generator().manual_seed(1))
+        survivors = dropped != 0
+        assert abs(survivors.float().mean().item() - density) < 0.02     # DARE: about density of them ...
+        torch.testing.assert_close(dropped[survivors], tau[survivors] / density)   # ... rescaled by 1/density
+    taus = [torch.randn(50, 60, generator=g) for _ in range(2)]
+    dare = dare_delta(taus, [0.5, 0.5], 0.3, torch.Generator().manual_seed(2))
+    assert abs((dare != 0).float().mean().item() - (1 - 0.7 ** 2)) < 0.02       # union of two drops
+    assert int((ties_delta(taus, [1.0, 1.0], 0.3) != 0).sum()) <= 2 * int(0.3 * 3000)
+
+
+def test_dare_is_deterministic_by_seed(comps):
+    loras = [random_lora(comps, seed=i, rank=2 + i) for i in range(3)]
+    for method in ("dare", "dare_ties"):
+        a, b = (merge_loras(loras, method=method, density=0.4, seed=3) for _ in range(2))
+        c = merge_loras(loras, method=method, density=0.4, seed=4)
+        assert all(torch.equal(a.modules[k].A, b.modules[k].A) and torch.equal(a.modules[k].B, b.modules[k].B)
+                   for k in a.modules)
+        assert not torch.allclose(_dW(a.modules[TARGETS[0]]), _dW(c.modules[TARGETS[0]]))
+    linear = merge_loras(loras, method="linear")
+    assert not torch.allclose(_dW(a.modules[TARGETS[0]]), _dW(linear.modules[TARGETS[0]]), atol=1e-3)
+
+
+def test_bad_density_is_refused(comps):
+    loras = [random_lora(comps, seed=i) for i in range(2)]
+    for method in ("ties", "dare", "dare_ties"):
+        for density in (None, 0, -0.5, 1.5, float("nan")):
+            with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+                merge_loras(loras, method=method, density=density)
+    merge_loras(loras, method="linear", density=None)                  # the other methods take none
+    with pytest.raises(ValueError, match="unknown merge method 'magic'"):
+        merge_loras(loras, method="magic")
+
+
+@pytest.mark.parametrize("method, fmt", [("linear", "diffusers"), ("svd", "kohya"), ("svd", "diffusers"),
+                                         ("ties", "kohya"), ("dare", "diffusers")])
 def test_exported_file_reloaded_by_diffusers_reproduces_merge(tiny_pipe, comps, tmp_path, method, fmt):
     loras = [random_lora(comps, seed=i, rank=3) for i in range(3)]
-    merged = merge_loras(loras, [0.5, 0.3, 0.2], method=method, rank=4)
+    merged = merge_loras(loras, [0.5, 0.3, 0.2], method=method, rank=4, density=0.5)
     with merged_weights(comps, merged):
         ours = model_outputs(tiny_pipe)
     path = tmp_path / "merged.safetensors"
@@ -181,4 +293,4 @@ def test_cli_inspect_and_merge(tiny_pipe, comps, tmp_path, capsys):
 
     assert cli.main(["merge", "--model", str(model_dir), "--lora", str(files[0]), "--lora", f"{files[1]}:-1",
                      "--method", "linear", "--out", str(tmp_path / "x.safetensors")]) == 1   # weights sum to 0
-    assert "sum to zero" in capsys.readouterr().err
+    assert re.search(r"sum to (0|zero)\b", capsys.readouterr().err)
