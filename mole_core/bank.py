@@ -162,7 +162,10 @@ class Bank:
             entry = self.get(key)
             if entry.error:
                 raise ValueError(entry.error)
-            self._cache[key] = load_lora(entry.lora_path, name=key)
+            try:
+                self._cache[key] = load_lora(entry.lora_path, name=key)
+            except ValueError as e:    # name the file, not the folder it lies in
+                raise ValueError(str(e).replace(str(entry.lora_path), entry.lora_path.name)) from e
         return self._cache[key]
 
     def validate(self, components: nn.Module) -> dict[str, str | None]:
@@ -173,7 +176,7 @@ class Bank:
                 try:
                     validate_lora(self.load(entry.key), components)
                 except ValueError as e:
-                    entry.error = str(e)
+                    entry.error = str(e).replace(str(entry.lora_path), entry.lora_path.name)
             report[entry.key] = entry.error
         return report
 
@@ -200,10 +203,13 @@ class Bank:
             raise ValueError(f"The bank already has an entry '{key}': choose another name.")
         try:
             lora = load_lora(src_path, name=key)
-        except ValueError as e:
-            raise ValueError(str(e).replace(str(src_path), display)) from e
-        if components is not None:
-            validate_lora(lora, components)
+            if components is not None:
+                validate_lora(lora, components)
+        except ValueError as e:    # the user's own name for the file, never the folder it was uploaded to
+            message = str(e).replace(str(src_path), display)
+            if message.startswith(src_path.name + ":"):
+                message = display + message[len(src_path.name):]
+            raise ValueError(message) from e
         pairs = [(Path(i), "") if isinstance(i, (str, Path)) else (Path(i[0]), str(i[1])) for i in images]
         for image, _ in pairs:
             try:

@@ -350,7 +350,7 @@ def validate_lora(lora: Lora, components: nn.Module) -> None:
     if problems:
         shown = "\n  ".join(problems[:5])
         more = f"\n  … and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise LoraFileError(f"{lora.path or lora.name}: {len(problems)} of {len(lora.modules)} module(s) do not fit "
+        raise LoraFileError(f"{Path(lora.path).name if lora.path else lora.name}: {len(problems)} of {len(lora.modules)} module(s) do not fit "
                             f"this model (a LoRA for another architecture?):\n  {shown}{more}")
 
 
@@ -393,6 +393,10 @@ def save_lora(lora: Lora, path: str | Path, format: str = "diffusers") -> None:
             tensors[f"{name}.alpha"] = torch.tensor(w.scale * w.rank, dtype=torch.float32)
         else:
             raise ValueError(f"{path}: unknown LoRA file format '{format}' (expected 'diffusers' or 'kohya').")
+    for key, t in tensors.items():   # never write a file that load_lora would refuse
+        if not torch.isfinite(t).all() or t.abs().max().item() > MAX_ABS:
+            raise LoraFileError(f"{path.name}: tensor '{key}' would hold values that are not finite or above "
+                                f"{MAX_ABS:g} (weights too large?); nothing was written.")
     metadata = {"format": "pt", "mole.name": lora.name, "mole.format": format}
     _atomic_save(tensors, path, metadata)
 

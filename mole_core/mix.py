@@ -34,6 +34,7 @@ METHODS = {
 }
 MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
 NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite")
+MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
 
 
 @dataclass
@@ -84,9 +85,10 @@ class Mix:
             raise ValueError(f"A LoRA is selected twice: {', '.join(self.keys)}.")
         for what, values in (("weight", self.weights), ("strength", self.strengths)):
             for key, value in (values or {}).items():
-                if not _finite(value) or (what == "strength" and not 0 <= float(value) <= 10):
-                    raise ValueError(f"The {what} of {key!r} must be a finite number"
-                                     f"{' between 0 and 10' if what == 'strength' else ''}; got {value!r}.")
+                low, high = (0, 10) if what == "strength" else (-MAX_WEIGHT, MAX_WEIGHT)
+                if not _finite(value) or not low <= float(value) <= high:
+                    raise ValueError(f"The {what} of {key!r} must be a finite number between {low:g} and "
+                                     f"{high:g}; got {value!r}.")
         if self.weights and self.normalize and self.method in MERGES:
             total = sum(float(w) for k, w in self.weights.items() if k in self.keys)
             if abs(total) < 1e-8:

@@ -51,8 +51,13 @@ class Mixture:
         return self.meta.get("mole_config", {}).get("gate", "sample")
 
     def mole_config(self) -> MoleConfig:
-        """The MoleConfig to attach with so these gates fit."""
-        return MoleConfig(granularity=self.granularity, gate=self.gate)
+        """The MoleConfig to attach with so these gates fit: every field the file records (older files
+        lack the newer ones: their defaults)."""
+        saved = self.meta.get("mole_config", {})
+        known = {f.name for f in dataclasses.fields(MoleConfig)}
+        fields = {k: v for k, v in saved.items() if k in known} if isinstance(saved, dict) else {}
+        fields.update(granularity=self.granularity, gate=self.gate)
+        return MoleConfig(**fields)
 
     def check(self, lora_files: list[tuple[str, str | Path]], model_id: str | None = None) -> None:
         """MixtureError unless `lora_files` [(name, path)] are the mixture's files (names, order, sha256)
@@ -136,8 +141,8 @@ def load_mixture(path, display: str | None = None) -> Mixture:
         raise MixtureError(f"{where}: its '{META_KEY}' metadata is not valid JSON ({e}).") from e
     _check_meta(meta, where)
     for key, t in tensors.items():
-        if not t.is_floating_point() or not torch.isfinite(t).all() or t.abs().max() > MAX_GATE_ABS:
-            raise MixtureError(f"{where}: gate tensor '{key}' is not finite or holds values above "
+        if not t.is_floating_point() or t.numel() == 0 or not torch.isfinite(t).all() or t.abs().max() > MAX_GATE_ABS:
+            raise MixtureError(f"{where}: gate tensor '{key}' is empty, not finite or holds values above "
                                f"{MAX_GATE_ABS:g}; the file is refused.")
     return Mixture(names=list(meta["names"]), sha256s=list(meta["sha256"]), granularity=meta["granularity"],
                    gate_state=tensors, meta=meta, path=str(path))

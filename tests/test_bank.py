@@ -59,10 +59,11 @@ def test_scan_lists_good_and_broken_entries(bank_dir):
     errors = {e.key: e.error for e in bank.entries}
     assert set(errors) == {"red", "blue", "nomanifest", "orphan", "badjson", "badkind"}
     assert errors["red"] is None and errors["blue"] is None
-    assert "no manifest nomanifest.json" in errors["nomanifest"]
-    assert "without its LoRA file orphan.safetensors" in errors["orphan"]
-    assert "badjson.json: not valid JSON" in errors["badjson"]
-    assert "'kind' must be one of" in errors["badkind"]
+    assert errors["nomanifest"] == "nomanifest.safetensors: no manifest nomanifest.json beside it."
+    assert errors["orphan"] == "orphan.json: manifest without its LoRA file orphan.safetensors."
+    assert errors["badjson"].startswith("badjson.json: not valid JSON: ")
+    assert errors["badkind"] == "badkind.json: 'kind' must be one of ('subject', 'style'), found 'landscape'."
+    assert not any(str(bank_dir) in e for e in errors.values() if e)     # files are named, not the folder
 
     red = bank.get("red")
     assert (red.name, red.trigger, red.kind, red.default_weight) == ("Red", ["sks"], "subject", 0.8)
@@ -113,9 +114,11 @@ def test_add_of_bad_input_leaves_the_folder_unchanged(bank_dir, comps, tmp_path)
     img = _image(tmp_path / "ok.png")
 
     (tmp_path / "cut.safetensors").write_bytes((bank_dir / "red.safetensors").read_bytes()[:100])
-    nan_lora = random_lora(comps, seed=8)
-    next(iter(nan_lora.modules.values())).A[0, 0] = float("nan")
-    save_lora(nan_lora, tmp_path / "nan.safetensors")
+    save_lora(random_lora(comps, seed=8), tmp_path / "nan.safetensors")   # save_lora refuses NaN: poison the file
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "nan.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     from safetensors.torch import save_file
     save_file({f"{key}.lora_A.weight": torch.randn(4, 2048), f"{key}.lora_B.weight": torch.randn(8, 4)},

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 from mole_core.engine import Engine
 from tests.test_api import launch
 from tests.test_app import world_paths
@@ -63,6 +64,19 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
+def read_gallery(page, engine) -> list[str]:
+    """The oracle's reading of every image of the Compare gallery ("caption · what the oracle sees")."""
+    import io
+    import PIL.Image
+    from mole_core.world import Oracle
+    captions = [c.strip() for c in page.locator("#results .caption-label").all_inner_texts()]
+    images = [PIL.Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())).convert("RGB")
+              for img in page.locator("#results img").all()]
+    oracle = Oracle.load(Path(engine.model_id) / "oracle")
+    return [f"{caption}: {', '.join(f'{ident} {pos}' for pos, ident, _ in reading.objects()) or 'nothing'}"
+            for caption, reading in zip(captions, oracle.read([i.resize((32, 32)) for i in images]))]
+
+
 def test_select_train_compare_toggle_inspect(served, page):
     url, engine = served
     entries = [e for e in engine.bank.entries if not e.error]
@@ -78,24 +92,30 @@ def test_select_train_compare_toggle_inspect(served, page):
     assert sum(chosen.nth(i).is_checked() for i in range(chosen.count())) == 2
     page.screenshot(path=str(ARTIFACTS / "browser_bank.png"), full_page=True)
 
-    # 2. Train gates: a few steps, the status reports them and a mixture can be downloaded
+    # 2. Train gates: a few steps; the expected duration is stated first, the summary after
     open_tab(page, "Train gates")
+    assert "Expected: about" in page.locator("#train-estimate").inner_text()
     page.locator("#train-steps input").fill("2")
     page.locator("#train-button").click()
     page.wait_for_function("() => document.querySelector('#train-status')?.innerText.includes('Trained after 2')")
+    assert "Mean gates" in page.locator("#train-status").inner_text()
     page.screenshot(path=str(ARTIFACTS / "browser_train.png"), full_page=True)
 
-    # 3. Compare: four methods side by side, each captioned with its time
+    # 3. Compare: the default methods side by side on a caption built from the chosen LoRAs
     open_tab(page, "Compare")
-    page.locator("#prompt textarea").fill(" ".join(entries[0].trigger + entries[1].trigger))
+    page.get_by_role("button", name="Caption from the chosen LoRAs").click()
+    triggers = [entries[0].trigger[0], entries[1].trigger[0]]
+    page.wait_for_function("(t) => document.querySelector('#prompt textarea').value.includes(t[0] + ' on the left')",
+                           arg=triggers)
     page.locator("#steps input[type=number]").fill("2")
     page.locator("#compare-button").click()
-    page.wait_for_function("() => document.querySelectorAll('#results img').length === 4")
-    # the four images are really shown (loaded and decoded), not just their frames
+    n = len(app.DEFAULT_METHODS)
+    page.wait_for_function(f"() => document.querySelectorAll('#results img').length === {n}")
+    # the images are really shown (loaded and decoded), not just their frames
     page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
                            ".every(i => i.complete && i.naturalWidth > 0)")
     captions = page.locator("#results").inner_text()
-    assert "MoLE" in captions and "untrained" not in captions and " s" in captions
+    assert "MoLE" in captions and "untrained" not in captions and "TIES" in captions and "Switch" in captions
     page.screenshot(path=str(ARTIFACTS / "browser_compare.png"), full_page=True)
 
     # 4. Inspect: the heat-map of the MoLE image is there
@@ -122,9 +142,34 @@ def test_select_train_compare_toggle_inspect(served, page):
     open_tab(page, "Compare")
     first = page.locator("#results img").first.get_attribute("src")
     page.get_by_label("Randomise seed").check()
-    for method in ("linear", "SVD"):
-        page.locator("#methods").get_by_label(method, exact=True).uncheck()
+    for label, _ in app.COMPARE_METHODS:
+        if label not in ("MoLE", "base"):
+            page.locator("#methods").get_by_label(label, exact=True).set_checked(False)
     page.locator("#compare-button").click()
     page.wait_for_function("() => document.querySelectorAll('#results img').length === 2")
     assert page.locator("#results img").first.get_attribute("src") != first
     assert page.locator("#used-seed input").input_value() != "0"
+
+
+@pytest.mark.slow
+def test_defaults_train_and_compare_on_the_first_example_prompt(served, page):
+    """A newcomer's path with every default: pick two LoRAs, train, Compare on the example prompt the page
+    starts with; every default method renders, and the oracle's reading of each image is printed."""
+    url, engine = served
+    page.goto(url)
+    page.wait_for_selector("#bank-gallery img")
+    open_tab(page, "Train gates")
+    page.locator("#train-button").click()
+    page.wait_for_function("() => document.querySelector('#train-status')?.innerText.includes('Trained after')")
+    print(page.locator("#train-status").inner_text())
+    open_tab(page, "Compare")
+    page.locator("#compare-button").click()
+    n = len(app.DEFAULT_METHODS)
+    page.wait_for_function(f"() => document.querySelectorAll('#results img').length === {n}")
+    page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(ARTIFACTS / "browser_defaults_compare.png"), full_page=True)
+    print("prompt:", page.locator("#prompt textarea").input_value())
+    if (Path(engine.model_id) / "oracle").exists():
+        for line in read_gallery(page, engine):
+            print(line)
