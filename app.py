@@ -360,7 +360,9 @@ def train_summary(mixture, task_losses: list[float], cancelled: bool) -> str:
         n = len(gates)
         moved = max(abs(g - 1 / n) for g in gates)
         lines.append(f"Mean gates {' / '.join(f'{g:.2f}' for g in gates)} (uniform: {1 / n:.2f}; the largest "
-                     f"move {moved:.2f}). The Inspect tab shows them per layer and per pixel's share.")
+                     f"move {moved:.2f}{'; per-pixel gates can route each place to one expert while their mean over '
+                     'the image stays near uniform' if mixture.gate == 'token' else ''}). Compare, then Inspect "
+                     f"gates shows them per layer.")
     if len(task_losses) >= 4:
         k = max(1, min(10, len(task_losses) // 4))
         first, last = sum(task_losses[:k]) / k, sum(task_losses[-k:]) / k

@@ -8,19 +8,35 @@ The public verbs (the README shows them in five lines):
     with handle.settings(mask={"face": False}): pipe(prompt)     # switch experts off, no retraining
     merged = merge_loras([a, b, c], method="svd", rank=8)        # the arithmetic peers
 
+The names are imported on first use (PEP 562 module __getattr__), so `import mole_core.defaults` and
+`python -m mole_core --help` do not load torch and diffusers.
+
 References: Wu, Huang, Wei, "Mixture of LoRA Experts", ICLR 2024 (arXiv 2404.13628).
 """
-from .attach import MoleConfig, MoleHandle, attach
-from .bank import Bank
-from .engine import Engine, GenerateRequest
-from .lora import Lora, LoraWeights, delta_weight, load_lora, pipeline_components, save_lora, validate_lora
-from .merge import linear_factors, merge_loras, merged_weights, svd_factors
-from .mixture import load_mixture, save_mixture
-from .train import DiffusionTask, TokenTask, TrainConfig, train_gates
+import importlib
 
-__all__ = [
-    "Bank", "DiffusionTask", "Engine", "GenerateRequest", "Lora", "LoraWeights", "MoleConfig", "MoleHandle",
-    "TokenTask", "TrainConfig", "attach", "delta_weight", "linear_factors", "load_lora", "load_mixture",
-    "merge_loras", "merged_weights", "pipeline_components", "save_lora", "save_mixture", "svd_factors",
-    "train_gates", "validate_lora",
-]
+# public name -> the module of the package that defines it
+_EXPORTS = {
+    "MoleConfig": "attach", "MoleHandle": "attach", "attach": "attach",
+    "Bank": "bank",
+    "Engine": "engine", "GenerateRequest": "engine", "Mix": "mix",
+    "compositing": "peers", "switching": "peers",
+    "Lora": "lora", "LoraWeights": "lora", "delta_weight": "lora", "load_lora": "lora",
+    "pipeline_components": "lora", "save_lora": "lora", "validate_lora": "lora",
+    "linear_factors": "merge", "merge_loras": "merge", "merged_weights": "merge", "svd_factors": "merge",
+    "load_mixture": "mixture", "save_mixture": "mixture",
+    "DiffusionTask": "train", "TokenTask": "train", "TrainConfig": "train", "train_gates": "train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mole_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mole_core.{_EXPORTS[name]}"), name)
+    globals()[name] = value          # later lookups are plain attributes
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
