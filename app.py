@@ -359,10 +359,10 @@ def train_summary(mixture, task_losses: list[float], cancelled: bool) -> str:
     if gates:
         n = len(gates)
         moved = max(abs(g - 1 / n) for g in gates)
+        note = ("; per-pixel gates can route each place to one expert while their mean over the image stays "
+                "near uniform") if mixture.gate == "token" else ""
         lines.append(f"Mean gates {' / '.join(f'{g:.2f}' for g in gates)} (uniform: {1 / n:.2f}; the largest "
-                     f"move {moved:.2f}{'; per-pixel gates can route each place to one expert while their mean over '
-                     'the image stays near uniform' if mixture.gate == 'token' else ''}). Compare, then Inspect "
-                     f"gates shows them per layer.")
+                     f"move {moved:.2f}{note}). Compare, then Inspect gates shows them per layer.")
     if len(task_losses) >= 4:
         k = max(1, min(10, len(task_losses) // 4))
         first, last = sum(task_losses[:k]) / k, sum(task_losses[-k:]) / k
