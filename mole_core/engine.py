@@ -46,7 +46,9 @@ from mole_core.attach import GATE_COLUMNS, MoleConfig, attach
 from mole_core.bank import Bank, BankEntry
 from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
-from mole_core.lora import Lora, pipeline_components, save_lora, validate_lora
+from mole_core.families import components as components_of
+from mole_core.families import default_size, family_of, latent_shape, latents_for, load_pipeline
+from mole_core.lora import Lora, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
@@ -94,6 +96,7 @@ class Engine:
     def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
                  dtype: torch.dtype | None = None, limits: Limits | None = None):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
+        self.family = None                       # mole_core.families.Family, known once the pipeline is loaded
         self.bank = bank if isinstance(bank, Bank) else Bank(bank)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or torch.float32
@@ -111,27 +114,21 @@ class Engine:
     # ---- the pipeline ---------------------------------------------------------------------------
     @property
     def pipe(self):
-        """The shared StableDiffusionPipeline, loaded on first use."""
+        """The shared pipeline (any supported family: mole_core.families), loaded on first use."""
         with self._load_lock:
             if self._pipe is None:
-                from diffusers import StableDiffusionPipeline
-                pipe = StableDiffusionPipeline.from_pretrained(self.model_id, dtype=self.dtype)
-                self._pipe = self._prepare(pipe)
+                self._pipe = self._prepare(self.model_id)
         return self._pipe
 
-    def _prepare(self, pipe):
-        pipe.to(self.device)
-        if pipe.unet.dtype != self.dtype:
-            pipe.to(dtype=self.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        for model in (pipe.unet, pipe.text_encoder, pipe.vae):
-            model.requires_grad_(False).eval()
+    def _prepare(self, model):
+        pipe = load_pipeline(model, self.device, self.dtype)
+        self.family = family_of(pipe)
         return pipe
 
     @property
     def components(self) -> nn.ModuleDict:
-        """The pipeline's models addressed the way LoRA keys are written ("unet.<path>", ...)."""
-        return pipeline_components(self.pipe)
+        """The pipeline's models addressed the way LoRA keys are written ("unet.<path>", "transformer.<path>", ...)."""
+        return components_of(self.pipe)
 
     @property
     def model_name(self) -> str:
@@ -140,8 +137,7 @@ class Engine:
 
     def default_size(self) -> tuple[int, int]:
         """(height, width) the model was trained at."""
-        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        return side, side
+        return default_size(self.pipe)
 
     def expected_seconds(self, train_steps: int = 0, images: int = 0, denoise_steps: int = DEFAULT_DENOISE_STEPS,
                          gate: str = "sample", batch_size: int = 4) -> float:
@@ -191,6 +187,7 @@ class Engine:
             if side is not None and (not _whole(side) or not 8 <= side <= max_side or side % 8):
                 raise ValueError(f"{side_name} must be a multiple of 8 between 8 and {max_side} "
                                  f"({limits.side_factor}× this model's side); got {side!r}.")
+        latent_shape(self.pipe, *self._size(request))     # the family's own multiple (FLUX: 16)
         if not _whole(request.seed) or not 0 <= request.seed < 2**63:
             raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {request.seed!r}.")
         for what, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
@@ -225,7 +222,7 @@ class Engine:
                 raise ValueError(f"The LoRA {key!r} of the bank cannot be used: {known[key].error}")
             stamp = _file_stamp(known[key].lora_path)
             if stamp not in self._fits:   # once per file: neither the file nor the model changes
-                validate_lora(bank.load(key), self.components)
+                validate_lora(bank.load(key), self.components, self.family.name)
                 self._fits.add(stamp)
 
     def _check_mixture(self, mixture: Mixture, bank: Bank) -> None:
@@ -258,6 +255,10 @@ class Engine:
             raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {train.seed!r}.")
         with self._lock:
             self._check_keys(keys, bank or self.bank)
+            if self.family.name != "sd":
+                raise ValueError(f"Gate training is implemented for Stable Diffusion 1.x/2.x pipelines (their "
+                                 f"denoising loss); this model is {self.family.title}. Untrained MoLE and every "
+                                 f"merge work on it.")
 
     # ---- MoLE attachment and merges -------------------------------------------------------------
     def _attached(self, keys, mole: MoleConfig, bank: Bank):
@@ -366,11 +367,9 @@ class Engine:
             return [self._run(mix, request, latents, bank) for mix in mixes]
 
     def _latents(self, request: GenerateRequest) -> torch.Tensor:
-        """Starting noise for this seed and size (float32, CPU): the same for every method and run."""
-        height, width = self._size(request)
-        scale = self.pipe.vae_scale_factor
-        shape = (1, self.pipe.unet.config.in_channels, height // scale, width // scale)
-        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(request.seed))
+        """Starting noise for this seed and size (float32, CPU, in the family's layout): the same for every
+        method and run."""
+        return latents_for(self.pipe, request.seed, *self._size(request))
 
     def _size(self, request: GenerateRequest) -> tuple[int, int]:
         default_h, default_w = self.default_size()
@@ -417,8 +416,14 @@ class Engine:
                  "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
         return image, None, label
 
+    def _unet_only(self, what: str) -> None:
+        if self.family.denoiser != "unet" or self.family.name != "sd":
+            raise ValueError(f"{what} is implemented for Stable Diffusion 1.x/2.x pipelines; this model is "
+                             f"{self.family.title}.")
+
     def _run_switch(self, mix: Mix, request, latents, bank: Bank):
         from mole_core.peers import switching
+        self._unet_only("LoRA Switch")
         handle = self._attached(mix.keys, MoleConfig(), bank)
         with switching(self.pipe, handle, every=mix.switch_every):
             image = self._call_pipe(request, latents)
@@ -426,6 +431,7 @@ class Engine:
 
     def _run_composite(self, mix: Mix, request, latents, bank: Bank):
         from mole_core.peers import compositing
+        self._unet_only("LoRA Composite")
         handle = self._attached(mix.keys, MoleConfig(), bank)
         with compositing(self.pipe, handle):
             image = self._call_pipe(request, latents)
@@ -437,8 +443,10 @@ class Engine:
 
     def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
         height, width = self._size(request)
+        # FLUX is guidance-distilled: no negative prompt (its true CFG is another knob); the rest take one
+        negative = {} if self.family.packed else {"negative_prompt": request.negative or None}
         with torch.no_grad():
-            out = self.pipe(prompt=request.prompt, negative_prompt=request.negative or None,
+            out = self.pipe(prompt=request.prompt, **negative,
                             height=height, width=width, num_inference_steps=request.steps,
                             guidance_scale=float(request.guidance), latents=latents.to(self.device, self.dtype),
                             # only stochastic schedulers draw from it; seeded so they repeat too

@@ -1,0 +1,87 @@
+"""The engine on tiny SDXL, SD3 and FLUX pipelines opened from their folders: every weight-space method and
+untrained MoLE render from the same starting noise; untrained MoLE is the equal-weight linear merge; the
+pipeline is left as found; what is not implemented for a family says so (Switch / Composite / gate training).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mole_core.engine import Engine, GenerateRequest, Mix
+from mole_core.families import FAMILIES, components, load_pipeline
+from mole_core.lora import Lora, LoraWeights, save_lora
+from mole_core.train import TrainConfig
+from mole_core.attach import MoleConfig
+from tests.tiny_families import SIDE, make_family_dir
+
+torch.set_num_threads(1)
+
+# A few layers per family that LoRAs usually adapt (as diffusers' train_dreambooth_lora_* scripts target them).
+TARGETS = {
+    "sdxl": ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+             "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+             "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+             "text_encoder.encoder.layers.0.self_attn.q_proj"],
+    "sd3": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.to_v",
+            "transformer.transformer_blocks.0.ff.net.2"],
+    "flux": ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp",
+             "transformer.single_transformer_blocks.1.attn.to_k"],
+}
+
+
+def make_bank(folder, model_dir, family):
+    """Two random LoRAs of `family` (different targets and seeds) with manifests, saved in diffusers format."""
+    comps = components(load_pipeline(str(model_dir)))
+    folder.mkdir()
+    for i, key in enumerate(("a", "b")):
+        g = torch.Generator().manual_seed(i)
+        modules = {}
+        for target in TARGETS[family][i:] + TARGETS[family][:i]:
+            m = comps.get_submodule(target)
+            modules[target] = LoraWeights(A=torch.randn(2, m.in_features, generator=g) * 0.5,
+                                          B=torch.randn(m.out_features, 2, generator=g) * 0.5, scale=1.0)
+        save_lora(Lora(key, modules, family=family), folder / f"{key}.safetensors")
+        (folder / f"{key}.json").write_text(json.dumps({"name": key.upper(), "trigger": [key], "base_model": family}))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+def engine(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_dir = make_family_dir(request.param, root)
+    return Engine(str(model_dir), str(make_bank(root / "bank", model_dir, request.param)))
+
+
+REQUEST = GenerateRequest("a photo of a", seed=3, steps=2, guidance=3.0, height=SIDE, width=SIDE)
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def test_every_weight_space_method_and_untrained_mole(engine):
+    keys = ("a", "b")
+    mixes = [Mix("base"), Mix("linear", keys), Mix("svd", keys, rank=2), Mix("ties", keys, density=0.5),
+             Mix("dare", keys, density=0.5), Mix("mole", keys), Mix("single:a")]
+    before = pixels(engine.generate(Mix("base"), REQUEST))
+    results = engine.compare(mixes, REQUEST)
+    assert engine.family.name in FAMILIES and [r.method for r in results] == [m.method for m in mixes]
+    base, linear, _, _, _, mole, single = (pixels(r) for r in results)
+    assert results[0].image.size == (SIDE, SIDE)
+    assert not np.array_equal(base, linear) and not np.array_equal(base, single)
+    assert np.abs(mole - linear).max() <= 1, "untrained MoLE is the equal-weight linear merge"
+    assert np.array_equal(pixels(engine.generate(Mix("base"), REQUEST)), before), "the pipeline is left as found"
+    again = engine.compare(mixes, REQUEST)
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(results, again)), "same seed, same image"
+
+
+def test_what_is_not_implemented_for_a_family_says_so(engine):
+    keys = ("a", "b")
+    with pytest.raises(ValueError, match=f"LoRA Switch is implemented for Stable Diffusion 1.x/2.x pipelines; "
+                                         f"this model is {engine.family.title}"):
+        engine.generate(Mix("switch", keys), REQUEST)
+    with pytest.raises(ValueError, match="Gate training is implemented for Stable Diffusion 1.x/2.x"):
+        engine.train(list(keys), MoleConfig(), TrainConfig(steps=1))
