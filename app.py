@@ -45,6 +45,7 @@ from mole_core.bank import Bank
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL, PACKAGE_ROOT,
                                 TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
+from mole_core.evaluate import SMALL_STUDY
 from mole_core.mix import Mix
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
@@ -555,11 +556,14 @@ def snippet(studio: Studio, state: dict) -> str:
 
 
 # ---- Evaluate -----------------------------------------------------------------------------------
-def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps) -> str:
+def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict) -> str:
     from mole_core.evaluate import small_study_seconds
+    if len(keys or []) < 2:
+        return ""
     try:
-        seconds = small_study_seconds(studio.engine, len(keys or []), seeds=int(seeds), n_prompts=int(n_prompts),
-                                      train_steps=int(train_steps))
+        seconds = small_study_seconds(studio.engine, list(keys), seeds=int(seeds), n_prompts=int(n_prompts),
+                                      train_steps=int(train_steps), mixture=_mixture_for(state, keys),
+                                      bank=bank_of(studio, state))
     except (TypeError, ValueError, OverflowError):
         return ""
     return f"Expected: about {_duration(seconds)} on this server."
@@ -578,11 +582,12 @@ def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, prog
     state["cancel"] = False
     worker = _Worker(lambda on_progress: run_small_study(
         studio.engine, list(keys), seeds=int(seeds), n_prompts=int(n_prompts), train_steps=int(train_steps),
-        mixture=_mixture_for(state, keys), on_progress=on_progress, should_stop=lambda: state["cancel"]))
+        mixture=_mixture_for(state, keys), on_progress=on_progress, should_stop=lambda: state["cancel"],
+        bank=bank_of(studio, state)))
     try:
-        for done, total, message in worker:
-            progress((done, total), desc=message)
-            yield f"{message} ({done}/{total})", None, None
+        for (tally,) in worker:
+            progress(tally.fraction, desc=tally.message)
+            yield tally.message, None, None
     except ValueError as err:
         raise gr.Error(public_message(studio, str(err))) from err
     finally:
@@ -733,9 +738,11 @@ def _evaluate_tab(studio: Studio) -> dict:
                 "token, freshly trained, or the session's trained gates if they match), the merges, each LoRA "
                 "alone and the base model, on the same prompts and seeds, scored by the world's oracle.")
     with gr.Row():
-        c["seeds"] = gr.Number(2, label="Seeds", precision=0, minimum=1, maximum=limits.study_seeds)
-        c["prompts"] = gr.Number(2, label="Prompts", precision=0, minimum=1, maximum=limits.study_prompts)
-        c["steps"] = gr.Number(30, label="Gate-training steps", precision=0, minimum=1, maximum=limits.train_steps)
+        c["seeds"] = gr.Number(SMALL_STUDY.seeds, label="Seeds", precision=0, minimum=1, maximum=limits.study_seeds)
+        c["prompts"] = gr.Number(SMALL_STUDY.n_prompts, label="Prompts", precision=0, minimum=1,
+                                 maximum=limits.study_prompts)
+        c["steps"] = gr.Number(SMALL_STUDY.train_steps, label="Gate-training steps", precision=0, minimum=1,
+                               maximum=limits.train_steps)
         c["button"] = gr.Button("Run the study", variant="primary")
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["estimate"] = gr.Markdown()
@@ -834,10 +841,10 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         x["snippet_button"].click(on(snippet, studio), [state], [x["snippet"]], **private)
 
         # Evaluate
-        study_inputs = [b["chosen"], e["seeds"], e["prompts"], e["steps"]]
+        study_inputs = [b["chosen"], e["seeds"], e["prompts"], e["steps"], state]
         gr.on([demo.load, e["seeds"].change, e["prompts"].change, e["steps"].change, b["chosen"].change],
               on(study_estimate, studio), study_inputs, [e["estimate"]], queue=False, **private)
-        e["button"].click(on(study, studio), [*study_inputs, state], [e["text"], e["table"], e["chart"]],
+        e["button"].click(on(study, studio), study_inputs, [e["text"], e["table"], e["chart"]],
                           api_name="study", **long)
         e["cancel"].click(cancel, [state], [e["text"]], queue=False, **private)
     return demo

@@ -1,7 +1,8 @@
 """The study: does gated composition (MoLE) keep each LoRA and the caption better than merges?
 
-Run on the embedded pixel world, with fixed seeds, every cell scored by the world's oracle on the same
-prompts and seeds (`mole_core.evaluate`). Six parts, after the MoLE paper:
+Run on the embedded pixel world, with fixed seeds, every cell (a label + a `Mix`) scored by the world's
+oracle on the same prompts and seeds with the study harness (`mole_core.study`; captions and the oracle's
+scorer from `mole_core.world.scoring`). Six parts, after the MoLE paper:
 
   1. composition   2, 3 and 4 subjects composed: caption and per-subject fidelity for linear, SVD, MoLE
                    (paper Table 1) and MoLE with per-token gates (ours); base preservation on trigger-free
@@ -15,8 +16,13 @@ prompts and seeds (`mole_core.evaluate`). Six parts, after the MoLE paper:
   5. cost          gate-training steps and seconds to the plateau (90% of the loss drop) on this machine.
   6. references    each LoRA alone and the un-normalised sum, on the 3-subject captions.
 
-    python bench/study.py                      # the whole study in one process (about an hour on 2 shared cores)
+    python bench/study.py                      # the whole study in one process (see below for its size)
     python bench/study.py --parts 1 --seeds 2  # a quick look
+
+With the defaults the whole study draws about 1,700 images (50 per row; a row shared by two parts is drawn
+once) and trains ten mixtures of 150 steps at batch 4. At the costs measured on 2 quiet cores with one
+thread (about 0.45 s per image, see mole_core.evaluate.SMALL_STUDY; 0.11-0.13 s per gate-training step at
+batch 4) that is some 15-20 minutes, and two to three times that on a busy shared machine.
 
 The published run used the defaults, split into parallel processes sharing the output folder (each part
 writes its own section; study.md is reassembled from all of them; part 5 reads every run's training log):
@@ -24,8 +30,9 @@ writes its own section; study.md is reassembled from all of them; part 5 reads e
     python bench/study.py --parts 2,3 & python bench/study.py --parts 4 & python bench/study.py --parts 6 &
     wait; python bench/study.py --parts 5
 
-Writes bench/results/study.md (the tables), study.json (every per-image score, training curves),
-and one PNG plot per part plus sample grids. Tables show mean ± half-width of the 95% interval.
+Writes into bench/results/: study.md (every part's table, reassembled from the study_<part>.section.md
+files), study_<part>.json (every per-image score), study_training_<run>.json (the gate-training curves),
+and per part a PNG plot and a sample grid. Tables show mean ± half-width of the 95% interval.
 
 References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628), Tables 1, 7, 9 and Fig. 8.
 """
@@ -46,13 +53,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mole_core import evaluate as ev  # noqa: E402
+from mole_core import report  # noqa: E402
+from mole_core import study as harness  # noqa: E402
 from mole_core.atomic import write_text  # noqa: E402
-from mole_core.attach import MoleConfig  # noqa: E402
-from mole_core.engine import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL, Engine  # noqa: E402
+from mole_core.defaults import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL  # noqa: E402
+from mole_core.engine import Engine  # noqa: E402
 from mole_core.lora import sha256_file  # noqa: E402
-from mole_core.metrics import WorldScorer  # noqa: E402
-from mole_core.train import TrainConfig  # noqa: E402
+from mole_core.mix import Mix  # noqa: E402
+from mole_core.study import Cell, EvalConfig  # noqa: E402
+from mole_core.world.scoring import WorldScorer, world_plain_prompts, world_prompts  # noqa: E402
 
 SUBJECTS = ["face", "checker", "ring", "heart"]      # composed in this order: the first n
 GRANULARITIES = ["matrix", "layer", "block", "network"]
@@ -82,27 +91,26 @@ def parse_args(argv=None):
 class Remembering:
     """The engine, remembering every image it drew: a row shared by two parts is drawn once.
 
-    Same method, LoRAs, mixture object, mask, rank, prompt, seed and settings -> the same image
-    (the engine is deterministic for a seed), so the remembered one is returned with its seconds.
+    The same Mix (every field; the mixture by identity) with the same prompt, seed and settings gives the
+    same image (the engine is deterministic for a seed), so the remembered one is returned with its
+    seconds. The memory keeps each Mix, so a mixture's identity is never reused by another object.
     """
 
     def __init__(self, engine):
         self.engine, self.bank, self.model_id = engine, engine.bank, engine.model_id
         self.memory: dict = {}
 
-    def default_size(self):
-        return self.engine.default_size()
-
-    def train(self, *args, **kwargs):
-        return self.engine.train(*args, **kwargs)
-
-    def generate(self, keys, method, request, mixture=None, mask=None, rank=None, normalize=True):
-        key = (method, tuple(keys), id(mixture), tuple(sorted((mask or {}).items())), rank, normalize,
-               request.prompt, request.seed, request.steps, request.guidance)
+    def generate(self, mix: Mix, request, bank=None):
+        values = {f.name: getattr(mix, f.name) for f in dataclasses.fields(mix)}
+        fields = tuple((name, id(v) if name == "mixture" else repr(v)) for name, v in values.items())
+        key = (fields, request.prompt, request.seed, request.steps, request.guidance, request.height,
+               request.width, request.negative)
         if key not in self.memory:
-            self.memory[key] = self.engine.generate(keys, method, request, mixture=mixture, mask=mask, rank=rank,
-                                                    normalize=normalize)
-        return self.memory[key]
+            self.memory[key] = (mix, self.engine.generate(mix, request, bank))
+        return self.memory[key][1]
+
+    def __getattr__(self, name):      # train, check, check_train, expected_seconds, ...: the engine's own
+        return getattr(self.engine, name)
 
 
 class Study:
@@ -112,7 +120,10 @@ class Study:
         self.args = args
         self.engine = Remembering(Engine(args.model, args.bank))
         self.scorers = [WorldScorer.load(Path(args.model) / "oracle")]
-        self.seeds = list(range(1000, 1000 + args.seeds))     # held out from anything the build used
+        # seeds from 1000: held out from anything the build used
+        self.config = EvalConfig(seeds=args.seeds, seed_start=1000, n_prompts=args.prompts, denoise_steps=args.steps,
+                                 guidance=args.guidance, train_steps=args.train_steps, lr=args.lr,
+                                 batch_size=args.batch)
         self.mixtures: dict[str, object] = {}
         self.training: dict[str, dict] = {}
         self.start = self.part_start = time.perf_counter()
@@ -123,11 +134,12 @@ class Study:
     def progress(self, label):
         last = [0.0]
 
-        def on_progress(done, total, message):
+        def on_progress(tally):
             now = time.perf_counter()
-            if now - last[0] > 15 or done == total:
+            finished = tally.images_done == tally.images and tally.train_steps_done == tally.train_steps
+            if now - last[0] > 15 or finished:
                 last[0] = now
-                self.log(f"{label}: {done}/{total} {message}")
+                self.log(f"{label}: {tally.message}")
         return on_progress
 
     def mixture(self, keys, granularity="block", alpha=0.5, gate="sample"):
@@ -135,27 +147,27 @@ class Study:
         name = f"{'+'.join(keys)} · {granularity}{' per-token' if gate == 'token' else ''} · α={alpha:g}"
         if name not in self.mixtures:
             self.log(f"training {name}")
-            config = TrainConfig(steps=self.args.train_steps, lr=self.args.lr, batch_size=self.args.batch,
-                                 balance_alpha=alpha, seed=0, resolution=self.engine.default_size()[0])
-            progress = ev.Progress(self.args.train_steps, self.progress(f"train {name}"))
-            self.mixtures[name], log = ev.train_mixture(self.engine, keys, MoleConfig(granularity=granularity, gate=gate),
-                                                        config, progress, name)
+            config = dataclasses.replace(self.config, alpha=alpha)
+            progress = harness.Progress(harness.Work(0, config.train_steps), self.progress(f"train {name}"))
+            self.mixtures[name], log = harness.train_mixture(self.engine, keys, config.mole_config(granularity, gate),
+                                                             config.train_config(), progress, name)
             log.update(keys=list(keys), granularity=granularity, gate=gate, alpha=alpha, lr=self.args.lr,
                        batch=self.args.batch, threads=torch.get_num_threads())
             self.training[name] = log
             self.log(f"trained {name}: {log['seconds']:.1f} s, loss {log['first_loss']:.4f} -> {log['final_loss']:.4f}")
         return self.mixtures[name]
 
-    def score(self, label, cells, keys, plain=False, prompts=None):
-        targets = ev.targets_from_bank(self.engine.bank, keys)
-        prompts = prompts or ev.world_prompts(targets, self.args.prompts)
-        plain_prompts = ev.world_plain_prompts(self.args.prompts) if plain else ()
-        progress = ev.Progress(ev.count_images(cells, prompts, plain_prompts, self.seeds), self.progress(label))
-        result = ev.score_cells(self.engine, cells, prompts, self.seeds, self.scorers, targets, plain_prompts,
-                                self.args.steps, self.args.guidance, progress)
-        result.notes.append(f"{len(prompts)} captions × {len(self.seeds)} seeds = "
-                            f"{len(prompts) * len(self.seeds)} images per row; {self.args.steps} denoising steps, "
-                            f"guidance {self.args.guidance:g}.")
+    def score(self, label, cells, keys, plain=False):
+        """Every cell on the part's captions (and, with `plain`, on as many trigger-free ones)."""
+        targets = harness.targets_from_bank(self.engine.bank, keys)
+        prompts = world_prompts(targets, self.config.n_prompts)
+        plain_prompts = world_plain_prompts(self.config.n_prompts) if plain else []
+        work = harness.count_work(cells, len(prompts), len(plain_prompts), self.config.seeds, 0)
+        result = harness.score_cells(self.engine, cells, self.config, targets, prompts, plain_prompts, self.scorers,
+                                     harness.Progress(work, self.progress(label)))
+        result.notes.append(f"{len(prompts)} captions × {self.config.seeds} seeds = "
+                            f"{len(prompts) * self.config.seeds} images per row; {self.config.denoise_steps} "
+                            f"denoising steps, guidance {self.config.guidance:g}.")
         return result
 
     @property
@@ -166,8 +178,8 @@ class Study:
     def add(self, key, title, result, text="", plot_columns=None):
         """Write one part: its plot, samples, JSON and its markdown section; then reassemble study.md."""
         out = Path(self.args.out)
-        paths = ev.write_outputs(result, out, name=f"study_{key}", title=title, plot_columns=plot_columns)
-        section = (ev.to_markdown(result, title) + (f"\n{text}\n" if text else "")
+        paths = report.write_outputs(result, out, name=f"study_{key}", title=title, plot_columns=plot_columns)
+        section = (report.to_markdown(result, title) + (f"\n{text}\n" if text else "")
                    + f"\n![{title}]({paths['plot'].name}) ![samples]({paths['samples'].name})\n\n"
                    + f"_Run: `{self.command}`; this part took {time.perf_counter() - self.part_start:.0f} s._\n")
         self.write_section(key, section)
@@ -186,7 +198,7 @@ class Study:
         """study.md = header + every part's section found in the folder (from this run or a parallel one);
         study_training_<tag>.json = this run's gate-training logs."""
         out = Path(self.args.out)
-        logs = ev.to_json(ev.Evaluation(rows=[], training=self.training))["training"]
+        logs = report.to_json(harness.Evaluation(rows=[], training=self.training))["training"]
         payload = json.dumps({"command": self.command, "args": vars(self.args), "training": logs}, indent=1)
         write_text(out / f"study_training_{self.tag}.json", payload)
         header = [
@@ -207,18 +219,18 @@ class Study:
 
 
 # ---------------------------------------------------------------------------------------------
-# The five parts
+# The six parts
 
 def part_composition(study: Study):
     """1. Composing 2, 3, 4 subjects: linear, SVD, MoLE (block), and MoLE with per-token gates (not in the
     paper: one gate decision per pixel instead of per image, so two subjects at two places can differ)."""
     for n in (int(x) for x in study.args.compose.split(",")):
         keys = SUBJECTS[:n]
-        cells = [ev.Cell("Linear (normalised)", "linear", keys), ev.Cell("SVD", "svd", keys),
-                 ev.Cell("MoLE (block)", "mole", keys, mixture=study.mixture(keys)),
-                 ev.Cell("MoLE (block, per-token)", "mole", keys, mixture=study.mixture(keys, gate="token"))]
+        cells = [Cell("Linear (normalised)", Mix("linear", keys)), Cell("SVD", Mix("svd", keys)),
+                 Cell("MoLE (block)", Mix("mole", keys, mixture=study.mixture(keys))),
+                 Cell("MoLE (block, per-token)", Mix("mole", keys, mixture=study.mixture(keys, gate="token")))]
         if n == 3:
-            cells.append(ev.Cell("Base model", "base", keys))
+            cells.append(Cell("Base model", Mix("base")))
         note = ("With four subjects and three positions, each caption asks for three of the four."
                 if n == 4 else "")
         study.add(f"1_composition_{n}", f"1. {n} subjects composed ({', '.join(keys)})",
@@ -228,7 +240,7 @@ def part_composition(study: Study):
 def part_granularity(study: Study):
     """2. m/l/b/n-MoLE on the 3-subject set."""
     keys = SUBJECTS[:3]
-    cells = [ev.Cell(f"{g[0]}-MoLE ({g})", "mole", keys, mixture=study.mixture(keys, g)) for g in GRANULARITIES]
+    cells = [Cell(f"{g[0]}-MoLE ({g})", Mix("mole", keys, mixture=study.mixture(keys, g))) for g in GRANULARITIES]
     study.add("2_granularity", "2. Hierarchical control: where the gates sit (3 subjects)",
               study.score("part 2", cells, keys))
 
@@ -245,10 +257,10 @@ def part_balance(study: Study):
     """3. Balance loss on / off; temperature scaled at inference."""
     keys = SUBJECTS[:3]
     trained = study.mixture(keys, "block", 0.5)
-    cells = [ev.Cell("MoLE α=0.5 (balance on)", "mole", keys, mixture=trained),
-             ev.Cell("MoLE α=0 (balance off)", "mole", keys, mixture=study.mixture(keys, "block", 0.0)),
-             ev.Cell("MoLE α=0.5, τ×0.5 (sharper)", "mole", keys, mixture=with_temperature(trained, 0.5)),
-             ev.Cell("MoLE α=0.5, τ×2 (softer)", "mole", keys, mixture=with_temperature(trained, 2.0))]
+    cells = [Cell("MoLE α=0.5 (balance on)", Mix("mole", keys, mixture=trained)),
+             Cell("MoLE α=0 (balance off)", Mix("mole", keys, mixture=study.mixture(keys, "block", 0.0))),
+             Cell("MoLE α=0.5, τ×0.5 (sharper)", Mix("mole", keys, mixture=with_temperature(trained, 0.5))),
+             Cell("MoLE α=0.5, τ×2 (softer)", Mix("mole", keys, mixture=with_temperature(trained, 2.0)))]
     result = study.score("part 3", cells, keys)
     lines = ["", "Mean gate per expert while drawing (all groups, steps and samples):", "",
              "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -262,16 +274,15 @@ def part_flexibility(study: Study):
     """4. Switch one of three experts off at inference vs re-merge the other two linearly."""
     keys = SUBJECTS[:3]
     trained = study.mixture(keys)
-    cells = [ev.Cell("MoLE, all on", "mole", keys, mixture=trained)]
+    cells = [Cell("MoLE, all on", Mix("mole", keys, mixture=trained))]
     switched = [k.strip() for k in study.args.flex_off.split(",") if k.strip()]
     unknown = set(switched) - set(keys)
     if unknown:
         raise SystemExit(f"--flex-off names {sorted(unknown)}, not among the three subjects {keys}")
     for off in switched:
         rest = [k for k in keys if k != off]
-        cells.append(ev.Cell(f"MoLE, {off} off", "mole", keys, mixture=trained,
-                             mask={k: k != off for k in keys}))
-        cells.append(ev.Cell(f"Linear of {' + '.join(rest)}", "linear", rest))
+        cells.append(Cell(f"MoLE, {off} off", Mix("mole", keys, mixture=trained, mask={k: k != off for k in keys})))
+        cells.append(Cell(f"Linear of {' + '.join(rest)}", Mix("linear", rest)))
     result = study.score("part 4", cells, keys)
     rows = {r["label"]: r for r in result.rows}
     lines = ["Captions ask for all three subjects. The switched-off subject should fall, the other two stay.", "",
@@ -300,16 +311,18 @@ def part_cost(study: Study):
     training = {}
     for path in sorted(Path(study.args.out).glob("study_training_*.json")):   # this run's and parallel runs'
         training.update(json.loads(path.read_text())["training"])
-    training.update(ev.to_json(ev.Evaluation(rows=[], training=study.training))["training"])
+    training.update(report.to_json(harness.Evaluation(rows=[], training=study.training))["training"])
     for name, log in training.items():
         if not log.get("steps"):
             continue
         gates = log["mean_gates"][-1] if log.get("mean_gates") and log["mean_gates"][-1] else []
         gate_plateau = (f"{log['gate_plateau_step']} ({log['gate_plateau_seconds']:.1f})"
                         if "gate_plateau_step" in log else "—")
+        fell = log["final_loss"] < log["first_loss"]     # a loss that did not fall has no plateau to time
+        loss_plateau = f"{log['plateau_step']} ({log['plateau_seconds']:.1f})" if fell else "— (did not fall)"
         lines.append(f"| {name} | {log['steps']} | {log.get('batch')} | {log.get('lr')} | {log.get('threads')} | "
                      f"{log['seconds']:.1f} | {log['seconds'] / log['steps']:.3f} | "
-                     f"{log['plateau_step']} ({log['plateau_seconds']:.1f}) | {gate_plateau} | "
+                     f"{loss_plateau} | {gate_plateau} | "
                      f"{log['first_loss']:.4f} → {log['final_loss']:.4f} | "
                      f"{' / '.join(f'{g:.3f}' for g in gates)} |")
     lines.append("")
@@ -319,8 +332,8 @@ def part_cost(study: Study):
 def part_references(study: Study):
     """6. References on the 3-subject captions: each LoRA alone, and the un-normalised sum (each at weight 1)."""
     keys = SUBJECTS[:3]
-    cells = [ev.Cell(f"Single: {k}", f"single:{k}", keys) for k in keys]
-    cells.append(ev.Cell("Linear, raw weights (each LoRA at 1)", "linear", keys, normalize=False))
+    cells = [Cell(f"Single: {k}", Mix(f"single:{k}")) for k in keys]
+    cells.append(Cell("Linear, raw weights (each LoRA at 1)", Mix("linear", keys, normalize=False)))
     text = ("Same captions and seeds as part 1 with 3 subjects. A single LoRA can draw only its own subject, so its "
             "own column is the ceiling a composition could reach for that subject at full strength.")
     study.add("6_references", "6. References: each LoRA alone, and the raw sum (3 subjects)",

@@ -27,10 +27,11 @@ TRAIN_LR = 1e-3
 
 
 # What a job costs on the embedded world, before this server has measured itself (the engine then keeps a
-# running mean of its own runs). Measured on this project's 2-core CPU machine, one torch thread, 32×32
-# images: seconds per denoising step of one image (guidance batches two), and per gate-training step at
-# batch 4 (block gates; per-token gates form every expert's output at every pixel).
-COSTS = {"denoise_step": 0.04, "train_step_sample": 0.35, "train_step_token": 0.45}
+# running mean of its own runs). Measured on this project's 2-core CPU machine, quiet (load under 1.5), one
+# torch thread, 32×32 images: seconds per denoising step of one image (guidance batches two; per-token MoLE
+# costs about 1.6× this, the merges and the base about 1×), and per gate-training step at batch 4 (block
+# gates; per-token gates form every expert's output at every pixel). A step at batch 2 costs 0.65× batch 4.
+COSTS = {"denoise_step": 0.022, "train_step_sample": 0.107, "train_step_token": 0.126}
 
 
 @dataclass(frozen=True)

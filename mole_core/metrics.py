@@ -1,17 +1,13 @@
-"""Scores for composed images: the pixel world's oracle, and CLIP for real models.
+"""Scores for composed images, model-agnostic: the interval and plateau helpers, and CLIP for real models.
 
-Every scorer answers per image, so a table can show a mean and its uncertainty:
+A scorer answers per image, so a table can show a mean and its uncertainty:
 
+    name                                                          "clip", "oracle", ...
     score(images, captions, targets)  -> {column: (n,) array}    NaN where a column does not apply
     preservation(images, base_images) -> (n,) array              agreement with the base model's image
 
-World metrics (the offline stand-ins for CLIP, read by the world's oracle, `mole_core.world.oracle`):
-- caption fidelity   the fraction of caption items the oracle finds satisfied (≈ CLIP text-alignment);
-- subject fidelity   per subject: the probability it is present and recognisable where the caption puts
-                     it; per style: that the image is in that style (≈ CLIP image-alignment);
-- base preservation  for a caption without any trigger, the fraction of the oracle's reading (what stands
-                     at each position, its colour, the style) on which the method's image agrees with
-                     the base model's image for the same prompt and seed.
+`ClipScorer` is the one here. A model family can bring its own (the pixel world's oracle is
+`mole_core.world.scoring.WorldScorer`); the study harness (`mole_core.study`) takes any of them.
 
 CLIP metrics (the paper's, for real models; from a local `CLIPModel` folder, nothing downloaded):
 - text alignment     cos(image embedding, caption embedding);
@@ -60,8 +56,9 @@ def mean_ci(values) -> tuple[float, float, int]:
 def plateau_step(losses, fraction: float = 0.9, window: int | None = None) -> int:
     """First step at which the smoothed loss has made `fraction` of its total drop.
 
-    Smoothing is a centred-free trailing mean over `window` steps (default: a tenth of the run, >= 1).
-    The total drop is smoothed(first window) - smoothed(last window). A loss that never drops gives 0.
+    Smoothing is a trailing mean over `window` steps (default: a tenth of the run, >= 1). The total drop
+    is smoothed(first window) - smoothed(last window). A loss that does not drop (flat or rising) gives 0,
+    so a caller that reports the plateau must say first whether the loss fell at all.
     """
     x = np.asarray(losses, dtype=np.float64)
     if x.size == 0:
@@ -73,68 +70,6 @@ def plateau_step(losses, fraction: float = 0.9, window: int | None = None) -> in
         return 0
     reached = np.nonzero(smooth <= start - fraction * (start - end))[0]
     return int(reached[0]) + window - 1       # index of the last step inside that window
-
-
-# ---------------------------------------------------------------------------------------------
-# The pixel world's oracle
-
-def reading_items(reading) -> dict[str, tuple]:
-    """What an oracle reading says, item by item: per position (identity, colour of a shape), and style."""
-    items = {}
-    for position in reading.identity:
-        identity = reading.identity_at(position)
-        colour = reading.colour_at(position) if identity in _shapes() else None
-        items[position] = (identity, colour)
-    items["style"] = (reading.style_name,)
-    return items
-
-
-def _shapes() -> tuple[str, ...]:
-    from mole_core.world.render import SHAPES
-    return SHAPES
-
-
-class WorldScorer:
-    """Caption fidelity, subject fidelity and base preservation, read by the world's oracle."""
-
-    name = "oracle"
-
-    def __init__(self, oracle, functions):
-        self.oracle = oracle        # has .read(images) -> readings, one per image
-        self.fn = functions         # has caption_fidelity(readings, captions), subject_fidelity(readings, captions, key)
-
-    @classmethod
-    def load(cls, path) -> "WorldScorer":
-        """The oracle shipped with a world model, e.g. assets/pixel-world/oracle."""
-        from mole_core.world import oracle as oracle_module
-        return cls(oracle_module.Oracle.load(path), oracle_module)
-
-    def score(self, images, captions, targets: list[Target]) -> dict[str, np.ndarray]:
-        if len(images) != len(captions):
-            raise ValueError(f"WorldScorer.score got {len(images)} images but {len(captions)} captions.")
-        readings = list(self.oracle.read(list(images)))
-        out = {"caption_fidelity": np.array([float(self.fn.caption_fidelity([r], [c]))
-                                             for r, c in zip(readings, captions)])}
-        for t in targets:
-            column = []
-            for r, c in zip(readings, captions):     # subjects and styles alike, by key
-                column.append(float(self.fn.subject_fidelity([r], [c], t.key)) if mentions(c, t.trigger)
-                              else math.nan)
-            out[f"subject:{t.key}"] = np.array(column)
-        return out
-
-    def preservation(self, images, base_images) -> np.ndarray:
-        """Per image: the fraction of reading items equal to those of the base image."""
-        if len(images) != len(base_images):
-            raise ValueError(f"WorldScorer.preservation got {len(images)} images but "
-                             f"{len(base_images)} base images.")
-        ours, base = self.oracle.read(list(images)), self.oracle.read(list(base_images))
-        agree = []
-        for a, b in zip(ours, base):
-            items_a, items_b = reading_items(a), reading_items(b)
-            same = sum(1 for k in items_a if items_a[k] == items_b.get(k))
-            agree.append(same / max(1, len(set(items_a) | set(items_b))))
-        return np.array(agree, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------

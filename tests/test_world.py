@@ -1,4 +1,5 @@
-"""The pixel world: renderer, captions, tokenizer, the shipped pipeline, oracle and LoRA bank."""
+"""The pixel world: renderer, captions, tokenizer, the shipped pipeline, oracle and LoRA bank; the world as an
+evaluation suite (captions and the oracle's scorer); the build's wiring."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ import torch
 from PIL import Image
 
 from mole_core.world import render as world
+from mole_core.metrics import Target
 from mole_core.world.oracle import (Oracle, accuracy_on_renders, caption_fidelity, items_satisfied,
                                     subject_fidelity)
+from mole_core.world.scoring import WorldScorer, shipped_oracle, speaks_world, world_plain_prompts, world_prompts
 from mole_core.world.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,3 +229,61 @@ def test_the_world_is_measured_at_the_guidance_the_app_draws_with():
     assert BuildConfig().guidance == DEFAULT_GUIDANCE == GenerateRequest("x").guidance
     assert report["stages"]["eval"]["settings"]["guidance_scale"] == DEFAULT_GUIDANCE
     assert all(bar["passed"] for bar in report["stages"]["eval"]["bars"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The world as an evaluation suite
+
+def test_world_prompts_parse_and_balance_subjects():
+    trigger = {s.key: s.trigger for s in world.SUBJECTS}
+    targets = [Target(k, trigger[k]) for k in ("face", "ring", "checker", "heart")]
+    prompts = world_prompts(targets, 24)
+    assert len(set(prompts)) == 24                            # 4 choices of 3 subjects × 6 orders
+    for p in prompts:
+        items = world.parse_caption(p)
+        assert len(items) == 3 and len({pos for pos, _, _ in items}) == 3
+    counts = [sum(t.trigger in p.split() for p in prompts) for t in targets]
+    assert counts == [18, 18, 18, 18]
+    night = Target("night", world.STYLE_BY_KEY["night"].trigger, "style")
+    styled = world_prompts([Target("face", "zwx"), night], 4)
+    assert all(world.caption_style(p) == "night" and "zwx" in p.split() for p in styled)
+    plain = world_plain_prompts(5)
+    assert len(plain) == 5 and all(len(world.parse_caption(p)) == 2 for p in plain)
+    assert not any(t in p.split() for p in plain for t in world.SUBJECT_BY_TRIGGER)
+    assert speaks_world(targets + [night]) and not speaks_world([Target("dog", "sks")])
+
+
+def test_world_scorer_on_clean_renders():
+    assert shipped_oracle(MODEL) == MODEL / "oracle" and shipped_oracle(MODEL / "unet") is None
+    scorer = WorldScorer.load(shipped_oracle(MODEL))
+    rng = np.random.default_rng(123)
+    face, ring = world.SUBJECT_BY_KEY["face"], world.SUBJECT_BY_KEY["ring"]
+    scenes = [world.Scene((world.WorldObject("left", "face", None), world.WorldObject("right", "ring", None)))
+              for _ in range(8)]
+    images = [world.render_pil(s, rng) for s in scenes]
+    captions = [world.caption(s) for s in scenes]
+    targets = [Target("face", face.trigger), Target("ring", ring.trigger), Target("heart", "hjt")]
+    scores = scorer.score(images, captions, targets)
+    assert scores["caption_fidelity"].mean() >= 0.9
+    assert scores["subject:face"].mean() >= 0.9 and scores["subject:ring"].mean() >= 0.9
+    assert np.isnan(scores["subject:heart"]).all()            # no caption asks for the heart
+    # the captions swapped: the subjects are not where the caption puts them
+    swapped = [c.replace("left", "X").replace("right", "left").replace("X", "right") for c in captions]
+    assert scorer.score(images, swapped, targets)["subject:face"].mean() <= 0.5
+    # an image agrees with itself; a different scene does not fully
+    np.testing.assert_allclose(scorer.preservation(images, images), 1.0)
+    other = [world.render_pil(world.Scene((world.WorldObject("center", "square", "blue"),)), rng)
+             for _ in range(8)]
+    assert scorer.preservation(images, other).mean() < 0.7
+
+
+def test_build_eval_stage_runs_the_quality_bars_from_the_command_line(tmp_path, monkeypatch):
+    from mole_core.world import __main__ as world_main
+    from mole_core.world import build, quality
+    assert build.stage_eval is quality.stage_eval
+    seen = []
+    monkeypatch.setattr(build, "stage_eval", lambda cfg: seen.append(cfg) or {"bars": {}})
+    world_main.main(["build", "--stage", "eval", "--out", str(tmp_path)])
+    assert [cfg.out for cfg in seen] == [tmp_path]
+    report = json.loads((tmp_path / "assets" / "pixel-world" / "build_report.json").read_text())
+    assert report["stages"]["eval"]["bars"] == {}

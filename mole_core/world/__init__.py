@@ -8,6 +8,11 @@
 (`render`, the array renderer, stays reachable as `mole_core.world.render.render`: the name
 `render` on this package is its submodule.)
 
+Modules: `render` (scenes, captions, the caption parser), `oracle` (the CNN that reads images and the
+fidelity functions), `tokenizer`, `config` (the build's settings and the bank's LoRA specs), `build` (the
+training stages), `quality` (the quality bars, the build's last stage), `scoring` (the world as an
+evaluation suite: captions that ask for the LoRAs and the oracle as a scorer, used by mole_core.evaluate).
+
 Rebuild everything: `python -m mole_core.world build [--out DIR] [--seed S] [--quick]`.
 """
 from mole_core.world.oracle import Oracle, Reading, caption_fidelity, items_satisfied, subject_fidelity

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mole_core.world.build import REPO_ROOT, STAGES, BuildConfig, run_build
+from mole_core.world.build import STAGES, run_build
+from mole_core.world.config import REPO_ROOT, BuildConfig
 
 
 def main(argv=None) -> None:

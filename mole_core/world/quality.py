@@ -1,4 +1,5 @@
-"""The world's quality bars, measured with the oracle on images generated from held-out seeds.
+"""The world's quality bars (the build's last stage, `eval`), measured with the oracle on images generated
+from held-out seeds.
 
   oracle      accuracy on fresh clean renders (bar >= 0.98 per item)
   base        fraction of objects right (identity, colour, position) on one- and two-object captions
@@ -8,20 +9,20 @@
               the trigger, with the LoRA loaded vs without (caption fidelity both ways, agreement)
 
 The LoRAs are loaded from the shipped bank files with the plain diffusers call `load_lora_weights`.
+The figures and the bars go into build_report.json under stages.eval (mole_core.world.build writes it).
 
 References: MoLE (Wu et al., ICLR 2024) §4: CLIP text-/image-alignment, which the oracle stands in for.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from mole_core.world import render as world
-from mole_core.world.build import BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
+from mole_core.world.config import BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
 from mole_core.world.oracle import Oracle, accuracy_on_renders, caption_fidelity
 
-BARS = {"oracle": 0.98, "base": 0.90, "lora": 0.90}
+BARS = {"oracle": 0.98, "base": 0.90, "lora": 0.90}     # the least each figure must reach
 
 
 def generate(pipe, captions: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 32):
@@ -93,6 +94,7 @@ def eval_lora(cfg: BuildConfig, pipe, oracle: Oracle, spec: LoraSpec, rng) -> di
 
 
 def stage_eval(cfg: BuildConfig) -> dict:
+    """Measure every bar on the built model and bank; -> the figures, with "bars": {name: figure, bar, passed}."""
     torch.manual_seed(cfg.seed + 1000)
     rng = rng_for(cfg, "eval")
     oracle = Oracle.load(cfg.model_dir / "oracle")
