@@ -161,28 +161,26 @@ def check_merge(args, weights, max_weight: float) -> None:
 # ---- commands -------------------------------------------------------------------------------------
 
 def load_components(model_dir: str):
-    """A diffusers Stable Diffusion folder, offline, as (pipeline, components ModuleDict)."""
+    """A diffusers pipeline folder of any supported family, offline, as (pipeline, components ModuleDict)."""
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
+    from mole_core.families import components, load_pipeline
 
-    from mole_core.lora import pipeline_components
-
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    return pipe, pipeline_components(pipe)
+    pipe = load_pipeline(model_dir)
+    return pipe, components(pipe)
 
 
 def cmd_inspect(args) -> int:
     """Print what a LoRA file holds and whether it fits the model."""
+    from mole_core.families import family_of
     from mole_core.lora import inspect_lora
 
-    components = load_components(args.model)[1] if args.model else None
-    info = inspect_lora(args.file, components)
+    pipe, components = load_components(args.model) if args.model else (None, None)
+    info = inspect_lora(args.file, components, family=family_of(pipe).name if pipe is not None else None)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        for field in ("file", "format", "targets", "modules", "linear", "conv", "ranks", "alphas", "size_bytes",
-                      "verdict"):
+        for field in ("file", "format", "family", "targets", "modules", "linear", "conv", "ranks", "alphas",
+                      "size_bytes", "verdict"):
             print(f"{field:>10}: {info[field]}")
     return 0 if info["ok"] else 1
 

@@ -114,10 +114,10 @@ def rng_for(cfg: BuildConfig, stage: str) -> np.random.Generator:
 
 
 def load_pipeline(model_dir: Path) -> StableDiffusionPipeline:
-    """The built world as a plain diffusers pipeline (no safety checker, no progress bars)."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The built world as a plain diffusers pipeline (no safety checker, no progress bars, frozen): the
+    project's one pipeline loader, `mole_core.families.load_pipeline`."""
+    from mole_core.families import load_pipeline as load
+    return load(str(model_dir))
 
 
 # ---------------------------------------------------------------------------------------------
