@@ -761,7 +761,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
     closing the page ends it too.
     """
     studio = studio if isinstance(studio, Studio) else Studio(studio)
-    engine, fast, long = studio.engine, dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1), \
+    fast, long = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1), \
         dict(concurrency_id=LONG_QUEUE, concurrency_limit=1)
     private = dict(api_visibility="private")
     on = partial  # handlers take the studio first

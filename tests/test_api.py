@@ -7,7 +7,6 @@ is served while another visitor trains, and the training goes on with the same r
 """
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,25 +16,9 @@ from gradio_client import Client
 
 import app
 from mole_core.engine import Engine
-from tests.test_app import SETTINGS, pixels, world_paths
+from tests.helpers import SETTINGS, launch, pixels, world_paths
 
 NO_WEIGHTS = {"headers": ["expert", "weight"], "data": []}   # an empty weights table: the bank's defaults
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(engine_or_studio, **options) -> tuple:
-    """Start the app on a free localhost port: (demo, url)."""
-    demo = app.build_demo(engine_or_studio, **options)
-    demo.queue()
-    engine = getattr(engine_or_studio, "engine", engine_or_studio)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True, **app.launch_options(engine))
-    return demo, url
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ MOLE_APP_MODEL / MOLE_APP_BANK, so the same tests also run on the embedded defau
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,41 +19,7 @@ import pytest
 
 import app
 from mole_core.engine import Engine
-from tests.tiny import make_bank, make_model_dir
-
-SETTINGS = dict(prompt="a photo of sks dog", negative="", seed=3, steps=2, guidance=4.0)
-
-
-# ---- the world the tests run on (shared with test_api.py and test_browser.py) -------------------
-def world_paths(config, tmp_path_factory, prefer_default: bool = False) -> tuple[str, str]:
-    """(model, bank): --model/--bank or MOLE_APP_MODEL/MOLE_APP_BANK if given; the embedded default
-    when `prefer_default` and it is built; else a tiny pipeline and bank made in a temp folder."""
-    model = config.getoption("--model", None) or os.environ.get("MOLE_APP_MODEL")
-    bank = config.getoption("--bank", None) or os.environ.get("MOLE_APP_BANK")
-    if model and bank:
-        return model, bank
-    if prefer_default and embedded_default_ready():
-        return app.DEFAULT_MODEL, app.DEFAULT_BANK
-    root = tmp_path_factory.mktemp("app_world")
-    model_dir = make_model_dir(root)
-    return str(model_dir), str(make_bank(root / "bank", model_dir))
-
-
-def embedded_default_ready() -> bool:
-    """The pixel world is built: its pipeline folder and at least two bank manifests exist."""
-    return (Path(app.DEFAULT_MODEL) / "model_index.json").exists() and \
-        len(list(Path(app.DEFAULT_BANK).glob("*.json"))) >= 2
-
-
-def bank_digest(folder: str) -> dict[str, str]:
-    """Every file of a folder tree with its hash, to prove that nothing on disk changed."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-def pixels(image) -> np.ndarray:
-    image = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
+from tests.helpers import SETTINGS, bank_digest, pixels, world_paths
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mole_core.bank import Bank
 from mole_core.lora import pipeline_components, save_lora
-from tests.test_lora import TARGETS, random_lora
+from tests.helpers import TARGETS, random_lora
 
 
 @pytest.fixture

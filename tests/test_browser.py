@@ -12,8 +12,8 @@ import pytest
 
 import app
 from mole_core.engine import Engine
-from tests.test_api import launch
-from tests.test_app import world_paths
+from tests.helpers import launch
+from tests.helpers import world_paths
 
 pytestmark = pytest.mark.browser
 

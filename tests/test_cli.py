@@ -3,7 +3,6 @@ every refused number exits 1 with one sentence and writes nothing; startup impor
 from __future__ import annotations
 
 import csv
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +14,12 @@ import pytest
 from mole_core import cli
 from mole_core.attach import GATE_KINDS, MoleConfig
 from mole_core.defaults import TRAIN_LR, TRAIN_STEPS
-from mole_core.merge import merge_loras
 from mole_core.mix import Mix
 from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
-from tests.test_engine import make_bank, make_model_dir
+from tests.tiny import make_bank, make_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _has_peers() -> bool:
-    try:
-        import mole_core.peers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# what the engine dispatches but another part of the package provides; skipped until it is there
-AVAILABLE = {
-    "ties": "density" in inspect.signature(merge_loras).parameters,
-    "dare": "density" in inspect.signature(merge_loras).parameters,
-    "switch": _has_peers(),
-    "composite": _has_peers(),
-    "static": "static" in GATE_KINDS,
-}
-
-
-def needs(feature: str):
-    return pytest.mark.skipif(not AVAILABLE[feature], reason=f"{feature!r} is not in the engine yet "
-                              "(merge_loras density= / mole_core.peers / GATE_KINDS 'static')")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +89,6 @@ def test_train_gates_then_generate_with_the_mixture(paths, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-@needs("static")
 def test_train_gates_static(paths, tmp_path, capsys):
     assert train(paths, tmp_path / "static.safetensors", "--gate", "static") == 0, capsys.readouterr().err
     assert "static gates for dog, cat" in capsys.readouterr().out
@@ -134,10 +108,10 @@ def test_same_seed_same_image_and_the_merges(paths, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method, extra, label", [
-    pytest.param("ties", ["--density", "0.5"], "TIES d=0.5", marks=needs("ties")),
-    pytest.param("dare", ["--density", "0.5"], "DARE d=0.5", marks=needs("dare")),
-    pytest.param("switch", ["--switch-every", "1"], "LoRA Switch (every 1 steps)", marks=needs("switch")),
-    pytest.param("composite", [], "LoRA Composite", marks=needs("composite")),
+    pytest.param("ties", ["--density", "0.5"], "TIES d=0.5"),
+    pytest.param("dare", ["--density", "0.5"], "DARE d=0.5"),
+    pytest.param("switch", ["--switch-every", "1"], "LoRA Switch (every 1 steps)"),
+    pytest.param("composite", [], "LoRA Composite"),
 ])
 def test_the_other_peers(paths, tmp_path, capsys, method, extra, label):
     out = tmp_path / f"{method}.png"
@@ -149,8 +123,8 @@ def test_the_other_peers(paths, tmp_path, capsys, method, extra, label):
 
 @pytest.mark.parametrize("method, extra", [
     ("linear", []), ("svd", ["--rank", "1", "--format", "kohya"]),
-    pytest.param("ties", ["--density", "0.5"], marks=needs("ties")),
-    pytest.param("dare", ["--density", "0.5", "--seed", "3"], marks=needs("dare")),
+    pytest.param("ties", ["--density", "0.5"]),
+    pytest.param("dare", ["--density", "0.5", "--seed", "3"]),
 ])
 def test_merge_writes_a_lora_that_fits(world, tmp_path, capsys, method, extra):
     from mole_core.lora import load_lora

@@ -1,65 +1,20 @@
 """The engine on a tiny pipeline and a tiny bank: every Mix, same seed, nothing left behind."""
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mole_core.attach import MoleConfig
 from mole_core.engine import Engine, GenerateRequest, Mix, write_gates_csv
 from mole_core.lora import load_lora
 from mole_core.train import TrainConfig
-from tests.tiny import build_pipeline
+from tests.tiny import LORAS, make_bank, make_model_dir
 
-BLOCK = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
-UP = "unet.up_blocks.1.attentions.0.transformer_blocks.0"
-# bank key -> the modules its LoRA adapts (overlapping, not identical, so merges take the union)
-LORAS = {
-    "dog": [f"{BLOCK}.attn1.to_q", f"{BLOCK}.attn1.to_v", f"{BLOCK}.ff.net.2", f"{UP}.attn2.to_k"],
-    "cat": [f"{BLOCK}.attn1.to_q", f"{BLOCK}.attn2.to_out.0", f"{UP}.attn1.to_v", f"{UP}.ff.net.2"],
-    "style": [f"{BLOCK}.attn1.to_v", f"{UP}.attn1.to_q", f"{UP}.attn2.to_k"],
-}
 REQUEST = GenerateRequest(prompt="a photo of sks dog", negative="blue", seed=3, steps=2, guidance=4.0)
-
-
-def make_model_dir(folder: Path) -> Path:
-    """The tiny pipeline saved as a diffusers folder, as a user would point the engine at."""
-    pipe = build_pipeline(folder / "build")
-    pipe.save_pretrained(folder / "model")
-    return folder / "model"
-
-
-def make_bank(folder: Path, model_dir: Path, loras=LORAS, rank: int = 2, seed: int = 0) -> Path:
-    """A bank of LoRA files in diffusers/PEFT keys (non-zero B) with manifests and example images."""
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "examples").mkdir(exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    for key, targets in loras.items():
-        tensors = {}
-        for target in targets:
-            weight = unet.get_submodule(target.removeprefix("unet.")).weight
-            d_out, d_in = weight.shape
-            tensors[f"{target}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen)
-            tensors[f"{target}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen)
-        save_file(tensors, str(folder / f"{key}.safetensors"))
-        examples = []
-        for i in range(2):
-            image = f"examples/{key}_{i}.png"
-            PIL.Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / image)
-            examples.append({"image": image, "caption": f"a photo of sks {key}"})
-        manifest = {"name": key.title(), "trigger": ["sks"], "description": f"tiny test LoRA {key}",
-                    "base_model": "tiny", "kind": "subject", "default_weight": 1.0, "examples": examples}
-        (folder / f"{key}.json").write_text(json.dumps(manifest))
-    return folder
 
 
 @pytest.fixture(scope="module")

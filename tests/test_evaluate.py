@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ from mole_core.defaults import DEFAULT_MODEL
 from mole_core.engine import Engine
 from mole_core.study import SINGLES, EvalConfig, Suite
 from mole_core.world.scoring import WorldScorer, world_plain_prompts, world_prompts
+from tests.helpers import build_tiny_clip
 from tests.scripted import (FACE, RING, SECONDS_PER_IMAGE, SECONDS_PER_TRAIN_STEP, FakeMixture, ScriptedEngine,
                             scripted)
 
@@ -118,7 +118,7 @@ def one_thread():
 
 def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread, capsys):
     from mole_core.cli import main
-    from tests.test_engine import make_bank, make_model_dir
+    from tests.tiny import make_bank, make_model_dir
     model_dir = make_model_dir(tmp_path)
     bank = make_bank(tmp_path / "bank", model_dir)
     clip_dir = build_tiny_clip(tmp_path / "clip")
@@ -137,7 +137,7 @@ def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread, capsys
     for row in data["rows"]:
         assert row["images"] == 3 and -1 <= row["clip_text"] <= 1 and -1 <= row["clip_image"] <= 1
     assert data["training"]["MoLE (block)"]["steps"] == 2
-    assert data["config"]["templates"] == [f"a photo of {{0}} dog", "a {1} cat on the left", long]
+    assert data["config"]["templates"] == ["a photo of {0} dog", "a {1} cat on the left", long]
     markdown = (out / "results.md").read_text()
     assert "CLIP text-align" in markdown
     assert "these words are cut" in markdown and "red circle" in markdown      # the engine's truncation warning
@@ -146,21 +146,3 @@ def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread, capsys
     assert "6 rows: 18 images and 2 gate-training steps" in capsys.readouterr().err
 
 
-def build_tiny_clip(folder: Path) -> Path:
-    """A tiny CLIPModel folder (config-built, random weights) with tokenizer and image processor."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from tests.tiny import build_tokenizer
-    tok = build_tokenizer(folder / "tok")
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder

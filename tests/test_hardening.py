@@ -35,8 +35,8 @@ from mole_core.engine import Engine, FairLock, GenerateRequest, Mix
 from mole_core.lora import MAX_ABS, inspect_lora, load_lora, save_lora, weight_module
 from mole_core.mixture import META_KEY, MixtureError, load_mixture, save_mixture
 from mole_core.train import TrainConfig
-from tests.test_engine import BLOCK, LORAS, UP, make_bank, make_model_dir
-from tests.test_mixture import trained_setup
+from tests.tiny import BLOCK, LORAS, UP, make_bank, make_model_dir
+from tests.helpers import trained_setup
 
 REQUEST = GenerateRequest(prompt="a photo of sks dog", negative="blue", seed=3, steps=2, guidance=4.0)
 KEYS = ("dog", "cat")

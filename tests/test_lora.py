@@ -8,59 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mole_core.lora import (Lora, LoraWeights, delta_weight, inspect_lora, load_lora, pipeline_components,
+from mole_core.lora import (delta_weight, inspect_lora, load_lora, pipeline_components,
                             save_lora, sha256_file, validate_lora)
 from mole_core.merge import merged_weights
 from tests.tiny import build_pipeline
-
-# Linear attention / feed-forward layers, 1×1 and 3×3 convs, and text-encoder layers.
-TARGETS = [
-    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0",
-    "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
-    "unet.up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
-    "unet.up_blocks.1.attentions.0.proj_in",
-    "unet.down_blocks.0.resnets.0.conv1",
-    "unet.up_blocks.0.resnets.1.conv_shortcut",
-    "text_encoder.encoder.layers.0.self_attn.q_proj",
-    # diffusers 0.42 converts kohya text-encoder attention keys only when an out_proj key is present
-    # (it sniffs the layout from `to_out_lora`); real kohya files always have it. Our loader does not need it.
-    "text_encoder.encoder.layers.0.self_attn.out_proj",
-    "text_encoder.encoder.layers.1.mlp.fc1",
-]
-
-
-def random_lora(components, name="lora", rank=2, alpha=1.0, seed=0, targets=TARGETS, std=0.2) -> Lora:
-    """A LoRA with non-zero A and B on `targets`, shaped for `components`."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for key in targets:
-        m = components.get_submodule(key)
-        if isinstance(m, torch.nn.Linear):
-            A, B = torch.randn(rank, m.in_features, generator=g), torch.randn(m.out_features, rank, generator=g)
-        else:
-            A = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g)
-            B = torch.randn(m.out_channels, rank, 1, 1, generator=g)
-        modules[key] = LoraWeights(A=A * std, B=B * std, scale=alpha / rank)
-    return Lora(name=name, modules=modules)
-
-
-def model_outputs(pipe, seed=123):
-    """UNet noise prediction and text-encoder hidden states on fixed inputs."""
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 4, 8, 8, generator=g)
-    ids = pipe.tokenizer(["a red circle on the left"], padding="max_length", max_length=16,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = pipe.text_encoder(ids)[0]
-        unet = pipe.unet(latents, 10, encoder_hidden_states=text).sample
-    return unet, text
-
-
-def assert_close(a, b, rtol=1e-4):
-    err = (a - b).abs().max().item()
-    assert err <= rtol * max(a.abs().max().item(), 1e-6), f"max abs diff {err}"
+from tests.helpers import TARGETS, assert_close, model_outputs, random_lora
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_mentions_is_whole_word():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny CLIPModel + word-level tokenizer + image processor saved like a real CLIP folder."""
-    from tests.test_evaluate import build_tiny_clip
+    from tests.helpers import build_tiny_clip
     return build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 

@@ -5,45 +5,14 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 import mole_core.mixture as mixture_mod
 from mole_core.attach import MoleConfig, attach
 from mole_core.lora import save_lora
 from mole_core.mixture import MixtureError, apply_mixture, load_mixture, save_mixture
-from mole_core.train import TrainConfig, TrainResult
-from tests.test_mole import make_lora
-
-
-def text_model(layers=2, seed=0):
-    torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=layers,
-                                        num_attention_heads=2, max_position_embeddings=16))
-
-
-def keys_of(model):
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-
-
-def trained_setup(tmp_path, granularity="block"):
-    model = text_model()
-    loras = [make_lora(model, name, i, 2, keys_of(model)) for i, name in enumerate(("ink", "oil", "pencil"))]
-    files = []
-    for lora in loras:
-        save_lora(lora, tmp_path / f"{lora.name}.safetensors")
-        files.append((lora.name, tmp_path / f"{lora.name}.safetensors"))
-    handle = attach(model, loras, MoleConfig(granularity=granularity))
-    ids = torch.randint(0, 30, (2, 6))
-    with torch.no_grad():
-        model(ids)
-        for gate in handle.gate_modules():
-            gate.proj.weight.normal_()
-            gate.proj.bias.normal_()
-            gate.log_tau.fill_(0.2)
-        out = model(ids).last_hidden_state
-    result = TrainResult(steps=7, final={"loss": 1.5, "task": 1.0, "balance": 1.0}, mean_gates=[0.2, 0.3, 0.5])
-    return model, loras, files, handle, ids, out, result
+from mole_core.train import TrainConfig
+from tests.helpers import make_lora
+from tests.helpers import keys_of, text_model, trained_setup
 
 
 def test_round_trip_restores_the_gates(tmp_path):

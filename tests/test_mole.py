@@ -7,7 +7,6 @@ gate counts per granularity; CFG (per-sample gates) and two resolutions; Linear,
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -19,56 +18,8 @@ from mole_core.attach import MoleConfig, attach
 from mole_core.layers import Gate, MoleConv2d, MoleLinear
 from mole_core.lora import Lora, LoraWeights, delta_weight, save_lora
 from mole_core.merge import merge_loras, merged_weights
-
-UNET_LINEAR = re.compile(r"^unet\..*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
-TEXT_LINEAR = re.compile(r"^text_encoder\..*(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
-CONVS = ["unet.down_blocks.0.attentions.0.proj_in",          # 1x1
-         "unet.up_blocks.1.attentions.1.proj_in",            # 1x1
-         "unet.down_blocks.0.resnets.0.conv1",               # 3x3
-         "unet.down_blocks.0.downsamplers.0.conv",           # 3x3, stride 2
-         "unet.up_blocks.0.resnets.0.conv_shortcut"]         # 1x1, c_in != c_out
-
-
-def components_of(pipe) -> nn.ModuleDict:
-    return nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-
-
-def make_lora(model: nn.Module, name: str, seed: int, rank: int, keys) -> Lora:
-    """Random A, non-zero B (so ΔW != 0), scale alpha/r = 0.75."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {}
-    for key in keys:
-        m = model.get_submodule(key)
-        if isinstance(m, nn.Linear):
-            A = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
-            B = torch.randn(m.out_features, rank, generator=g) * 0.5
-        else:
-            A = torch.randn(rank, *m.weight.shape[1:], generator=g) / m.weight[0].numel() ** 0.5
-            B = torch.randn(m.out_channels, rank, 1, 1, generator=g) * 0.5
-        modules[key] = LoraWeights(A, B, 0.75)
-    return Lora(name=name, modules=modules)
-
-
-def pipeline_loras(comps: nn.ModuleDict) -> list[Lora]:
-    """Three LoRAs of ranks 2, 3, 4 over different but overlapping modules (experts absent in some)."""
-    names = [n for n, _ in comps.named_modules()]
-    unet = [n for n in names if UNET_LINEAR.search(n)]
-    text = [n for n in names if TEXT_LINEAR.search(n)]
-    return [make_lora(comps, "alpha", 1, 2, unet + text + CONVS),
-            make_lora(comps, "beta", 2, 3, unet + [k for k in text if "mlp" not in k] + CONVS[:3]),
-            make_lora(comps, "gamma", 3, 4, unet + text)]
-
-
-def inputs(batch: int = 2, size: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor([5, 500, 900, 50][:batch]),
-            torch.randn(batch, 6, 16, generator=g), torch.randint(0, 30, (batch, 9), generator=g))
-
-
-@torch.no_grad()
-def run(comps: nn.ModuleDict, x) -> tuple[torch.Tensor, torch.Tensor]:
-    latents, t, ehs, ids = x
-    return comps["unet"](latents, t, ehs).sample, comps["text_encoder"](ids).last_hidden_state
+from tests.helpers import (CONVS, UNET_LINEAR, close, components_of, inputs, make_lora, pipeline_loras,
+                           randomise_gates, run)
 
 
 @torch.no_grad()
@@ -79,23 +30,6 @@ def dense(comps: nn.ModuleDict, loras: list[Lora], weights: list[float]) -> nn.M
         for key, lw in lora.modules.items():
             ref.get_submodule(key).weight += w * delta_weight(lw.A, lw.B, lw.scale)
     return ref
-
-
-def close(a, b, tol=1e-5):
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v, rtol=1e-4, atol=tol)
-
-
-@torch.no_grad()
-def randomise_gates(handle, x, seed=0, scale=0.05):
-    """Materialise every gate with one forward, then give it random (trained-looking) weights."""
-    run(handle.model, x)
-    g = torch.Generator().manual_seed(seed)
-    for gate in handle.gate_modules():
-        assert gate.proj is not None
-        gate.proj.weight.copy_(torch.randn(gate.proj.weight.shape, generator=g) * scale)
-        gate.proj.bias.copy_(torch.randn(gate.proj.bias.shape, generator=g))
-        gate.log_tau.fill_(-0.3)
 
 
 @pytest.fixture

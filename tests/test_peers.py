@@ -14,7 +14,7 @@ from mole_core.merge import merge_loras, merged_weights
 from mole_core.mixture import MixtureError, apply_mixture, load_mixture, save_mixture
 from mole_core.peers import compositing, switching
 from mole_core.train import TrainConfig, train_gates
-from tests.test_mole import close, components_of, inputs, pipeline_loras, run
+from tests.helpers import close, components_of, inputs, pipeline_loras, run
 
 PROMPT, NEGATIVE = "a red circle on the left", "blue square"
 

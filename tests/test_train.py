@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mole_core.attach import MoleConfig, attach
 from mole_core.train import DiffusionTask, TokenTask, TrainConfig, train_gates
-from tests.test_mole import components_of, make_lora, pipeline_loras
+from tests.helpers import components_of, make_lora, pipeline_loras
 from tests.tiny import build_tokenizer
 
 
