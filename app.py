@@ -186,10 +186,18 @@ def bank_choices(bank: Bank) -> list[tuple[str, str]]:
 
 
 def on_load(studio: Studio, state: dict):
-    """Page (re)load: the bank as it is now (a writable bank may have grown since start-up)."""
+    """Page (re)load: the bank as it is now (a writable bank may have grown since start-up), the model."""
     bank = bank_of(studio, state)
     return bank_gallery(bank), bank_table(studio, bank), gr.CheckboxGroup(choices=bank_choices(bank)), \
-        gr.Dropdown(choices=prompt_examples(bank))
+        gr.Dropdown(choices=prompt_examples(bank)), model_line(studio)
+
+
+def model_line(studio: Studio) -> str:
+    """"Model: pixel-world (Stable Diffusion 1.x/2.x), 32×32 px" (loads the model on the first page load)."""
+    engine = studio.engine
+    height, width = engine.default_size()
+    return (f"Model: **{engine.model_name}** ({engine.family.title}), {width}×{height} px by default; guidance "
+            f"{DEFAULT_GUIDANCE:g} is the embedded world's best (Stable Diffusion checkpoints usually want about 7.5).")
 
 
 def pick_from_gallery(studio: Studio, keys: list[str], index: int, state: dict) -> list[str]:
@@ -771,6 +779,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         gr.Markdown("# MoLE Studio\nMix LoRAs as gated experts (MoLE) and compare with the merges and the other "
                     "composition methods, same seed, side by side. **Start:** pick two LoRAs in *Bank* → "
                     "*Train gates* → *Compare* (the prompt is filled in) → *Toggle experts* / *Inspect gates*.")
+        model_info = gr.Markdown(elem_id="model-info")
         with gr.Accordion("What is MoLE? (and the words this page uses)", open=False):
             gr.Markdown(ABOUT)
         with gr.Tabs():
@@ -791,7 +800,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
 
         # Bank and selection
         selection_outputs = [c["methods"], c["weights"], *g["rows"], *g["switches"], *g["strengths"]]
-        demo.load(on(on_load, studio), [state], [b["gallery"], b["table"], b["chosen"], c["examples"]], **private) \
+        demo.load(on(on_load, studio), [state], [b["gallery"], b["table"], b["chosen"], c["examples"], model_info],
+                  **private) \
             .then(on(on_selection, studio), [b["chosen"], c["methods"], state], selection_outputs, **private)
         b["chosen"].change(on(on_selection, studio), [b["chosen"], c["methods"], state], selection_outputs,
                            **private)

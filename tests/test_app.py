@@ -376,7 +376,8 @@ def test_writable_bank_upload_is_seen_by_every_session(world, keys, tmp_path):
     app.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [str(source.examples[0][0])],
                     app.new_session())
     assert (Path(bank) / "my_pony.json").exists()
-    gallery, _, chosen, _ = app.on_load(studio, app.new_session())     # another visitor's page load
+    gallery, _, chosen, _, model = app.on_load(studio, app.new_session())     # another visitor's page load
+    assert "Stable Diffusion 1.x/2.x" in model and "px by default" in model
     assert ("My Pony (pony)", "my_pony") in chosen.choices
 
 
