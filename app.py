@@ -8,7 +8,8 @@ the `Studio` (the engine + how this server runs) first, so tests call them witho
 What belongs to one browser lives in its `gr.State` (a dict, see `new_session`): the trained mixture, the
 last comparison (as `Mix` values), the gate rows, and a session folder for the files this session gets
 (exports, the mixture, uploads). The folder is removed when the session ends (`end_session`, the State's
-delete callback), so disk use returns to where it was.
+delete callback), so disk use returns to where it was. Every handler that writes into the folder returns the
+state: Gradio starts a session's lifetime (and so its delete callback) only for a state an event outputs.
 
 Uploads: on a public Space (the default) an uploaded LoRA joins only the uploader's bank, an overlay of
 the shared bank in the session folder; `--writable-bank` (a private app) writes into the bank folder
@@ -537,22 +538,22 @@ def show_gates(studio: Studio, state: dict):
     """Heat-map (groups × experts), per-step line chart and CSV of the last MoLE image's gates."""
     rows = state.get("gates")
     if not rows:
-        return None, pd.DataFrame({"step": [], "weight": [], "expert": []}), None
+        return None, pd.DataFrame({"step": [], "weight": [], "expert": []}), None, state
     per_step = pd.DataFrame([{"step": step, "expert": expert, "weight": w}
                              for (step, expert), w in mean_by(rows, "step", "expert").items()])
     csv = write_gates_csv(rows, _session_dir(studio, state, "gates") / "gates.csv")
-    return gate_heatmap(rows), per_step, str(csv)
+    return gate_heatmap(rows), per_step, str(csv), state
 
 
 # ---- Export -------------------------------------------------------------------------------------
-def export(studio: Studio, keys, method: str, fmt: str, weights, rank, normalize, density, state: dict) -> str:
+def export(studio: Studio, keys, method: str, fmt: str, weights, rank, normalize, density, state: dict):
     """Write a merge of the selection as a LoRA file and hand it to the browser."""
     if fmt not in ("diffusers", "kohya"):
         raise gr.Error(f"Unknown format {fmt!r}: choose diffusers or kohya.")
     mix = mixes_from_form(state, keys, [method], weights, rank, normalize, density, 5, "block", "sample")[0]
     name = f"mole_studio_{method}{'_r' + str(int(rank)) if rank and method != 'linear' else ''}_{fmt}.safetensors"
     path = _session_dir(studio, state, "export") / name
-    return str(_human(studio, studio.engine.export, mix, path, format=fmt, bank=bank_of(studio, state)))
+    return str(_human(studio, studio.engine.export, mix, path, format=fmt, bank=bank_of(studio, state))), state
 
 
 def snippet(studio: Studio, state: dict) -> str:
@@ -834,7 +835,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         c["button"].click(on(check_compare, studio), compare_inputs, None, **private) \
             .success(on(compare, studio), compare_inputs, [c["results"], c["used_seed"], c["notes"], state],
                      api_name="compare", **fast) \
-            .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"]], **private)
+            .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"], state], **private)
 
         # Toggle experts
         toggle_inputs = [b["chosen"], c["prompt"], c["negative"], c["used_seed"], c["steps"], c["guidance"],
@@ -842,11 +843,11 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         triggers = [g["button"].click] + [s.input for s in g["switches"]]
         gr.on(triggers, on(toggle, studio), toggle_inputs, [g["image"], g["caption"], state], api_name="toggle",
               trigger_mode="always_last", **fast) \
-            .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"]], **private)
+            .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"], state], **private)
 
         # Export
         x["button"].click(on(export, studio), [b["chosen"], x["method"], x["format"], c["weights"], c["rank"],
-                                               c["normalize"], c["density"], state], [x["file"]],
+                                               c["normalize"], c["density"], state], [x["file"], state],
                           api_name="export", **fast)
         x["snippet_button"].click(on(snippet, studio), [state], [x["snippet"]], **private)
 

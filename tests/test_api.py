@@ -8,6 +8,7 @@ is served while another visitor trains, and the training goes on with the same r
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,3 +128,44 @@ def test_a_compare_is_served_while_another_visitor_trains(served):
     a, b = load_mixture(alone[-1]), load_mixture(interrupted[-1])
     assert a.gate_state.keys() == b.gate_state.keys()
     assert all(np.array_equal(a.gate_state[k].numpy(), b.gate_state[k].numpy()) for k in a.gate_state)
+
+
+@pytest.mark.slow
+def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, tmp_path_factory):
+    """20 uploads and 20 exports from two visitors, then their sessions end (idle past the session lifetime):
+    the sessions' folders are gone and Gradio's cache holds no more bytes than before (delete_cache)."""
+    import shutil
+
+    import gradio.utils
+    from gradio_client import handle_file
+    model, bank = world_paths(request.config, tmp_path_factory)
+    shutil.copytree(bank, tmp_path / "bank")
+    studio = app.Studio(Engine(model, str(tmp_path / "bank")), root=tmp_path / "sessions")
+    demo, url = launch(studio, delete_cache=(1, 1), session_ttl=3)
+    cache = Path(gradio.utils.get_upload_folder())
+
+    def used() -> int:       # bytes on disk that this test can grow
+        return sum(p.stat().st_size for folder in (cache, tmp_path / "sessions") for p in folder.rglob("*")
+                   if p.is_file())
+    keys = [e.key for e in studio.engine.bank.entries if not e.error][:2]
+    warm = client(url)      # the gallery's cached example images and one export: what any visitor causes once
+    warm.predict(keys, "linear", "diffusers", NO_WEIGHTS, 2, True, 0.5, api_name="/export")
+    warm.close()
+    time.sleep(5)
+    before = used()
+    source = studio.engine.bank.get(keys[0]).lora_path
+    for visitor in range(2):
+        c = client(url)
+        for i in range(10):
+            upload = tmp_path / f"u{visitor}_{i}.safetensors"
+            shutil.copy(source, upload)
+            c.predict(handle_file(str(upload)), f"Upload {visitor} {i}", "pony", "", [], api_name="/add_lora")
+            c.predict(keys, "linear", "diffusers", NO_WEIGHTS, 2, True, 0.5, api_name="/export")
+        c.close()
+    assert used() > before + 10 * source.stat().st_size
+    deadline = time.time() + 120
+    while used() > before and time.time() < deadline:
+        time.sleep(1)
+    demo.close()
+    left = [str(p.relative_to(tmp_path)) for p in (tmp_path / "sessions").rglob("*")]
+    assert used() <= before and not left, left

@@ -223,7 +223,7 @@ def test_untrained_mole_follows_the_form_not_another_session(studio, keys):
 
 def test_show_gates_heatmap_chart_and_csv(studio, keys, compared):
     _, _, state = compared
-    heatmap, per_step, csv = app.show_gates(studio, state)
+    heatmap, per_step, csv, _ = app.show_gates(studio, state)
     frame = pd.DataFrame(state["gates"])
     groups = frame["group"].nunique()
     assert isinstance(heatmap, PIL.Image.Image) and heatmap.height > groups * 10
@@ -297,7 +297,7 @@ def test_a_bad_mixture_is_refused_at_load_with_its_name(studio, tmp_path, bad, m
 @pytest.mark.parametrize("method, fmt", [("linear", "diffusers"), ("svd", "kohya"), ("ties", "diffusers")])
 def test_export_writes_a_lora_the_model_accepts(studio, world, keys, method, fmt):
     from mole_core.lora import load_lora, validate_lora
-    path = app.export(studio, keys, method, fmt, None, 2, True, 0.5, app.new_session())
+    path, _ = app.export(studio, keys, method, fmt, None, 2, True, 0.5, app.new_session())
     lora = load_lora(path)
     validate_lora(lora, Engine(*world).components)  # a fresh model: no MoLE wrappers attached
     assert lora.format == fmt and lora.modules
