@@ -43,20 +43,18 @@ import pandas as pd
 
 from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.bank import Bank
-from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL, PACKAGE_ROOT,
-                                TRAIN_LR, TRAIN_STEPS, Limits)
+from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
+                                PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
 from mole_core.evaluate import SMALL_STUDY
-from mole_core.mix import Mix
+from mole_core.mix import Mix, mole_config_for
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
 from mole_core.train import TrainConfig
 
 MAX_EXPERTS = 8                        # rows of switches/strengths the page can show
-GATE_CHOICES = [("Per token / pixel", "token"), ("Per sample (the paper)", "sample"),
-                ("Static (one weight per LoRA)", "static")]
-DEFAULT_GATE = "token"                 # per-token gates lead every composition of the study (README)
-TRAIN_BATCH = 4                        # the study's gate-training batch
+GATE_CHOICES = [("Per token / pixel", "token"), ("Per token + trigger routing", "routed"),
+                ("Per sample (the paper)", "sample"), ("Static (one weight per LoRA)", "static")]
 COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIES", "ties"), ("DARE", "dare"),
                    ("LoRA Switch", "switch"), ("LoRA Composite (N× the cost)", "composite"), ("base", "base")]
 DEFAULT_METHODS = ["mole", "linear", "svd", "ties", "dare", "switch", "base"]   # Composite: N× cost, opt-in
@@ -305,9 +303,8 @@ def _train_config(studio: Studio, keys, granularity, steps, lr, alpha, seed, gat
             raise gr.Error(f"{label} must be a finite number; got {value!r}.")
     if float(steps) != int(steps) or float(seed) != int(seed):
         raise gr.Error("Steps and the seed must be whole numbers.")
-    mole = MoleConfig(granularity=granularity, gate=gate)
-    train = TrainConfig(steps=int(steps), lr=float(lr), balance_alpha=float(alpha), seed=int(seed),
-                        batch_size=TRAIN_BATCH)
+    mole = mole_config_for(granularity, gate, float(alpha))     # "routed" trains with α = 0 by definition
+    train = TrainConfig(steps=int(steps), lr=float(lr), seed=int(seed), batch_size=TRAIN_BATCH)
     return mole, train
 
 
@@ -640,7 +637,8 @@ def _train_tab(studio: Studio) -> dict:
         c["steps"] = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1, maximum=limits.train_steps,
                                elem_id="train-steps")
         c["lr"] = gr.Number(TRAIN_LR, label="Learning rate", minimum=1e-7, maximum=10)
-        c["alpha"] = gr.Number(MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100)
+        c["alpha"] = gr.Number(MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
+                               info="trigger routing trains with α = 0")
         c["seed"] = gr.Number(TrainConfig().seed, label="Seed", precision=0, minimum=0)
     c["estimate"] = gr.Markdown(train_estimate(studio, TRAIN_STEPS, DEFAULT_GATE), elem_id="train-estimate")
     with gr.Row():

@@ -25,6 +25,11 @@ Gate kinds (MoleConfig.gate): "sample" (the paper: one decision per sample), "to
 "static" (one learned logit per expert for the whole attachment, whatever the input: MoLE's static
 ablation, LoraHub's idea trained by gradient; the groups then only decide who evaluates it).
 
+Trigger routing (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): per-token gates pushed
+towards the expert whose trigger a text token belongs to / a pixel attends to; the handle needs each
+expert's trigger words (`handle.set_triggers(pipe.tokenizer, {name: words})`); detach removes its hooks
+and attention processors.
+
 Settings are per call (context managers that restore what was there), never modes stored in the model.
 
 References: MoLE (Wu et al., ICLR 2024); peft `BaseTuner.inject_adapter` (replace the module in its
@@ -58,13 +63,31 @@ class MoleConfig:
     balance_alpha: float = 0.5      # α in L = L_task + α·L_balance; train_gates uses it unless TrainConfig sets one
     gate: str = "sample"            # "sample": one decision per sample (the paper); "token": per token / pixel;
                                     # "static": one learned weight per expert, the same for every input
+    route: str = "none"             # "trigger" (per-token gates only, pipelines only; routing.py): each
+                                    # token / pixel is pushed towards the expert whose trigger it belongs to
+                                    # or attends to: G ∝ G_gate · (r + route_eps)^β; needs the triggers
+                                    # (MoleHandle.set_triggers). "none": the gates as they are.
+    route_beta: float = 1.0         # β at start (and after reset_gates); 0 = the per-token gate exactly
+    route_learn_beta: bool = True   # β is a gate Parameter (trained) or a fixed buffer
+    route_tokens: str = "trigger"   # text tokens of expert i: "trigger" (its trigger's tokens) or "phrase"
+                                    # (from its trigger up to the next expert's trigger)
+    route_norm: str = "mass"        # pixels: "mass" (attention mass on the trigger tokens), "share"
+                                    # (masses divided by their sum over experts) or "spatial" (each expert's
+                                    # map over its image mean, then shared)
+    route_eps: float = 1e-3         # ε in (r + ε)^β: how far an expert whose trigger is not attended is cut
+    route_absent: str = "keep"      # an expert whose trigger is in no prompt of a network call: "keep" (only
+                                    # cut by ε^β like any unattended expert) or "off" (switched off in that
+                                    # call, the rest renormalised; no trigger at all = the base model there)
+    route_pixels: bool = True       # also route the UNet's pixels by cross-attention mass (False: only text
+                                    # tokens: the text encoder and the cross-attention keys / values)
 
     @property
     def describe(self) -> str:
         """"block", "block, per-token" or "static": how result labels name this configuration."""
         if self.gate == "static":
             return "static"                    # the granularity changes nothing: one set of weights
-        return self.granularity + (", per-token" if self.gate == "token" else "")
+        routed = ", trigger-routed" if self.route == "trigger" else ""
+        return self.granularity + (", per-token" if self.gate == "token" else "") + routed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +190,8 @@ class MoleHandle:
     """An attachment of N experts to a model: settings, recording, gate access, detach."""
 
     def __init__(self, model: nn.Module, config: MoleConfig, expert_names: list[str],
-                 layers: dict[str, nn.Module], groups: dict[str, Group], runtime: Runtime, hooks: list):
+                 layers: dict[str, nn.Module], groups: dict[str, Group], runtime: Runtime, hooks: list,
+                 router=None):
         self.model = model
         self.config = config
         self.expert_names = list(expert_names)
@@ -178,7 +202,20 @@ class MoleHandle:
         self._runtime = runtime
         self._hook_specs = hooks                           # [(network root, forward pre-hook)]
         self._hooks = [root.register_forward_pre_hook(fn) for root, fn in hooks]
+        self.router = router                               # routing.TriggerRouter (route="trigger") or None
+        if router is not None:
+            router.install()
         self.attached = True
+
+    def set_triggers(self, tokenizer, triggers: dict) -> None:
+        """The trigger word(s) of each expert, {name: "zwx" | ["zwx", ...]}, tokenised with the pipeline's
+        tokenizer (used by route="trigger"; a no-op otherwise). An expert without one is never routed to."""
+        unknown = [k for k in triggers if k not in self.expert_names]
+        if unknown:
+            raise ValueError(f"Triggers name unknown expert(s) {', '.join(unknown)}; the experts are "
+                             f"{', '.join(self.expert_names)}.")
+        if self.router is not None:
+            self.router.set_triggers(tokenizer, triggers, self.expert_names)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def detach(self) -> None:
@@ -192,6 +229,8 @@ class MoleHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self.router is not None:
+            self.router.remove()
         self.attached = False
 
     def reattach(self) -> None:
@@ -210,6 +249,8 @@ class MoleHandle:
         for parent, child, layer in places:
             setattr(parent, child, layer)
         self._hooks = [root.register_forward_pre_hook(fn) for root, fn in self._hook_specs]
+        if self.router is not None:
+            self.router.install()
         self.attached = True
 
     # ---- call-time settings ----------------------------------------------------------------------
@@ -292,7 +333,7 @@ class MoleHandle:
     def load_gate_state_dict(self, state: dict[str, torch.Tensor], layout: dict[str, dict] | None = None) -> None:
         """Load gate tensors (and leaders) saved by `gate_state_dict` / a mixture; shapes must match."""
         static = self.config.gate == "static"
-        names = ("log_tau", "logits") if static else ("log_tau", "proj.weight", "proj.bias")
+        names = ("log_tau", "logits") if static else ("log_tau", "proj.weight", "proj.bias", "route_beta")
         known = {f"{_gate_key(g)}.{p}" for g in self.groups for p in names}
         unknown = sorted(set(state) - known)
         if unknown:
@@ -305,6 +346,11 @@ class MoleHandle:
                 if f"{k}.log_tau" not in state:
                     raise ValueError(f"Gate state has no tensors for group '{g}' (another model or granularity?).")
                 gate.log_tau.copy_(state[f"{k}.log_tau"])
+                if f"{k}.route_beta" in state:
+                    if gate.route_beta_init is None:
+                        raise ValueError(f"Gate state of group '{g}' has a routing β, but this attachment "
+                                         f"is not trigger-routed (route='none').")
+                    gate.route_beta.copy_(state[f"{k}.route_beta"])
                 if layout and g in layout and layout[g].get("leader"):
                     if layout[g]["leader"] not in self.layers:
                         raise ValueError(f"Gate of group '{g}' is led by '{layout[g]['leader']}', which has no "
@@ -395,6 +441,22 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         raise ValueError(f"Unknown granularity '{config.granularity}' (expected one of {', '.join(GRANULARITIES)}).")
     if config.gate not in GATE_KINDS:
         raise ValueError(f"Unknown gate kind '{config.gate}' (expected one of {', '.join(GATE_KINDS)}).")
+    router = None
+    if config.route != "none":
+        from mole_core.routing import ROUTE_ABSENT, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
+        if config.route not in ROUTES:
+            raise ValueError(f"Unknown route '{config.route}' (expected one of {', '.join(ROUTES)}).")
+        if config.gate != "token":
+            raise ValueError(f"route='{config.route}' needs per-token gates (gate='token'); got gate='{config.gate}'.")
+        if config.route_absent not in ROUTE_ABSENT:
+            raise ValueError(f"route_absent must be one of {', '.join(ROUTE_ABSENT)}; got {config.route_absent!r}.")
+        if config.route_tokens not in ROUTE_TOKENS or config.route_norm not in ROUTE_NORMS:
+            raise ValueError(f"route_tokens must be one of {', '.join(ROUTE_TOKENS)} and route_norm one of "
+                             f"{', '.join(ROUTE_NORMS)}; got {config.route_tokens!r}, {config.route_norm!r}.")
+        if not (float(config.route_eps) > 0):
+            raise ValueError(f"route_eps must be above 0; got {config.route_eps!r}.")
+        router = TriggerRouter(model, len(loras), config.route_tokens, config.route_norm, float(config.route_eps),
+                               bool(config.route_pixels), config.route_absent)
     names = [lora.name for lora in loras]
     if not loras:
         raise ValueError("attach needs at least one LoRA.")
@@ -420,13 +482,17 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
                          f"address it by its first name.")
     keys = sorted(modules, key=order.__getitem__)
     runtime = Runtime(names)
+    if router is not None:
+        router.runtime = runtime
     groups: dict[str, Group] = {}
     static = (nn.Parameter(torch.zeros(len(loras))), nn.Parameter(torch.zeros(()))) \
         if config.gate == "static" else None                   # (logits, log_tau) shared by every gate
     for key in keys:
         g = group_of(model, key, config.granularity)
         if g not in groups:
-            groups[g] = Group(g, _network_of(model, key), Gate(len(loras), static), runtime, config.gate == "token")
+            beta = float(config.route_beta) if router is not None else None
+            groups[g] = Group(g, _network_of(model, key), Gate(len(loras), static, beta, config.route_learn_beta),
+                              runtime, config.gate == "token", router)
 
     # 3. wrap: replace each module in its parent (the first member of a group owns its gate)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -459,4 +525,4 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
                 grp.cache = None
 
         hooks.append((root, start_pass))
-    return MoleHandle(model, config, names, layers, groups, runtime, hooks)
+    return MoleHandle(model, config, names, layers, groups, runtime, hooks, router)

@@ -25,12 +25,12 @@ import math
 import sys
 import time
 
-from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL, TRAIN_LR,
-                                TRAIN_STEPS, Limits)
+from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
+                                TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 
 # Defaults of TrainConfig / MoleConfig / Mix, repeated here so that --help shows numbers without importing
 # torch; tests/test_cli.py checks that they are still the dataclasses' own.
-TRAIN_ALPHA, TRAIN_BATCH_SIZE, TRAIN_SEED = 0.5, 2, 0
+TRAIN_ALPHA, TRAIN_SEED = 0.5, 0
 MIX_DENSITY, MIX_SWITCH_EVERY = 0.5, 5
 
 
@@ -227,12 +227,14 @@ def cmd_train_gates(args) -> int:
     quiet_libraries()
     from tqdm import tqdm
 
-    from mole_core.attach import MoleConfig
+    from mole_core.mix import mole_config_for
     from mole_core.train import TrainConfig
 
     # 1. the engine and the settings, checked before the bar opens (a refused number writes nothing)
     engine = local_engine(args)
-    mole = MoleConfig(granularity=args.granularity, gate=args.gate)
+    mole = mole_config_for(args.granularity, args.gate)
+    if args.alpha is None:                # trigger routing trains without the balance term (mix.ROUTED)
+        args.alpha = 0.0 if args.gate == "routed" else TRAIN_ALPHA
     config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=args.alpha, batch_size=args.batch_size,
                          seed=args.seed)
     engine.check_train(args.lora, mole, config)
@@ -299,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mole_core", description="MoLE Studio engine tools.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     granularities = Choices("mole_core.attach", "GRANULARITIES")
-    gate_kinds = Choices("mole_core.attach", "GATE_KINDS")
+    gate_kinds = Choices("mole_core.mix", "GATES")
 
     p = sub.add_parser("inspect", help="show a LoRA file's format, targets, ranks, alphas and validity")
     p.add_argument("file", help="a .safetensors LoRA file")
@@ -333,13 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", required=True, metavar="KEY", help="a bank key; repeat (2 or more)")
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="which modules share one gate: %(choices)s (default: %(default)s)")
-    p.add_argument("--gate", choices=gate_kinds, default="sample", metavar="KIND",
+    p.add_argument("--gate", choices=gate_kinds, default=DEFAULT_GATE, metavar="KIND",
                    help="%(choices)s (default: %(default)s). sample: one gate decision per image (the paper); "
-                        "token: per token / pixel; static: one learned weight per expert for every input")
+                        "token: per token / pixel; static: one learned weight per expert for every input; routed: per "
+                        "token, each LoRA's trigger phrase routing its text tokens and pixels")
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=TRAIN_LR, help="learning rate (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=TRAIN_ALPHA, help="balance-loss weight α (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=TRAIN_BATCH_SIZE,
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"balance-loss weight α (default: {TRAIN_ALPHA}; 0 with --gate routed)")
+    p.add_argument("--batch-size", type=int, default=TRAIN_BATCH,
                    help="example images per step (default: %(default)s)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output mixture .safetensors file")
@@ -358,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MoLE strength of one expert, 0 to 10 (default 1)")
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="MoLE without --mixture: which modules share a gate, %(choices)s (default: %(default)s)")
-    p.add_argument("--gate", choices=gate_kinds, default="sample", metavar="KIND",
+    p.add_argument("--gate", choices=gate_kinds, default=DEFAULT_GATE, metavar="KIND",
                    help="MoLE without --mixture: gate kind, %(choices)s (default: %(default)s)")
     p.add_argument("--weight", action="append", metavar="KEY=W",
                    help="merge weight of one LoRA (default: its manifest's default_weight)")

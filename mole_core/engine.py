@@ -263,11 +263,12 @@ class Engine:
     # ---- MoLE attachment and merges -------------------------------------------------------------
     def _attached(self, keys, mole: MoleConfig, bank: Bank):
         """The MoLE attachment for exactly these LoRA files and gate layout, re-attaching when they change."""
-        wanted = (tuple((k, _file_stamp(bank.get(k).lora_path)) for k in keys), mole.granularity, mole.gate)
+        wanted = (tuple((k, _file_stamp(bank.get(k).lora_path)) for k in keys), dataclasses.astuple(mole))
         if self._handle is not None and (wanted != self._handle_key or self._handle is self._training):
             self._detach()
         if self._handle is None:
             self._handle = attach(self.components, [bank.load(k) for k in keys], mole)
+            self._handle.set_triggers(self.pipe.tokenizer, {k: bank.get(k).trigger for k in keys})
             self._handle_key = wanted
         return self._handle
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from mole_core.attach import GATE_KINDS, GRANULARITIES
+from mole_core.attach import GRANULARITIES
+from mole_core.mix import GATES
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, TRAIN_LR, TRAIN_STEPS, Limits
 from mole_core.engine import Engine
 from mole_core.metrics import ClipScorer
@@ -109,20 +110,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mixture", help="a trained mixture (.safetensors) to score instead of training")
     parser.add_argument("--granularity", action="append", choices=GRANULARITIES,
                         help=f"train and score MoLE at this granularity (repeat; default: {d.granularities[0]})")
-    parser.add_argument("--gate", action="append", choices=GATE_KINDS,
-                        help="gate kind: sample (the paper: one decision per image) or token (per pixel / "
-                             f"token); repeat for both (default: {d.gates[0]})")
+    parser.add_argument("--gate", action="append", choices=GATES,
+                        help="gate kind: sample (the paper: one decision per image), token (per pixel / token), "
+                             f"static (one weight per LoRA) or routed (per token, trigger-routed); repeat for "
+                             f"several (default: {d.gates[0]})")
     parser.add_argument("--methods", default=",".join(d.methods),
                         help=f"comma-separated rows, in order: {', '.join(METHODS)}, single:KEY, or {SINGLES} "
                              f"(each LoRA alone)")
     parser.add_argument("--steps", type=int, default=d.train_steps, help="gate-training steps")
-    parser.add_argument("--lr", type=float, default=d.lr, help="gate learning rate (default: TrainConfig's)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="gate learning rate (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=d.alpha, help="balance-loss weight α")
     parser.add_argument("--seed", type=int, default=d.train_seed, help="gate-training seed")
     parser.add_argument("--seeds", type=int, default=d.seeds, help="image seeds per prompt (START..START+N-1)")
     parser.add_argument("--seed-start", type=int, default=d.seed_start, help="first image seed (the study uses 1000)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
-                        help="gate-training batch (default: TrainConfig's)")
+                        help="gate-training batch (default: %(default)s)")
     parser.add_argument("--prompts", type=int, default=d.n_prompts, help="prompts drawn from the world's captions")
     parser.add_argument("--templates", help="file of caption templates, one per line; {0}, {1}, ... = the "
                         "LoRAs' triggers in --lora order")

@@ -28,6 +28,11 @@ by gradient): G = softmax(l / τ) with ONE logit l_i per expert and one τ for t
 group's Gate holds the same two Parameters — so the weights never depend on the input. l = 0 at start: the
 equal-weight linear merge, like the other kinds.
 
+Trigger-routed gates (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): the leader's
+softmax is cached unrouted; every member then takes it at its own tokens (the mean over the leader's tokens
+for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with β the gate's
+`route_beta`, renormalises, and only then applies forced weights and the mask.
+
 Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
 
@@ -52,9 +57,17 @@ class Gate(nn.Module):
     Trainable parameters of MoLE are exactly the parameters of the modules of this class.
     """
 
-    def __init__(self, n_experts: int, static: tuple[nn.Parameter, nn.Parameter] | None = None):
+    def __init__(self, n_experts: int, static: tuple[nn.Parameter, nn.Parameter] | None = None,
+                 route_beta: float | None = None, learn_beta: bool = True):
         super().__init__()
         self.n_experts = n_experts
+        self.route_beta_init = route_beta                 # trigger routing (routing.py): β of G ∝ G·(r+ε)^β
+        if route_beta is not None:
+            beta = torch.tensor(float(route_beta))
+            if learn_beta:
+                self.route_beta = nn.Parameter(beta)
+            else:
+                self.register_buffer("route_beta", beta)
         if static is None:
             self.log_tau = nn.Parameter(torch.zeros(()))     # temperature τ = exp(log_tau), τ = 1 at start
             self.register_parameter("logits", None)
@@ -86,6 +99,8 @@ class Gate(nn.Module):
         with torch.no_grad():
             for p in self.parameters():                   # log_tau, and the logits or the projection
                 p.zero_()
+            if self.route_beta_init is not None:          # routing's β goes back to its initial value
+                self.route_beta.fill_(self.route_beta_init)
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
         *lead, N, d_out = outputs.shape                                    # (..., N, d_out)
@@ -127,10 +142,48 @@ def _per_sample(G: torch.Tensor) -> torch.Tensor:
 class Group:
     """A gate plus its per-pass cache; shared (not registered) by the members of one group."""
 
-    def __init__(self, name: str, network: str, gate: Gate, runtime: Runtime, per_token: bool = False):
+    def __init__(self, name: str, network: str, gate: Gate, runtime: Runtime, per_token: bool = False,
+                 router=None):
         self.name, self.network, self.gate, self.runtime = name, network, gate, runtime
         self.per_token = per_token                        # gate per token / pixel instead of per sample
+        self.router = router                              # routing.TriggerRouter (route="trigger") or None
         self.cache: torch.Tensor | None = None            # (B, N) or (B, T, N) effective weights of this pass
+                                                          # (routed groups: the gate's own softmax)
+
+    def routed_weights(self, member: "_MoleBase", outputs_fn, T: int) -> torch.Tensor:
+        """Trigger-routed groups: the gate's softmax (evaluated by the leader, cached) brought to this
+        member's T tokens, times the routing term of its tokens, then forced weights and the mask."""
+        gate, rt = self.gate, self.runtime
+        if gate.leader is None:
+            gate.leader = member.key
+        leader = member.key == gate.leader
+        if leader:
+            outputs = outputs_fn()                                         # (B, T, N, d_out)
+            gate.materialise(outputs.shape[-1], outputs.device)
+            self.cache = gate(outputs)                                     # (B, T, N) softmax
+        elif self.cache is None:
+            return self.weights(member, outputs_fn)                        # raises the ordering error
+        G = self.cache
+        if G.shape[1] != T:
+            G = G.mean(1, keepdim=True).expand(G.shape[0], T, G.shape[2])  # another token layout
+        G = self.router.apply(G, self.network, gate.route_beta)
+        if leader:
+            rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
+        G = self._forced_and_masked(G)
+        if leader and rt.recording is not None:
+            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, _per_sample(G))
+        return G
+
+    def _forced_and_masked(self, G: torch.Tensor) -> torch.Tensor:
+        rt = self.runtime
+        if rt.gates is not None:                                           # forced weights (no gate)
+            forced = rt.gates.to(G.device, G.dtype)
+            G = (forced.unsqueeze(1) if forced.dim() == 2 and G.dim() == 3 else forced).expand_as(G)
+        if rt.mask is not None:                                            # G'_i = m_i G_i / Σ m_j G_j
+            m = rt.mask.to(G.device, G.dtype)
+            G = G * m
+            G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
+        return G
 
     def weights(self, member: "_MoleBase", outputs_fn) -> torch.Tensor:
         """Effective expert weights for `member`, (B, N) or per token (B, T, N); the leader evaluates,
@@ -200,7 +253,10 @@ class _MoleBase(nn.Module):
             blocks = h_in.float().unsqueeze(-1) * (self.rank_onehot.float() * scales)   # (B, [T,] R, N)
             return (self.B_cat.float() @ blocks).transpose(-1, -2)        # (B, [T,] N, d_out)
 
-        G = self.group.weights(self, expert_outputs)                       # (B, N) or (B, T', N)
+        if self.group.router is not None:                                  # trigger routing: per member
+            G = self.group.routed_weights(self, expert_outputs, h.shape[1])  # (B, T, N)
+        else:
+            G = self.group.weights(self, expert_outputs)                   # (B, N) or (B, T', N)
         if G.shape[0] != h.shape[0]:
             raise RuntimeError(f"MoLE group '{self.group.name}': gate computed for batch {G.shape[0]} by "
                                f"'{self.group.gate.leader}', but '{self.key}' got batch {h.shape[0]}.")

@@ -34,6 +34,11 @@ METHODS = {
 }
 MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
 NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite")
+# Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
+# expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
+# trigger no prompt names is off. Train it with balance α = 0 (a uniform balance target fights the routing).
+ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off", balance_alpha=0.0)
+GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token gates with ROUTED trigger routing
 MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
 
 
@@ -49,7 +54,7 @@ class Mix:
     density: float = 0.5                  # ties / dare: fraction of each ΔW's entries kept
     switch_every: int = 5                 # switch: denoising steps per LoRA (k)
     granularity: str = "block"            # mole without a mixture: which modules share a gate
-    gate: str = "sample"                  # ... and the gate kind ("sample" | "token" | "static")
+    gate: str = "sample"                  # ... and the gate kind: "sample" | "token" | "static" | "routed" (GATES)
     mixture: object | None = None         # mole: a mole_core.mixture.Mixture (trained gates), or None
     mask: dict | None = None              # mole: key -> False switches that expert off (the rest renormalised)
     strengths: dict | None = None         # mole: key -> multiplier of that expert's contribution
@@ -72,7 +77,7 @@ class Mix:
         """The MoleConfig this mix asks for: the mixture's when it has one, else granularity + gate."""
         if self.mixture is not None:
             return self.mixture.mole_config()
-        return MoleConfig(granularity=self.granularity, gate=self.gate)
+        return mole_config_for(self.granularity, self.gate)
 
     def check(self) -> None:
         """ValueError naming the field for a value no method can use (the engine calls it first)."""
@@ -103,8 +108,8 @@ class Mix:
                              f"got {self.switch_every!r}.")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"Unknown granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
-        if self.gate not in GATE_KINDS:
-            raise ValueError(f"Unknown gate kind {self.gate!r}: choose one of {', '.join(GATE_KINDS)}.")
+        if self.gate not in GATES:
+            raise ValueError(f"Unknown gate kind {self.gate!r}: choose one of {', '.join(GATES)}.")
         for what, names in (("mask", self.mask), ("strengths", self.strengths), ("weights", self.weights)):
             unknown = sorted(set(names or {}) - set(self.keys))
             if unknown:
@@ -128,6 +133,15 @@ class Mix:
             else:
                 parts.append(f"{name}={value!r}")
         return f"Mix({', '.join(parts)})"
+
+
+def mole_config_for(granularity: str, gate: str, balance_alpha: float | None = None) -> MoleConfig:
+    """The MoleConfig of a gate choice (GATES). "routed" is per-token gates with the ROUTED trigger routing,
+    which trains with α = 0 by definition; otherwise α is `balance_alpha` (None: MoleConfig's 0.5)."""
+    if gate == "routed":
+        return MoleConfig(granularity=granularity, gate="token", **ROUTED)
+    return MoleConfig(granularity=granularity, gate=gate,
+                      **({} if balance_alpha is None else {"balance_alpha": balance_alpha}))
 
 
 def _finite(value) -> bool:

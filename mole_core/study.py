@@ -29,10 +29,11 @@ from typing import Callable
 import numpy as np
 
 from mole_core.attach import MoleConfig
-from mole_core.defaults import DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE
+from mole_core.defaults import (DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, TRAIN_BATCH, TRAIN_LR,
+                                TRAIN_STEPS)
 from mole_core.engine import GenerateRequest
 from mole_core.metrics import Target, mean_ci, plateau_step
-from mole_core.mix import METHODS, Mix
+from mole_core.mix import METHODS, Mix, mole_config_for
 from mole_core.train import TrainConfig
 
 SINGLES = "singles"      # in EvalConfig.methods: one row per LoRA alone ("single:<key>")
@@ -48,7 +49,8 @@ class EvalConfig:
     methods: tuple[str, ...] = ("mole", "linear", "svd", SINGLES, "base")  # the rows, in this order: any
                                           # Mix method (mix.METHODS, "single:<key>"), or "singles" = each LoRA alone
     granularities: tuple[str, ...] = ("block",)   # "mole": one row per granularity × gate kind
-    gates: tuple[str, ...] = ("sample",)          # ... "sample" (the paper) and/or "token" (per token, ours)
+    gates: tuple[str, ...] = (DEFAULT_GATE,)      # ... any of mix.GATES: "sample" (the paper), "token", "routed",
+                                                  # "static"
     mix: Mix = field(default_factory=Mix)         # what every row's Mix starts from (rank, density,
                                                   # switch_every, normalize, weights); method and keys are per row
     n_prompts: int = 6                    # captions asking for the LoRAs, from the suite (unless `templates`)
@@ -57,9 +59,9 @@ class EvalConfig:
     seed_start: int = 0
     denoise_steps: int = DEFAULT_DENOISE_STEPS   # per image
     guidance: float = DEFAULT_GUIDANCE
-    train_steps: int = 100                # gate-training steps of each MoLE row
-    lr: float | None = None               # gate learning rate (None: TrainConfig's)
-    batch_size: int | None = None         # gate-training batch (None: TrainConfig's)
+    train_steps: int = TRAIN_STEPS        # gate-training steps of each MoLE row (the app's defaults)
+    lr: float | None = TRAIN_LR           # gate learning rate (None: TrainConfig's)
+    batch_size: int | None = TRAIN_BATCH  # gate-training batch (None: TrainConfig's)
     alpha: float = 0.5                    # balance-loss weight α
     train_seed: int = 0                   # gate-training seed: data order and noise
 
@@ -89,11 +91,13 @@ class EvalConfig:
             raise ValueError("MoLE rows need at least one granularity and one gate kind.")
 
     def mole_config(self, granularity: str, gate: str) -> MoleConfig:
-        return MoleConfig(granularity=granularity, gate=gate, balance_alpha=self.alpha)
+        """The MoleConfig of a MoLE row (mix.mole_config_for: "routed" brings its own α = 0)."""
+        return mole_config_for(granularity, gate, self.alpha)
 
     def train_config(self) -> TrainConfig:
+        """Training settings of every MoLE row; α comes with the row's MoleConfig."""
         given = {"lr": self.lr, "batch_size": self.batch_size}
-        return TrainConfig(steps=self.train_steps, balance_alpha=self.alpha, seed=self.train_seed,
+        return TrainConfig(steps=self.train_steps, seed=self.train_seed,
                            **{k: v for k, v in given.items() if v is not None})
 
     def to_dict(self) -> dict:

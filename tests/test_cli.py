@@ -12,9 +12,9 @@ import PIL.Image
 import pytest
 
 from mole_core import cli
-from mole_core.attach import GATE_KINDS, MoleConfig
-from mole_core.defaults import TRAIN_LR, TRAIN_STEPS
-from mole_core.mix import Mix
+from mole_core.attach import MoleConfig
+from mole_core.defaults import DEFAULT_GATE, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
+from mole_core.mix import GATES, Mix
 from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
 from tests.tiny import make_bank, make_model_dir
@@ -41,7 +41,8 @@ def generate(paths, out, *extra):
 
 def train(paths, out, *extra):
     return cli.main(["train-gates", *paths, "--lora", "dog", "--lora", "cat", "--granularity", "layer",
-                     "--steps", "2", "--lr", "0.05", "--alpha", "0.5", "--seed", "1", "--out", str(out), *extra])
+                     "--steps", "2", "--lr", "0.05", "--alpha", "0.5", "--seed", "1", "--out", str(out),
+                     *(extra or ("--gate", "sample"))])
 
 
 def merge(world, out, *extra):
@@ -248,14 +249,14 @@ def test_help_shows_the_numbers_and_the_choices(capsys):
     train_args = parser.parse_args(["train-gates", "--lora", "a", "--out", "m"])
     # the CLI's defaults are the app's (defaults.py) and the dataclasses' own
     assert (train_args.steps, train_args.lr) == (TRAIN_STEPS, TRAIN_LR)
-    assert (train_args.alpha, train_args.batch_size, train_args.seed) == \
-        (MoleConfig().balance_alpha, TrainConfig().batch_size, TrainConfig().seed)
+    assert (train_args.gate, train_args.batch_size, train_args.seed) == (DEFAULT_GATE, TRAIN_BATCH, TrainConfig().seed)
+    assert train_args.alpha is None and cli.TRAIN_ALPHA == MoleConfig().balance_alpha   # None: 0.5, routed 0
     assert (cli.MIX_DENSITY, cli.MIX_SWITCH_EVERY) == (Mix().density, Mix().switch_every)
     with pytest.raises(SystemExit):
         cli.main(["train-gates", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {TRAIN_STEPS})" in text and f"(default: {TRAIN_LR})" in text
-    assert "TrainConfig" not in text and ", ".join(GATE_KINDS) in text
+    assert "TrainConfig" not in text and ", ".join(GATES) in text
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())

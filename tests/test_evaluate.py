@@ -127,7 +127,7 @@ def test_cli_evaluate_end_to_end_on_a_tiny_pipeline(tmp_path, one_thread, capsys
     templates.write_text(f"a photo of {{0}} dog\na {{1}} cat on the left\n{long}\n")
     out = tmp_path / "out"
     rc = main(["evaluate", "--model", str(model_dir), "--bank", str(bank), "--lora", "dog", "--lora", "cat",
-               "--steps", "2", "--seeds", "1", "--templates", str(templates), "--denoise-steps", "2",
+               "--steps", "2", "--gate", "sample", "--seeds", "1", "--templates", str(templates), "--denoise-steps", "2",
                "--clip", str(clip_dir), "--rank", "1", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())

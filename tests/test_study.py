@@ -20,7 +20,8 @@ TWO = "a zwx on the left and a qlo on the right"
 
 
 def config(**changes) -> st.EvalConfig:
-    return st.EvalConfig(**{"seeds": 1, "n_prompts": 2, "train_steps": 2, "denoise_steps": 5, **changes})
+    return st.EvalConfig(**{"seeds": 1, "n_prompts": 2, "train_steps": 2, "denoise_steps": 5, "gates": ("sample",),
+                            **changes})
 
 
 def test_scores_match_a_hand_count():
