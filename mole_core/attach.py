@@ -10,7 +10,7 @@
 `nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})` (each entry a *network*), or a
 bare transformers / diffusers model (then the model is the one network, keys are its module paths).
 
-Granularity (MOLE.md, Table 9) decides which wrapped modules share one gate:
+Granularity (docs/MOLE.md, the paper's Table 9) decides which wrapped modules share one gate:
   matrix   every wrapped module has its own gate (m-MoLE)
   layer    the nearest attention / MLP / feed-forward ancestor (l-MoLE); the module itself if none
   block    the outermost transformer block / encoder or decoder layer / resnet block below the network
@@ -47,7 +47,7 @@ from torch import nn
 
 from mole_core.atomic import write_csv
 from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
-from mole_core.lora import Lora, LoraWeights
+from mole_core.lora import Lora, LoraWeights, module_problem
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
 GATE_KINDS = ("sample", "token", "static")
@@ -130,6 +130,12 @@ def _gate_key(group: str) -> str:
 
 GATE_COLUMNS = ["group", "step", "sample", "expert", "weight"]  # the tidy gate table's columns
 
+
+def write_gates_csv(rows: list[dict], path) -> Path:
+    """Write tidy gate rows (group, step, sample, expert, weight) as CSV, atomically: the one gate-CSV writer
+    (a Recording's `to_csv`, the app's download and the CLI's --gates-out)."""
+    return write_csv(path, rows, GATE_COLUMNS)
+
 class Recording:
     """Every gate evaluation inside `with handle.recording() as rec:`.
 
@@ -153,7 +159,7 @@ class Recording:
 
     def to_csv(self, path) -> Path:
         """Write `table()` as CSV, atomically."""
-        return write_csv(path, self.table(), GATE_COLUMNS)
+        return write_gates_csv(self.table(), path)
 
     def mean_by_group(self) -> tuple[list[str], torch.Tensor]:
         """(groups, weights (G, N)): mean over steps and samples, groups in network order."""
@@ -411,22 +417,12 @@ class MoleHandle:
 # ----------------------------------------------------------------------------------------------
 
 def _check_fit(lora: Lora, key: str, module: nn.Module, w: LoraWeights) -> None:
-    """ValueError naming the LoRA, the module, the expected and the found shapes."""
+    """ValueError naming the LoRA, the module, the expected and the found shapes (lora.module_problem's rule)."""
     if isinstance(module, (MoleLinear, MoleConv2d)):
         raise ValueError(f"Module '{key}' already carries MoLE experts; detach the previous attachment first.")
-    if isinstance(module, nn.Linear):
-        exp_a, exp_b = (w.rank, module.in_features), (module.out_features, w.rank)
-    elif isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            raise ValueError(f"LoRA '{lora.name}', module '{key}': grouped or non-zero-padded Conv2d is not "
-                             f"supported (groups={module.groups}, padding_mode={module.padding_mode}).")
-        exp_a, exp_b = (w.rank, *module.weight.shape[1:]), (module.out_channels, w.rank, 1, 1)
-    else:
-        raise ValueError(f"LoRA '{lora.name}', module '{key}': is a {type(module).__name__}, "
-                         f"expected nn.Linear or nn.Conv2d.")
-    if tuple(w.A.shape) != tuple(exp_a) or tuple(w.B.shape) != tuple(exp_b):
-        raise ValueError(f"LoRA '{lora.name}', module '{key}' ({type(module).__name__}): expected A {tuple(exp_a)}, "
-                         f"B {tuple(exp_b)}; found A {tuple(w.A.shape)}, B {tuple(w.B.shape)}.")
+    problem = module_problem(key, module, w)
+    if problem:
+        raise ValueError(f"LoRA '{lora.name}', {problem}.")
 
 
 def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None) -> MoleHandle:

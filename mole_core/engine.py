@@ -41,8 +41,8 @@ import PIL.Image
 import torch
 from torch import nn
 
-from mole_core.atomic import atomic_path, write_csv
-from mole_core.attach import GATE_COLUMNS, MoleConfig, attach
+from mole_core.atomic import atomic_path
+from mole_core.attach import MoleConfig, attach, write_gates_csv
 from mole_core.bank import Bank, BankEntry
 from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
@@ -576,11 +576,6 @@ def _finite(value) -> bool:
         return bool(np.isfinite(float(value)))
     except (TypeError, ValueError, OverflowError):
         return False
-
-
-def write_gates_csv(rows: list[dict], path) -> Path:
-    """Write tidy gate rows (group, step, sample, expert, weight) as CSV, atomically."""
-    return write_csv(path, rows, GATE_COLUMNS)
 
 
 def save_image(image: PIL.Image.Image, path) -> Path:

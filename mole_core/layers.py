@@ -6,7 +6,7 @@ Computed as ONE stacked LoRA of rank R = Σ r_i: h = A_cat x (B, ..., R); each r
 the weight of the expert it belongs to, c = (G_i s_i strength_i) repeated r_i times (B, R); y = W x +
 B_cat (h ⊙ c). That is the cost of a single rank-R LoRA, not N separate LoRA passes.
 
-Gate (MOLE.md): input = the experts' outputs pooled over tokens / pixels. Mean pooling commutes with the
+Gate (docs/MOLE.md): input = the experts' outputs pooled over tokens / pixels. Mean pooling commutes with the
 linear up-projection, so pool(E_i) = s_i B_i pool(h_i) exactly, and no expert output is ever formed at
 full size. z = layer_norm(pool(E_0) ⊕ … ⊕ pool(E_{N-1})) without affine; logits = proj(z) with a
 zero-initialised Linear(N·d_out, N); G = softmax(logits / τ), τ = exp(log_tau), log_tau = 0 initially.

@@ -342,6 +342,24 @@ def _expected_shapes(module: nn.Module, r: int) -> tuple[tuple, tuple]:
     return (r, module.in_channels // module.groups, *module.kernel_size), (module.out_channels, r, 1, 1)
 
 
+def module_problem(key: str, module: nn.Module, w: LoraWeights) -> str | None:
+    """Why LoRA weights `w` cannot adapt `module` (None: they fit): the one fit rule of the project, used by
+    `lora_problems` (loading, merges) and `attach` (MoLE) alike. A plain Linear, or a Conv2d without groups
+    and with zero padding (the stacked-expert convolution and the merged ΔW both assume it)."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        kind = type(module)
+        return (f"module '{key}': is a {kind.__module__}.{kind.__qualname__}, expected a plain torch.nn.Linear or "
+                f"torch.nn.Conv2d")
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        return (f"module '{key}': a grouped or non-zero-padded Conv2d is not supported (groups={module.groups}, "
+                f"padding_mode={module.padding_mode})")
+    exp_a, exp_b = _expected_shapes(module, w.rank)
+    if tuple(w.A.shape) != exp_a or tuple(w.B.shape) != exp_b:
+        return (f"module '{key}' ({type(module).__name__}): expected A {exp_a}, B {exp_b}; "
+                f"found A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
+    return None
+
+
 def weight_module(components: nn.Module, key: str) -> nn.Module:
     """The module holding W for a LoRA key: `components.get_submodule(key)`, or, where an adapter wraps
     it (MoLE's layers keep it as `.base`, PEFT's as `.base_layer`), the wrapped nn.Linear / nn.Conv2d.
@@ -388,15 +406,9 @@ def lora_problems(lora: Lora, components: nn.Module, family: Family | str | None
             where = "module" if comp in dict(components.named_children()) else f"component '{comp}'"
             problems.append(f"module '{key}': the model has no such {where}")
             continue
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            kind = type(module)
-            problems.append(f"module '{key}': is a {kind.__module__}.{kind.__qualname__}, expected a plain "
-                            f"torch.nn.Linear or torch.nn.Conv2d")
-            continue
-        exp_a, exp_b = _expected_shapes(module, w.rank)
-        if tuple(w.A.shape) != exp_a or tuple(w.B.shape) != exp_b:
-            problems.append(f"module '{key}' ({type(module).__name__}): expected A {exp_a}, B {exp_b}; "
-                            f"found A {tuple(w.A.shape)}, B {tuple(w.B.shape)}")
+        problem = module_problem(key, module, w)
+        if problem:
+            problems.append(problem)
     return problems
 
 

@@ -175,7 +175,7 @@ def one_linear_masked_by_hand(gate_kind: str):
 
 
 def test_mask_renormalises_by_hand_on_one_linear():
-    """A bare model with one wrapped Linear: the output matches the MOLE.md formulas written out."""
+    """A bare model with one wrapped Linear: the output matches the docs/MOLE.md formulas written out."""
     got, rec, Wx, E, gate, m = one_linear_masked_by_hand("sample")
     z = F.layer_norm(torch.cat([e.mean(1) for e in E], dim=-1), (3 * 5,))
     G = torch.softmax((z @ gate.proj.weight.T + gate.proj.bias) / torch.exp(torch.tensor(0.4)), dim=-1)
