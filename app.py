@@ -46,7 +46,7 @@ from mole_core.bank import Bank
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
-from mole_core.evaluate import SMALL_STUDY
+from mole_core.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
 from mole_core.mix import Mix, mole_config_for
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
@@ -563,7 +563,6 @@ def snippet(studio: Studio, state: dict) -> str:
 
 # ---- Evaluate -----------------------------------------------------------------------------------
 def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict) -> str:
-    from mole_core.evaluate import small_study_seconds
     if len(keys or []) < 2:
         return ""
     try:
@@ -577,7 +576,6 @@ def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps, state: d
 
 def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, progress=gr.Progress()):
     """A small study of the selection: streams its progress, then (markdown, table, bar chart)."""
-    from mole_core.evaluate import run_small_study
     limits = studio.engine.limits
     if len(keys or []) < 2:
         raise gr.Error(f"A study needs at least two LoRAs; {len(keys or [])} selected in the Bank tab.")
