@@ -169,3 +169,31 @@ def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, 
     demo.close()
     left = [str(p.relative_to(tmp_path)) for p in (tmp_path / "sessions").rglob("*")]
     assert used() <= before and not left, left
+
+
+def test_a_study_stops_when_its_visitor_goes(served, monkeypatch):
+    """/study is a stream: when its client cancels (or leaves), the study stops at its next image or step and
+    the model is free for the next visitor."""
+    url, keys, studio = served
+    steps = []
+    train = studio.engine.train
+
+    def counted(*args, on_step=None, **kwargs):             # count the study's gate-training steps
+        def step(*a):
+            steps.append(a[0])
+            return on_step(*a) if on_step else None
+        return train(*args, on_step=step, **kwargs)
+    monkeypatch.setattr(studio.engine, "train", counted)
+    c = client(url)
+    job = c.submit(keys, 1, 1, 400, api_name="/study")   # 2 gate kinds × 400 steps, then images
+    while not steps:
+        time.sleep(0.01)
+    job.cancel()
+    gallery, _, _ = compare_call(client(url), keys, ["base"])
+    assert gallery
+    deadline = time.time() + 120
+    while studio.engine._training is not None and time.time() < deadline:
+        time.sleep(0.1)
+    done = len(steps)
+    time.sleep(1)
+    assert len(steps) == done < 800, "the study went on training after its visitor left"

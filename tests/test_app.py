@@ -357,6 +357,8 @@ def test_upload_stays_in_the_uploaders_session_and_goes_with_it(world, keys, tmp
     gallery, table, chosen, mine = app.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [], mine)
     assert ("My Pony (pony)", "my_pony") in chosen.choices and isinstance(gallery[-1][0], PIL.Image.Image)
     assert bank_digest(bank) == before, "the shared bank folder is not written"
+    manifest = json.loads(next((tmp_path / "sessions").rglob("my_pony.json")).read_text())
+    assert manifest["base_model"] == Path(model).name, "a portable model name, not a server path"
     assert "my_pony" in app.bank_of(studio, mine).keys() and "my_pony" not in app.bank_of(studio, theirs).keys()
     gallery, _, _, _ = app.compare(studio, *compare_args([keys[1], "my_pony"], ["linear"], mine))
     with pytest.raises(gr.Error, match="Unknown LoRA 'my_pony'"):
