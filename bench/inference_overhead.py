@@ -1,35 +1,57 @@
-"""MoLE inference overhead: one UNet forward with three rank-16 LoRAs, ours vs diffusers' unfused
-multi-adapter vs the base UNet vs our linear merge applied; plus one gate-training step vs one plain
-LoRA-training step (seconds and peak memory).
+"""MoLE inference overhead: one denoiser forward with three rank-16 LoRAs, ours vs diffusers' unfused
+multi-adapter vs the base model vs our linear merge applied; plus (UNet only) one gate-training step vs one
+plain LoRA-training step (seconds and peak memory).
 
-SD 1.5-sized `UNet2DConditionModel()` with random weights, 64×64 latents, batch 2 (as under
-classifier-free guidance), 77 text tokens; the LoRAs sit on every attention projection (to_q, to_k,
-to_v, to_out.0) and feed-forward layer (ff.net.0.proj, ff.net.2) of the transformer blocks.
-  base             the UNet alone
-  diffusers        `unet.load_lora_adapter` ×3 + `set_adapters(weights=1/3 each)`: PEFT's unfused layers
+Two denoisers (--family):
+  sd    SD 1.5-sized `UNet2DConditionModel()` with random weights, 64×64 latents, batch 2 (as under
+        classifier-free guidance), 77 text tokens; the LoRAs sit on every attention projection (to_q, to_k,
+        to_v, to_out.0) and feed-forward layer (ff.net.0.proj, ff.net.2) of the transformer blocks (160).
+  flux  a FLUX.1-shaped `FluxTransformer2DModel` at the real width (24 heads × 128 = 3072, joint_attention_dim
+        4096, pooled_projection_dim 768, in_channels 64, RoPE axes (16, 56, 56)) but few blocks
+        (--double-blocks, --single-blocks) and few tokens (--image-side² image tokens, --text-tokens), random
+        weights, batch 1 (FLUX is guidance-distilled: no doubled batch). LoRAs on every attention and
+        feed-forward projection: double blocks' attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj,
+        attn.to_add_out, ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2; single blocks'
+        attn.to_q/k/v, proj_mlp, proj_out.
+Methods:
+  base             the denoiser alone
+  diffusers        `load_lora_adapter` ×3 + `set_adapters(weights=1/3 each)`: PEFT's unfused layers
   mole             `attach(..., MoleConfig("block"))`: one stacked rank-48 LoRA per module + block gates
-  linear merge     `merged_weights(merge_loras(...))`: ΔW added into W (the forward costs the base's)
-Training (each in a fresh subprocess so peak memory is its own): one AdamW step of
+  linear merge     `merged_weights(merge_loras(...))`: ΔW added into W (the forward costs the base's: the
+                   noise check)
+Timing: one warm-up round, then --rounds rounds of one forward per method; the methods are interleaved in
+every round (and the order rotates from round to round), so a load change hits all alike. Reported: the
+median and the min–max of each method's times, and for each ratio the median (min–max) of the per-round
+ratios. The clock (--clock): on the CPU with one thread the process's CPU time (time.process_time), which
+other jobs on a shared machine disturb far less than wall time (they still share caches and memory
+bandwidth); wall time on CUDA (synchronised) or with several threads; both are printed. On a shared CPU read
+the spread before the median.
+Training (UNet only; each in a fresh subprocess so peak memory is its own): one AdamW step of
   gate training    MoLE attached, only the gates train, L = MSE + 0.5 · L_balance
   LoRA training    one rank-16 PEFT LoRA on the same modules (`unet.add_adapter`), its A/B train, L = MSE
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS (ru_maxrss)
 minus its RSS after the model was built. Times are medians; nothing is asserted.
 
-    python bench/inference_overhead.py              # full SD 1.5 UNet (~860 M parameters)
-    python bench/inference_overhead.py --small      # a small UNet, to check the script quickly
-    python bench/inference_overhead.py --repeats 5 --train-steps 3 --device cuda
+    python bench/inference_overhead.py                       # full SD 1.5 UNet (~860 M parameters)
+    python bench/inference_overhead.py --small --rounds 3    # a small UNet, to check the script quickly
+    python bench/inference_overhead.py --family flux --markdown bench/results/overhead_flux.md
+    python bench/inference_overhead.py --rounds 10 --train-steps 3 --device cuda --dtype float16
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,6 +67,11 @@ from bench.common import RANK, random_loras, target_paths  # noqa: E402
 from mole_core.merge import merge_loras, merged_weights  # noqa: E402
 
 N_LORAS, BATCH = 3, 2
+METHODS = ("base", "diffusers", "mole", "linear")
+FLUX_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+               "ff_context.net.2")
+FLUX_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
 
 
 def build_unet(small: bool) -> UNet2DConditionModel:
@@ -54,6 +81,23 @@ def build_unet(small: bool) -> UNet2DConditionModel:
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
     return UNet2DConditionModel()  # the default config is SD 1.5's
+
+
+def build_flux(args):
+    """FLUX.1's widths (FluxTransformer2DModel's defaults), --double-blocks / --single-blocks blocks."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(num_layers=args.double_blocks, num_single_layers=args.single_blocks,
+                                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                  pooled_projection_dim=768, in_channels=64, guidance_embeds=False,
+                                  axes_dims_rope=(16, 56, 56))
+
+
+def flux_target_paths(model) -> list[str]:
+    """Every attention / feed-forward projection of the double and single blocks, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (
+        (n.startswith("transformer_blocks.") and n.split(".", 2)[2] in FLUX_DOUBLE) or
+        (n.startswith("single_transformer_blocks.") and n.split(".", 2)[2] in FLUX_SINGLE))]
 
 
 def peft_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
@@ -71,6 +115,20 @@ def inputs(unet, device, dtype, size=64):
     latents = torch.randn(BATCH, unet.config.in_channels, size, size, generator=g)
     ehs = torch.randn(BATCH, 77, unet.config.cross_attention_dim, generator=g)
     return latents.to(device, dtype), torch.tensor([500] * BATCH, device=device), ehs.to(device, dtype)
+
+
+def flux_inputs(model, args, device, dtype) -> dict:
+    """Packed image tokens (1, side², 64), T5-wide text (1, T, 4096), pooled CLIP (1, 768), t ∈ [0, 1], ids."""
+    from diffusers import FluxPipeline
+    g = torch.Generator().manual_seed(1)
+    side, cfg = args.image_side, model.config
+    return {"hidden_states": torch.randn(1, side * side, cfg.in_channels, generator=g).to(device, dtype),
+            "encoder_hidden_states": torch.randn(1, args.text_tokens, cfg.joint_attention_dim,
+                                                 generator=g).to(device, dtype),
+            "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+            "timestep": torch.tensor([0.5], device=device, dtype=dtype),
+            "img_ids": FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype),
+            "txt_ids": torch.zeros(args.text_tokens, 3, device=device, dtype=dtype)}
 
 
 def sync(device):
@@ -91,27 +149,78 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 # ---- inference -----------------------------------------------------------------------------------
 
-def run_inference(args, device, dtype) -> dict:
-    """Rounds of one forward per method (methods interleaved, so load changes hit all alike); medians."""
-    unet = build_unet(args.small).to(device, dtype).eval()
-    comps = nn.ModuleDict({"unet": unet})
+@dataclass
+class Setup:
+    """A denoiser to time: the model, its ModuleDict of networks (LoRA keys '<network>.<path>'), the LoRAs
+    and one forward pass returning a tensor."""
+    title: str
+    model: nn.Module
+    comps: nn.ModuleDict
+    loras: list
+    forward: Callable[[], torch.Tensor]
+
+
+def on(device):
+    """Build models straight on a GPU (random init there is seconds, not a minute on the host's CPU)."""
+    return torch.device(device) if device.type == "cuda" else nullcontext()
+
+
+def unet_setup(args, device, dtype) -> Setup:
+    with on(device):
+        unet = build_unet(args.small)
+    unet = unet.to(device, dtype).eval()
     paths = target_paths(unet)
-    loras = random_loras(unet, paths, N_LORAS)
-    merged = merge_loras(loras, method="linear")
     x = inputs(unet, device, dtype)
-    res = {"modules": len(paths)}
+    return Setup(f"UNet {'small' if args.small else 'SD 1.5'}, batch {BATCH}, 64x64 latents, 77 text tokens",
+                 unet, nn.ModuleDict({"unet": unet}), random_loras(unet, paths, N_LORAS), lambda: unet(*x).sample)
+
+
+def flux_setup(args, device, dtype) -> Setup:
+    with on(device):
+        model = build_flux(args)
+    model = model.to(device, dtype).eval()
+    paths = flux_target_paths(model)
+    # bench.common.random_loras keys its LoRAs 'unet.<path>'; the same draws, keyed for the transformer
+    loras = [Lora(name=l.name, modules={"transformer." + k.split(".", 1)[1]: w for k, w in l.modules.items()})
+             for l in random_loras(model, paths, N_LORAS)]
+    x = flux_inputs(model, args, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    return Setup(f"FLUX-shaped transformer, width 3072, {args.double_blocks} double + {args.single_blocks} single "
+                 f"blocks ({n_params / 1e6:.0f} M parameters), batch 1, {args.image_side}x{args.image_side} = "
+                 f"{args.image_side ** 2} image tokens, {args.text_tokens} text tokens",
+                 model, nn.ModuleDict({"transformer": model}), loras, lambda: model(**x).sample)
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def run_inference(setup: Setup, args, device, dtype, log=print) -> dict:
+    """Rounds of one forward per method (methods interleaved, order rotating, so load changes hit all
+    alike); per-method times and per-round ratios."""
+    model, comps, loras = setup.model, setup.comps, setup.loras
+    merged = merge_loras(loras, method="linear")
+    clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
+    res = {"modules": len(loras[0].modules), "merge_apply": [], "clock": clock}
 
     @contextmanager
     def diffusers_adapters():                                  # PEFT's unfused layers, weights 1/3 each
         for lora in loras:
-            unet.load_lora_adapter({k: v.to(device, dtype) for k, v in peft_state_dict(lora).items()},
-                                   adapter_name=lora.name, prefix=None)
-        unet.set_adapters([lora.name for lora in loras], weights=[1 / N_LORAS] * N_LORAS)
+            model.load_lora_adapter({k: v.to(device, dtype) for k, v in peft_state_dict(lora).items()},
+                                    adapter_name=lora.name, prefix=None)
+        model.set_adapters([lora.name for lora in loras], weights=[1 / N_LORAS] * N_LORAS)
         yield
-        unet.unload_lora()
-        assert not any("lora" in n for n, _ in unet.named_parameters()), "diffusers adapters were not removed"
+        model.unload_lora()
+        assert not any("lora" in n for n, _ in model.named_parameters()), "diffusers adapters were not removed"
 
     @contextmanager
     def mole():                                                # untrained gates cost the same as trained ones
@@ -125,27 +234,79 @@ def run_inference(args, device, dtype) -> dict:
         start = time.perf_counter()
         with merged_weights(comps, merged):
             sync(device)
-            res["merge_apply"] = time.perf_counter() - start
+            res["merge_apply"].append(time.perf_counter() - start)
             yield
 
-    methods = {"base": nullcontext, "diffusers": diffusers_adapters, "mole": mole, "linear": linear}
-    times = {m: [] for m in methods}
+    settings = {"base": nullcontext, "diffusers": diffusers_adapters, "mole": mole, "linear": linear}
+    times = {m: [] for m in METHODS}
+    walls = {m: [] for m in METHODS}
     outs = {}
     with torch.no_grad():
-        for round_ in range(args.repeats + 1):                 # round 0 is the warm-up
-            for name, setting in methods.items():
-                with setting():
+        for round_ in range(args.rounds + 1):                  # round 0 is the warm-up
+            order = METHODS[round_ % len(METHODS):] + METHODS[:round_ % len(METHODS)]
+            for name in order:
+                with settings[name]():
                     sync(device)
-                    start = time.perf_counter()
-                    outs[name] = unet(*x).sample
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    out = setup.forward()
                     sync(device)
-                    if round_ > 0:
-                        times[name].append(time.perf_counter() - start)
-    res.update({m: statistics.median(t) for m, t in times.items()})
+                    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                if round_ > 0:
+                    times[name].append(cpu if res["clock"] == "cpu" else wall)
+                    walls[name].append(wall)
+                outs[name] = out
+            log(f"  round {round_}{' (warm-up)' if round_ == 0 else ''}: " +
+                (", ".join(f"{m} {times[m][-1] * 1e3:.0f} ms ({walls[m][-1] * 1e3:.0f} wall)" for m in order)
+                 if round_ else ", ".join(order)) + f"  [load {load_average()}]")
+    res["times"], res["walls"] = times, walls
+    res["wall"] = {m: spread(t) for m, t in walls.items()}
+    res.update({m: spread(t) for m, t in times.items()})
+    ratio = lambda a, b: [x / y for x, y in zip(times[a], times[b])]        # per round, paired
+    res["ratios"] = {"mole/diffusers": spread(ratio("mole", "diffusers")), "mole/base": spread(ratio("mole", "base")),
+                     "diffusers/base": spread(ratio("diffusers", "base")), "linear/base": spread(ratio("linear", "base"))}
     scale = outs["base"].float().abs().mean()
     res["diff_mole_vs_diffusers"] = float((outs["mole"].float() - outs["diffusers"].float()).abs().max() / scale)
     res["diff_mole_vs_linear"] = float((outs["mole"].float() - outs["linear"].float()).abs().max() / scale)
+    res["lora_effect"] = float((outs["diffusers"].float() - outs["base"].float()).abs().max() / scale)
     return res
+
+
+def report_inference(r: dict, args, header: str) -> list[str]:
+    """The results as Markdown lines (printed, and written with --markdown)."""
+    rat = r["ratios"]
+    clock_words = ("process CPU time (time.process_time: the work of this process, much less sensitive than "
+                   "wall time to other jobs on a shared CPU; one torch thread)" if r["clock"] == "cpu"
+                   else "wall time (time.perf_counter, synchronised on CUDA)")
+    fmt = lambda s: f"{s[0]:.3f} ({s[1]:.3f}–{s[2]:.3f})"
+    ms = lambda s: f"{s[0] * 1e3:,.1f} ({s[1] * 1e3:,.1f}–{s[2] * 1e3:,.1f})"
+    label = {"base": "base", "diffusers": f"diffusers unfused ×{N_LORAS} (`load_lora_adapter` + `set_adapters`)",
+             "mole": f"MoLE (block, {r['mole_gates']} gates)", "linear": "linear merge applied"}
+    vs_base = {"base": "1", "diffusers": fmt(rat["diffusers/base"]), "mole": fmt(rat["mole/base"]),
+               "linear": fmt(rat["linear/base"])}
+    lines = [header, "",
+             f"{r['modules']} adapted modules, {N_LORAS} LoRAs of rank {RANK}; {args.rounds} timed rounds after one "
+             f"warm-up, methods interleaved (order rotating per round). Clock: {clock_words}. Times: median "
+             f"(min–max) over rounds; ratios: median (min–max) of the per-round ratios.", "",
+             f"| method | ms per forward ({r['clock']}) | vs base | vs diffusers unfused | wall ms |",
+             "|---|---|---|---|---|"]
+    for m in METHODS:
+        lines.append(f"| {label[m]} | {ms(r[m])} | {vs_base[m]} | "
+                     f"{fmt(rat['mole/diffusers']) if m == 'mole' else ('1' if m == 'diffusers' else '')} | "
+                     f"{ms(r['wall'][m])} |")
+    lines += ["",
+              f"- MoLE / diffusers unfused: {fmt(rat['mole/diffusers'])} (target ≤ 1.0)",
+              f"- MoLE / base: {fmt(rat['mole/base'])} (target ≤ 1.10)",
+              f"- linear merge applied / base (the same work: the noise check): {fmt(rat['linear/base'])}",
+              f"- untrained MoLE vs diffusers' equal-weight adapters: max |difference| = "
+              f"{r['diff_mole_vs_diffusers']:.2e} of mean |base output| (the LoRAs themselves move the output by "
+              f"{r['lora_effect']:.2e}); vs the linear merge {r['diff_mole_vs_linear']:.2e}",
+              f"- merging and applying the linear merge once: median {statistics.median(r['merge_apply']) * 1e3:,.0f} ms",
+              "", f"Per-round times (ms, {r['clock']}; wall in brackets):", "",
+              "| round | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for i in range(args.rounds):
+        lines.append(f"| {i + 1} | " + " | ".join(f"{r['times'][m][i] * 1e3:,.1f} ({r['walls'][m][i] * 1e3:,.0f})"
+                                                    for m in METHODS) + " |")
+    return lines
 
 
 # ---- training (one mode per subprocess) ----------------------------------------------------------
@@ -155,7 +316,9 @@ def rss_bytes() -> int:
 
 
 def run_train(args, device, dtype, mode: str) -> dict:
-    unet = build_unet(args.small).to(device, dtype)
+    with on(device):
+        unet = build_unet(args.small)
+    unet = unet.to(device, dtype)
     comps = nn.ModuleDict({"unet": unet})
     paths = target_paths(unet)
     x = inputs(unet, device, dtype)
@@ -197,47 +360,66 @@ def run_train(args, device, dtype, mode: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="a small UNet instead of SD 1.5's")
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
+    ap.add_argument("--family", choices=["sd", "flux"], default="sd", help="the denoiser: SD 1.5 UNet or FLUX-shaped")
+    ap.add_argument("--small", action="store_true", help="sd: a small UNet instead of SD 1.5's")
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=10,
+                    help="timed rounds after one warm-up round (--repeats: the old name)")
+    ap.add_argument("--double-blocks", type=int, default=2, help="flux: double (MMDiT) blocks (FLUX.1: 19)")
+    ap.add_argument("--single-blocks", type=int, default=4, help="flux: single blocks (FLUX.1: 38)")
+    ap.add_argument("--image-side", type=int, default=16, help="flux: image tokens per side (1024 px: 64)")
+    ap.add_argument("--text-tokens", type=int, default=64, help="flux: T5 tokens (FLUX.1: 256 / 512)")
     ap.add_argument("--train-steps", type=int, default=2, help="timed training steps per mode (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) | float16 (CUDA default)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) | float16 (CUDA default) | bfloat16")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                    help="what the ratios use: process CPU time or wall time (auto: CPU time on the CPU with one "
+                         "thread, wall time on CUDA or with several threads)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in both training modes")
-    ap.add_argument("--no-train", action="store_true", help="skip the training comparison")
+    ap.add_argument("--no-train", action="store_true", help="skip the training comparison (flux never trains)")
+    ap.add_argument("--markdown", type=Path, help="also write the inference results as Markdown to this file")
     ap.add_argument("--train-mode", choices=["gates", "lora"], help=argparse.SUPPRESS)   # subprocess use
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False).")
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    if args.clock == "auto" and args.threads > 1:
+        args.clock = "wall"                      # CPU time sums the threads: not a latency any more
 
     if args.train_mode:
         print(json.dumps(run_train(args, device, dtype, args.train_mode)))
         return
 
-    print(f"UNet {'small' if args.small else 'SD 1.5'}, {device} {dtype}, torch threads {torch.get_num_threads()}, "
-          f"batch {BATCH}, 64x64 latents, {N_LORAS} LoRAs of rank {RANK}")
-    r = run_inference(args, device, dtype)
-    print(f"{r['modules']} adapted modules; MoLE block gates: {r['mole_gates']}")
-    print(f"  base                     {r['base'] * 1e3:9.1f} ms")
-    print(f"  diffusers unfused x3     {r['diffusers'] * 1e3:9.1f} ms   {r['diffusers'] / r['base']:.3f}x base")
-    print(f"  MoLE (block)             {r['mole'] * 1e3:9.1f} ms   {r['mole'] / r['base']:.3f}x base, "
-          f"{r['mole'] / r['diffusers']:.3f}x diffusers unfused")
-    print(f"  linear merge applied     {r['linear'] * 1e3:9.1f} ms   {r['linear'] / r['base']:.3f}x base "
-          f"(+ {r['merge_apply'] * 1e3:.0f} ms once to merge and apply)")
-    print(f"  max |MoLE - diffusers| / mean|base| = {r['diff_mole_vs_diffusers']:.2e} (untrained MoLE = equal weights);"
-          f" vs linear merge {r['diff_mole_vs_linear']:.2e}")
-    print("  targets: MoLE <= 1.0x diffusers unfused, <= 1.25x base")
-    if args.no_train:
+    setup = (flux_setup if args.family == "flux" else unet_setup)(args, device, dtype)
+    where = f"{device} {str(dtype).replace('torch.', '')}, torch threads {torch.get_num_threads()}"
+    if device.type == "cuda":
+        where += f", {torch.cuda.get_device_name(device)}"
+    print(f"{setup.title}; {where}; load average at start {load_average()}", flush=True)
+    load_start = load_average()
+    r = run_inference(setup, args, device, dtype, log=lambda s: print(s, flush=True))
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd()), *sys.argv[1:]])
+    header = "\n".join([f"## Inference overhead: {setup.title}", "",
+                        f"`{command}`", "",
+                        f"{where}; load average (1, 5, 15 min) {load_start} at the start, {load_average()} at the end "
+                        f"(`os.getloadavg`; {os.cpu_count()} CPUs). Finished {time.strftime('%Y-%m-%d %H:%M')}."])
+    lines = report_inference(r, args, header)
+    print("\n".join(lines), flush=True)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.markdown}")
+    if args.no_train or args.family != "sd":
         return
     results = {}
     for mode in ("gates", "lora"):
-        cmd = [sys.executable, __file__, "--train-mode", mode, "--repeats", str(args.repeats),
-               "--train-steps", str(args.train_steps), "--device", args.device]
+        cmd = [sys.executable, __file__, "--train-mode", mode, "--train-steps", str(args.train_steps),
+               "--device", args.device, "--threads", str(args.threads)]
         cmd += ["--small"] if args.small else []
         cmd += ["--dtype", args.dtype] if args.dtype else []
-        cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
