@@ -53,7 +53,7 @@ from mole_core.plots import gate_heatmap, mean_by, placeholder
 from mole_core.train import TrainConfig
 
 MAX_EXPERTS = 8                        # rows of switches/strengths the page can show
-GATE_CHOICES = [("Per token / pixel", "token"), ("Per token + trigger routing", "routed"),
+GATE_CHOICES = [("Per token + trigger routing", "routed"), ("Per token / pixel", "token"),
                 ("Per sample (the paper)", "sample"), ("Static (one weight per LoRA)", "static")]
 COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIES", "ties"), ("DARE", "dare"),
                    ("LoRA Switch", "switch"), ("LoRA Composite (N× the cost)", "composite"), ("base", "base")]

@@ -27,7 +27,7 @@ DEFAULT_DENOISE_STEPS = 20
 TRAIN_STEPS = 150
 TRAIN_LR = 1e-3
 TRAIN_BATCH = 4
-DEFAULT_GATE = "token"
+DEFAULT_GATE = "routed"
 
 
 # What a job costs on the embedded world, before this server has measured itself (the engine then keeps a

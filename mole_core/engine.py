@@ -142,7 +142,8 @@ class Engine:
     def expected_seconds(self, train_steps: int = 0, images: int = 0, denoise_steps: int = DEFAULT_DENOISE_STEPS,
                          gate: str = "sample", batch_size: int = 4) -> float:
         """What a job will take here, from this engine's measured costs (defaults.COSTS until it ran)."""
-        per_step = self.costs["train_step_token" if gate == "token" else "train_step_sample"] * _batch_cost(batch_size)
+        kind = "train_step_token" if gate in ("token", "routed") else "train_step_sample"
+        per_step = self.costs[kind] * _batch_cost(batch_size)
         return train_steps * per_step + images * denoise_steps * self.costs["denoise_step"]
 
     def _measured(self, what: str, seconds: float) -> None:
