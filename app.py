@@ -323,6 +323,8 @@ def train_estimate(studio: Studio, steps, gate) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "a second"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
