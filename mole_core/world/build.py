@@ -290,8 +290,8 @@ def refine_base(cfg: BuildConfig, name: str, steps: int, peak_lr: float) -> dict
     pipe = load_pipeline(cfg.model_dir)
     vae, tokenizer, text_encoder, unet = pipe.vae.requires_grad_(False), pipe.tokenizer, pipe.text_encoder, pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    text_encoder.train()
-    unet.train()
+    text_encoder.requires_grad_(True).train()      # load_pipeline hands the models back frozen: these two train
+    unet.requires_grad_(True).train()
     running = train_base_cycle(cfg, name, unet, text_encoder, tokenizer, vae, noise_scheduler, steps, peak_lr, rng, gen)
     text_encoder.eval()
     unet.eval()
