@@ -152,11 +152,14 @@ def _load_image(image, resolution: int) -> torch.Tensor:
 
 
 class DiffusionTask:
-    """Denoising loss of a Stable Diffusion pipeline on (image, caption, expert) examples.
+    """Denoising loss of a Stable Diffusion (1.x/2.x or SDXL) pipeline on (image, caption, expert) examples.
 
-    Noise and targets follow the diffusers LoRA training script: a DDPM forward process built from the
+    Noise and targets follow the diffusers LoRA training scripts: a DDPM forward process built from the
     pipeline scheduler's config, target = noise (epsilon), the velocity (v_prediction) or the clean
-    latents (sample). Each batch cycles through the experts so they are equally represented.
+    latents (sample). Each batch cycles through the experts so they are equally represented. SDXL
+    (`train_text_to_image_lora_sdxl.py`): both text encoders through the pipeline's own `encode_prompt`
+    (penultimate hidden states, pooled projection) and the added time ids (original size, crop (0, 0),
+    target size) passed as `added_cond_kwargs`.
     """
 
     def __init__(self, pipe, examples: list[tuple], resolution: int = 512):
@@ -171,6 +174,7 @@ class DiffusionTask:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"Unknown scheduler prediction_type '{self.prediction_type}'.")
+        self.sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
         self.latents: torch.Tensor | None = None        # (E, C, h, w), cached once
         self.input_ids: torch.Tensor | None = None      # (E, L)
         self._cursor = 0
@@ -206,12 +210,25 @@ class DiffusionTask:
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
         noisy = sched.add_noise(latents, noise, t)
-        encoder_hidden_states = self.pipe.text_encoder(self.input_ids[idx])[0]         # (b, L, d)
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states.to(unet.dtype)).sample
+        if self.sdxl:
+            pred = self._sdxl_prediction(noisy, t, idx)
+        else:
+            encoder_hidden_states = self.pipe.text_encoder(self.input_ids[idx])[0]     # (b, L, d)
+            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states.to(unet.dtype)).sample
         target = {"epsilon": noise, "sample": latents}.get(self.prediction_type)
         if target is None:
             target = sched.get_velocity(latents, noise, t)
         return F.mse_loss(pred.float(), target.float())
+
+    def _sdxl_prediction(self, noisy: torch.Tensor, t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        pipe, unet = self.pipe, self.pipe.unet
+        embeds, _, pooled, _ = pipe.encode_prompt([self.examples[i][1] for i in idx], device=noisy.device,
+                                                  do_classifier_free_guidance=False)
+        side = (self.resolution, self.resolution)
+        time_ids = pipe._get_add_time_ids(side, (0, 0), side, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        added = {"text_embeds": pooled.to(unet.dtype), "time_ids": time_ids.to(noisy.device).repeat(len(idx), 1)}
+        return unet(noisy.to(unet.dtype), t, embeds.to(unet.dtype), added_cond_kwargs=added).sample
 
 
 class TokenTask:
