@@ -256,10 +256,7 @@ class Engine:
             raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {train.seed!r}.")
         with self._lock:
             self._check_keys(keys, bank or self.bank)
-            if self.family.name not in ("sd", "sdxl"):
-                raise ValueError(f"Gate training is implemented for Stable Diffusion 1.x/2.x and SDXL pipelines "
-                                 f"(their denoising loss); this model is {self.family.title}. Untrained MoLE and "
-                                 f"every merge work on it.")
+
 
     # ---- MoLE attachment and merges -------------------------------------------------------------
     def _attached(self, keys, mole: MoleConfig, bank: Bank):

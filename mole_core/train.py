@@ -170,11 +170,17 @@ class DiffusionTask:
         self.resolution = resolution
         self.experts = list(dict.fromkeys(e[2] for e in self.examples))
         self.by_expert = {name: [i for i, e in enumerate(self.examples) if e[2] == name] for name in self.experts}
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        self.denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+        self.flow = type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"   # SD3, FLUX
+        if self.flow:      # the training scripts' copy of the scheduler: its sigmas for every train timestep
+            self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+            self.prediction_type = "flow"
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
             raise ValueError(f"Unknown scheduler prediction_type '{self.prediction_type}'.")
-        self.sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        self.sdxl = getattr(self.denoiser.config, "addition_embed_type", None) == "text_time"
         self.latents: torch.Tensor | None = None        # (E, C, h, w), cached once
         self.input_ids: torch.Tensor | None = None      # (E, L)
         self._cursor = 0
@@ -186,7 +192,8 @@ class DiffusionTask:
         latents = []
         for image, _, _ in self.examples:
             x = _load_image(image, self.resolution)[None].to(device, vae.dtype)
-            latents.append(vae.encode(x).latent_dist.mean[0] * vae.config.scaling_factor)
+            shift = getattr(vae.config, "shift_factor", None) or 0.0                 # SD3 / FLUX VAEs
+            latents.append((vae.encode(x).latent_dist.mean[0] - shift) * vae.config.scaling_factor)
         self.latents = torch.stack(latents)
         self.input_ids = tok([e[1] for e in self.examples], padding="max_length", truncation=True,
                              max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
@@ -202,7 +209,9 @@ class DiffusionTask:
 
     def loss(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
         if self.latents is None:
-            self.prepare(self.pipe.unet.device)
+            self.prepare(self.denoiser.device)
+        if self.flow:
+            return self._flow_loss(generator, batch_size)
         unet, sched = self.pipe.unet, self.noise_scheduler
         idx = self.batch_indices(generator, batch_size)
         latents = self.latents[idx].float()                                            # (b, C, h, w)
@@ -219,6 +228,36 @@ class DiffusionTask:
         if target is None:
             target = sched.get_velocity(latents, noise, t)
         return F.mse_loss(pred.float(), target.float())
+
+    def _flow_loss(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        """Rectified flow (SD3, FLUX), as diffusers' train_dreambooth_lora_sd3.py / _flux.py: u ~ logit-normal(0, 1),
+        its train timestep's sigma σ from the scheduler, x_σ = (1 − σ)·x + σ·ε, target ε − x (loss weight 1)."""
+        pipe, model, sched = self.pipe, self.denoiser, self.noise_scheduler
+        idx = self.batch_indices(generator, batch_size)
+        latents = self.latents[idx].float()                                            # (b, C, h, w)
+        device, (b, c, h, w) = latents.device, latents.shape
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        u = torch.sigmoid(torch.randn(b, generator=generator))                         # logit-normal
+        index = (u * sched.config.num_train_timesteps).long().clamp_max(len(sched.timesteps) - 1)
+        timesteps = sched.timesteps[index].to(device)
+        sigma = sched.sigmas[index].to(device, latents.dtype).view(b, 1, 1, 1)
+        noisy = ((1 - sigma) * latents + sigma * noise).to(model.dtype)
+        captions = [self.examples[i][1] for i in idx]
+        length = min(77, getattr(pipe, "tokenizer_max_length", 77))
+        if hasattr(pipe, "_pack_latents"):                                             # FLUX: packed 2×2 patches
+            embeds, pooled, text_ids = pipe.encode_prompt(captions, None, device=device, max_sequence_length=length)
+            packed = pipe._pack_latents(noisy, b, c, h, w)
+            image_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, model.dtype)
+            guidance = torch.ones(b, device=device) if model.config.guidance_embeds else None
+            out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
+                        encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids).sample
+            pred = pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
+        else:                                                                          # SD3: joint transformer
+            embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device,
+                                                      do_classifier_free_guidance=False, max_sequence_length=length)
+            pred = model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
+                         pooled_projections=pooled).sample
+        return F.mse_loss(pred.float(), (noise - latents).float())
 
     def _sdxl_prediction(self, noisy: torch.Tensor, t: torch.Tensor, idx: list[int]) -> torch.Tensor:
         pipe, unet = self.pipe, self.pipe.unet

@@ -88,16 +88,12 @@ def test_what_is_not_implemented_for_a_family_says_so(engine):
     with pytest.raises(ValueError, match=f"LoRA Switch is implemented for Stable Diffusion 1.x/2.x pipelines; "
                                          f"this model is {engine.family.title}"):
         engine.generate(Mix("switch", keys), REQUEST)
-    if engine.family.name != "sdxl":
-        with pytest.raises(ValueError, match="Gate training is implemented for Stable Diffusion 1.x/2.x and SDXL"):
-            engine.train(list(keys), MoleConfig(), TrainConfig(steps=1))
 
 
-def test_sdxl_gate_training_moves_the_gates_and_renders_with_them(engine):
-    """SDXL's denoising loss (both text encoders, pooled embeddings and time ids as added conditions):
-    a few steps move the gates, the mixture renders, and the pipeline is left as found."""
-    if engine.family.name != "sdxl":
-        pytest.skip("gate training is SD 1.x/2.x and SDXL only")
+def test_gate_training_moves_the_gates_and_renders_with_them(engine):
+    """Each family's own training objective (SDXL: both text encoders, pooled embeddings and time ids; SD3 and
+    FLUX: rectified flow, FLUX on packed latents): a few steps move the gates, the mixture renders, and the
+    pipeline is left as found."""
     keys = ("a", "b")
     before = pixels(engine.generate(Mix("base"), REQUEST))
     mixture = engine.train(list(keys), MoleConfig(gate="token"), TrainConfig(steps=4, lr=5e-2, batch_size=2))
