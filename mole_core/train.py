@@ -7,9 +7,9 @@
 A task is any object with `loss(generator, batch_size) -> scalar tensor` (a plain callable
 `loss_fn(generator, batch_size)` works too) and optionally `prepare(device)`, called once before the
 first step. Two are provided:
-  DiffusionTask  the denoising loss of the pipeline on the experts' example images (its scheduler's
-                 prediction type: epsilon / v_prediction / sample), batches balanced across experts,
-                 VAE latents cached once.
+  DiffusionTask  the denoising loss of the pipeline on the experts' example images (SD 1.x/2.x and SDXL:
+                 its scheduler's prediction type, epsilon / v_prediction / sample; SD3 and FLUX: rectified
+                 flow), batches balanced across experts, VAE latents cached once.
   TokenTask      the usual causal-LM / seq2seq token loss on (prompt, target) text pairs.
 
 The loop uses accelerate: the same code runs on CPU, one GPU, or several GPUs under `accelerate launch`
@@ -152,7 +152,8 @@ def _load_image(image, resolution: int) -> torch.Tensor:
 
 
 class DiffusionTask:
-    """Denoising loss of a Stable Diffusion (1.x/2.x or SDXL) pipeline on (image, caption, expert) examples.
+    """Denoising loss of a diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, FLUX) on (image, caption,
+    expert) examples.
 
     Noise and targets follow the diffusers LoRA training scripts: a DDPM forward process built from the
     pipeline scheduler's config, target = noise (epsilon), the velocity (v_prediction) or the clean
