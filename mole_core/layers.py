@@ -204,13 +204,7 @@ class Group:
         gate.materialise(outputs.shape[-1], outputs.device)
         G = gate(outputs)                                                  # (B, [T,] N) softmax
         rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
-        if rt.gates is not None:                                           # forced weights (no gate)
-            forced = rt.gates.to(G.device, G.dtype)
-            G = (forced.unsqueeze(1) if forced.dim() == 2 and G.dim() == 3 else forced).expand_as(G)
-        if rt.mask is not None:                                            # G'_i = m_i G_i / Σ m_j G_j
-            m = rt.mask.to(G.device, G.dtype)
-            G = G * m
-            G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
+        G = self._forced_and_masked(G)
         if rt.recording is not None:
             rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, _per_sample(G))
         self.cache = G

@@ -151,8 +151,9 @@ def _refuse_unsupported(path: Path, state: dict[str, torch.Tensor]) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).sum().item()
             raise LoraFileError(f"{path}: tensor '{key}' contains {bad} NaN/Inf value(s).")
-        if t.is_floating_point() and t.abs().max().item() > MAX_ABS:
-            raise LoraFileError(f"{path}: tensor '{key}' holds values up to {t.abs().max().item():.3g}; LoRA "
+        largest = t.abs().max().item() if t.is_floating_point() else 0.0
+        if largest > MAX_ABS:
+            raise LoraFileError(f"{path}: tensor '{key}' holds values up to {largest:.3g}; LoRA "
                                 f"weights (and alphas) above {MAX_ABS:g} would overflow the model, so the file "
                                 f"is refused.")
         if "down" in key or "lora_A" in key:

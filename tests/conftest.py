@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 import torch
 
+from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL
 from tests.tiny import build_pipeline
 
 
@@ -19,3 +22,12 @@ def pytest_addoption(parser):
 def tiny_pipe(tmp_path):
     """A fresh tiny StableDiffusionPipeline (random weights, built from config)."""
     return build_pipeline(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def world_engine():
+    """An Engine on the embedded pixel world (skipped where the world is not in the checkout)."""
+    from mole_core.engine import Engine
+    if not (Path(DEFAULT_MODEL) / "model_index.json").exists():
+        pytest.skip("the embedded world is not in this checkout")
+    return Engine(DEFAULT_MODEL, DEFAULT_BANK)

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
 from mole_core.attach import MoleConfig
-from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL
-from mole_core.engine import Engine, GenerateRequest, Mix
+from mole_core.engine import GenerateRequest, Mix
 from mole_core.train import TrainConfig
 
 CONFIG = TrainConfig(steps=30, lr=1e-2, batch_size=1)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    if not (Path(DEFAULT_MODEL) / "model_index.json").exists():
-        pytest.skip("the embedded world is not in this checkout")
-    return Engine(DEFAULT_MODEL, DEFAULT_BANK)
-
-
-def test_another_attachment_between_training_steps(engine):
+def test_another_attachment_between_training_steps(world_engine):
+    engine = world_engine
     alone = engine.train(["face", "ring"], MoleConfig(), CONFIG)
     steps, out = [], {}
     thread = threading.Thread(target=lambda: out.setdefault("mixture", engine.train(

@@ -11,11 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mole_core.attach import MoleConfig
-from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL
-from mole_core.engine import Engine, GenerateRequest, Mix
+from mole_core.engine import GenerateRequest, Mix
 from mole_core.train import TrainConfig
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_images.json").read_text())
@@ -26,14 +24,8 @@ def sha(image) -> str:
     return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def engine():
-    if not (Path(DEFAULT_MODEL) / "model_index.json").exists():
-        pytest.skip("the embedded world is not in this checkout")
-    return Engine(DEFAULT_MODEL, DEFAULT_BANK)
-
-
-def test_every_method_gives_the_same_pixels_as_before(engine):
+def test_every_method_gives_the_same_pixels_as_before(world_engine):
+    engine = world_engine
     request = GenerateRequest("a zwx on the left and a qlo on the right", seed=3, steps=6)
     mixes = {"base": Mix("base"), "linear": Mix("linear", KEYS), "svd": Mix("svd", KEYS, rank=4),
              "single:face": Mix("single:face"), "mole": Mix("mole", KEYS),
