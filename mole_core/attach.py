@@ -143,13 +143,19 @@ class Recording:
     since the recording began (for a UNet inside a pipeline call: the denoising step).
     """
 
-    def __init__(self, expert_names: list[str], groups: list[str]):
+    def __init__(self, expert_names: list[str], groups: list[str], tokens: bool = False):
         self.expert_names = list(expert_names)
         self.groups = list(groups)
         self.entries: list[tuple[str, str, int, torch.Tensor]] = []
+        self.tokens = tokens                       # also keep per-token weights (B, T, N) in token_entries
+        self.token_entries: list[tuple[str, str, int, torch.Tensor]] = []
 
     def add(self, group: str, network: str, step: int, weights: torch.Tensor) -> None:
-        self.entries.append((group, network, step, weights.detach().float().cpu()))
+        """weights: (B, N), or per token (B, T, N) (stored as the mean over tokens, and whole if `tokens`)."""
+        w = weights.detach().float().cpu()
+        if self.tokens:
+            self.token_entries.append((group, network, step, w))
+        self.entries.append((group, network, step, w.mean(1) if w.dim() == 3 else w))
 
     def table(self) -> list[dict]:
         """Tidy rows {"group", "step", "sample", "expert", "weight"}."""
@@ -306,9 +312,10 @@ class MoleHandle:
             rt.mask, rt.strengths, rt.gates, rt.recording = saved
 
     @contextmanager
-    def recording(self):
-        """`with handle.recording() as rec:` records every gate evaluation (see Recording)."""
-        rec = Recording(self.expert_names, self.groups)
+    def recording(self, tokens: bool = False):
+        """`with handle.recording() as rec:` records every gate evaluation (see Recording); `tokens` keeps
+        the per-token weights too (rec.token_entries)."""
+        rec = Recording(self.expert_names, self.groups, tokens)
         rt = self._runtime
         saved_calls = dict(rt.calls)
         rt.calls = {k: 0 for k in rt.calls}

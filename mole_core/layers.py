@@ -171,7 +171,7 @@ class Group:
             rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
         G = self._forced_and_masked(G)
         if leader and rt.recording is not None:
-            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, _per_sample(G))
+            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, G)
         return G
 
     def _forced_and_masked(self, G: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,7 @@ class Group:
         rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
         G = self._forced_and_masked(G)
         if rt.recording is not None:
-            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, _per_sample(G))
+            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, G)
         self.cache = G
         return G
 

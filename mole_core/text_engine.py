@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import tempfile
 import threading
 import time
@@ -39,18 +40,126 @@ from torch import nn
 
 from mole_core.attach import MoleConfig, attach
 from mole_core.defaults import PACKAGE_ROOT
-from mole_core.lora import Lora
+from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
-from mole_core.textworld.config import load_model
-from mole_core.textworld.decode import greedy
-from mole_core.textworld.lora_io import load_text_lora, validate_text_lora
+from mole_core.textworld.lora_io import load_text_lora, lora_from_peft, validate_text_lora
 from mole_core.train import TokenTask, TrainConfig, TrainResult, train_gates
 
 DEFAULT_TEXT_MODEL = str(PACKAGE_ROOT / "assets" / "text-world")   # the embedded text default
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
 DEFAULT_TEXT_BANK = str(PACKAGE_ROOT / "text_bank")                 # its LoRA bank
 TEXT_METHODS = ("mole", *MERGES, "base")                            # + "single:<key>"
+
+
+def is_text_model(folder: str | Path) -> bool:
+    """True for a transformers model folder (config.json, no diffusers model_index.json)."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not (folder / "model_index.json").exists()
+
+
+def load_text_model(model_dir: str | Path, device: str = "cpu"):
+    """(model, tokenizer) of any transformers seq2seq or causal LM folder, with plain `from_pretrained` calls."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    name = Path(model_dir).name
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{name}' is not a transformers model folder (no readable config.json).") from e
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(str(model_dir)).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{name}': cannot load a {cls.__name__.removeprefix('AutoModelFor')} model and its "
+                         f"tokenizer: {e}") from e
+    return model, tokenizer
+
+
+@torch.no_grad()
+def decode(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[list[int]]:
+    """The greedy answer tokens of each prompt (no special tokens), for seq2seq and causal LMs.
+
+    Prompts are grouped by token length, so no batch holds padding (batched == one by one, also for a
+    per-sample gate), and every step is one full forward pass without a key/value cache: step k of a
+    recording is the pass that chose answer token k (as mole_core.textworld.decode.greedy).
+    """
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
+    encoded = []
+    for p in prompts:
+        ids = tokenizer(p).input_ids
+        if not seq2seq and eos is not None and ids and ids[-1] == eos:
+            ids = ids[:-1]                              # a causal LM continues the prompt: no EOS before it
+        encoded.append(ids)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    answers: list[list[int]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    for indices in groups.values():
+        x = torch.tensor([encoded[i] for i in indices], device=device)                   # (B, T)
+        if seq2seq:
+            out = torch.full((len(indices), 1), model.config.decoder_start_token_id, device=device)
+        done = torch.zeros(len(indices), dtype=torch.bool, device=device)
+        new = []
+        for _ in range(max_new_tokens):
+            logits = (model(input_ids=x, decoder_input_ids=out, use_cache=False) if seq2seq
+                      else model(input_ids=x, use_cache=False)).logits
+            nxt = logits[:, -1].argmax(-1)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            new.append(nxt)
+            if seq2seq:
+                out = torch.cat([out, nxt[:, None]], 1)
+            else:
+                x = torch.cat([x, nxt[:, None]], 1)
+            if bool(done.all()):
+                break
+        rows = torch.stack(new, 1).tolist()
+        special = set(tokenizer.all_special_ids)
+        for i, row in zip(indices, rows):
+            row = row[:row.index(eos)] if eos is not None and eos in row else row
+            answers[i] = [t for t in row if t not in special]
+    return answers
+
+
+def load_peft_adapter(folder: str | Path, model: nn.Module, name: str | None = None) -> Lora:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) in canonical form, read by
+    PEFT itself: `PeftModel.from_pretrained` (its key handling, rank / alpha patterns, rsLoRA scaling) on
+    `model`, the A, B and scale of every LoRA layer taken, then `unload()` (the model is left as found)."""
+    from peft import PeftConfig, PeftModel
+    folder = Path(folder)
+    shown = folder.name
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise LoraFileError(f"{shown}: not a readable PEFT adapter folder ({e}).") from e
+    if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
+        raise LoraFileError(f"{shown}: a {getattr(config.peft_type, 'value', config.peft_type)} adapter; only "
+                            f"LoRA adapters can be experts.")
+    if getattr(config, "use_dora", False):
+        raise LoraFileError(f"{shown}: a DoRA adapter (its magnitude vectors are not a low-rank delta).")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name="mole_import")
+    except Exception as e:
+        raise LoraFileError(f"{shown}: PEFT cannot load this adapter on the model: {e}") from e
+    try:
+        lora = lora_from_peft(peft_model, name or folder.name, adapter="mole_import")
+    finally:
+        peft_model.unload()
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in model.__dict__:
+                delattr(model, attr)
+    if not lora.modules:
+        raise LoraFileError(f"{shown}: the adapter has no LoRA layer this engine can use (Linear layers only).")
+    for w in lora.modules.values():
+        if not (torch.isfinite(w.A).all() and torch.isfinite(w.B).all()) or max(
+                w.A.abs().max().item(), w.B.abs().max().item()) > MAX_ABS or not math.isfinite(w.scale):
+            raise LoraFileError(f"{shown}: the adapter holds non-finite values or values above {MAX_ABS:g}.")
+    return dataclasses.replace(lora, path=str(folder / ADAPTER_FILES[1]), format="peft")
 
 
 @dataclass
@@ -62,6 +171,11 @@ class TextResult:
     gates: list[dict] | None    # mole only: tidy rows {"group", "step", "sample", "expert", "weight"}
     label: str                  # e.g. "MoLE (block, 2 experts)" / "SVD r=8"
     mix: Mix | None = None
+    tokens: list[str] = field(default_factory=list)        # the answer's tokens, as text
+    token_gates: list[list[float]] | None = None           # mole: per answer token, the expert weights (N)
+    prompt_tokens: list[str] = field(default_factory=list)  # the prompt's tokens (special tokens dropped)
+    prompt_gates: list[list[float]] | None = None          # mole: per prompt token, the expert weights
+    experts: list[str] = field(default_factory=list)       # the order of the weights above
 
 
 @dataclass
@@ -102,27 +216,36 @@ def parse_text_manifest(manifest: dict, key: str) -> dict:
 
 
 class TextBank:
-    """A folder of `<key>.safetensors` text LoRAs, each with its manifest `<key>.json`."""
+    """A folder of text LoRAs: `<key>.safetensors` + its manifest `<key>.json`, or a PEFT adapter folder
+    `<key>/` (adapter_config.json + adapter_model.safetensors; its manifest `<key>.json` is optional)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._cache: dict[str, tuple[tuple, Lora]] = {}
 
+    def _adapter_dirs(self) -> set[str]:
+        return {p.name for p in self.folder.iterdir()
+                if p.is_dir() and all((p / f).is_file() for f in ADAPTER_FILES)}
+
     def entries(self) -> list[TextEntry]:
         """Every entry, usable or not (an unusable one carries its `error`)."""
         if not self.folder.is_dir():
             return []
-        stems = sorted({p.stem for p in self.folder.glob("*.json")} | {p.stem for p in self.folder.glob("*.safetensors")})
+        adapters = self._adapter_dirs()
+        stems = sorted({p.stem for p in self.folder.glob("*.json")} | {p.stem for p in self.folder.glob("*.safetensors")}
+                       | adapters)
         out = []
         for key in stems:
-            lora_path, manifest = self.folder / f"{key}.safetensors", self.folder / f"{key}.json"
+            manifest = self.folder / f"{key}.json"
+            lora_path = (self.folder / key / ADAPTER_FILES[1]) if key in adapters else self.folder / f"{key}.safetensors"
             try:
-                if not manifest.exists():
+                if not manifest.exists() and key not in adapters:
                     raise ValueError(f"{key}.safetensors has no manifest {key}.json.")
                 if not lora_path.exists():
-                    raise ValueError(f"{key}.json has no LoRA file {key}.safetensors.")
-                out.append(TextEntry(key=key, lora_path=lora_path,
-                                     **parse_text_manifest(json.loads(manifest.read_text()), key)))
+                    raise ValueError(f"{key}.json has no LoRA file {key}.safetensors (or adapter folder {key}/).")
+                fields = (parse_text_manifest(json.loads(manifest.read_text()), key) if manifest.exists()
+                          else parse_text_manifest({"name": key, "description": "a PEFT adapter"}, key))
+                out.append(TextEntry(key=key, lora_path=lora_path, **fields))
             except (ValueError, OSError) as e:
                 out.append(TextEntry(key=key, name=key, task="", trigger="", description="", error=str(e)))
         return out
@@ -136,14 +259,31 @@ class TextBank:
                 if entry.error:
                     raise ValueError(f"Text LoRA '{key}' cannot be used: {entry.error}")
                 return entry
-        raise ValueError(f"No text LoRA '{key}' in {self.folder}; the bank has {', '.join(self.keys()) or 'none'}.")
+        raise ValueError(f"No text LoRA '{key}' in the bank '{self.folder.name}'; it has "
+                         f"{', '.join(self.keys()) or 'none'}.")
 
-    def load(self, key: str) -> Lora:
-        """The entry's LoRA in canonical form (cached while the file is unchanged), named by its key."""
+    @staticmethod
+    def _stamp(path: Path) -> tuple:
+        return path.stat().st_mtime_ns, path.stat().st_size
+
+    def needs_model(self, key: str) -> bool:
+        """True when `load(key)` will read a PEFT adapter onto the model (not yet cached)."""
         path = self.get(key).lora_path
-        stamp = (path.stat().st_mtime_ns, path.stat().st_size)
+        return path.name == ADAPTER_FILES[1] and (key not in self._cache or self._cache[key][0] != self._stamp(path))
+
+    def load(self, key: str, model: nn.Module | None = None) -> Lora:
+        """The entry's LoRA in canonical form (cached while the file is unchanged), named by its key. A PEFT
+        adapter folder is read by PEFT onto `model` (needed for those)."""
+        path = self.get(key).lora_path
+        stamp = self._stamp(path)
         if key not in self._cache or self._cache[key][0] != stamp:
-            self._cache[key] = (stamp, load_text_lora(path, name=key))
+            if path.name == ADAPTER_FILES[1] and (path.parent / ADAPTER_FILES[0]).is_file():
+                if model is None:
+                    raise ValueError(f"Text LoRA '{key}' is a PEFT adapter folder: it is read onto the model.")
+                lora = load_peft_adapter(path.parent, model, name=key)
+            else:
+                lora = load_text_lora(path, name=key)
+            self._cache[key] = (stamp, lora)
         return self._cache[key][1]
 
 
@@ -193,7 +333,7 @@ class TextEngine:
 
     def _pair(self):
         if self._loaded is None:
-            self._loaded = load_model(self.model_id, self.device)
+            self._loaded = load_text_model(self.model_id, self.device)
         return self._loaded
 
     @property
@@ -212,7 +352,10 @@ class TextEngine:
 
     def lora(self, key: str) -> Lora:
         """The bank's LoRA `key`, checked once (per file state) against the model."""
-        lora = self.bank.load(key)
+        with self._lock:
+            if self._handle is not None and self.bank.needs_model(key):
+                self._detach()                            # PEFT reads an adapter onto the bare model
+            lora = self.bank.load(key, self.model)
         stamp = (lora.path, Path(lora.path).stat().st_mtime_ns)
         if stamp not in self._fits:
             validate_text_lora(lora, self.model)
@@ -251,8 +394,8 @@ class TextEngine:
             self._handle.detach()
         self._handle, self._handle_key = None, ()
 
-    def _experts_off(self):
-        """While MoLE stays attached: every expert off, which is the base model exactly."""
+    def experts_off(self):
+        """While MoLE stays attached: every expert off, which is the base model exactly (a context)."""
         if self._handle is None:
             return contextlib.nullcontext()
         return self._handle.settings(mask=[False] * len(self._handle.expert_names))
@@ -263,25 +406,66 @@ class TextEngine:
         return self.compare([mix], prompt)[0]
 
     def compare(self, mixes, prompt: str) -> list[TextResult]:
-        """Answer `prompt` with each Mix."""
+        """Answer `prompt` with each Mix; MoLE results carry the expert weights of every prompt and answer token."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt must be non-empty text, e.g. 'reverse: abc'.")
         results = []
         for mix in mixes:
             start = time.perf_counter()
-            texts, gates, label = self.answer(mix, [prompt])
-            results.append(TextResult(mix.method, texts[0], time.perf_counter() - start, gates, label, mix))
+            ids, rec, label = self._answer(mix, [prompt], tokens=True)
+            result = TextResult(mix.method, self._text(ids[0]), time.perf_counter() - start,
+                                rec.table() if rec else None, label, mix, tokens=self._pieces(ids[0]))
+            if rec is not None:
+                self._colour(result, rec, prompt)
+            results.append(result)
         return results
 
     def answer(self, mix: Mix, prompts: list[str]) -> tuple[list[str], list[dict] | None, str]:
         """(answers, gate rows (mole) or None, label) for many prompts at once (evaluations)."""
+        ids, rec, label = self._answer(mix, prompts)
+        return [self._text(row) for row in ids], (rec.table() if rec else None), label
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _pieces(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def _colour(self, result: TextResult, rec, prompt: str) -> None:
+        """Per prompt token and per answer token, the mean expert weights of the gates that saw it: the
+        encoder's (seq2seq) or every group's (causal) at the first pass for the prompt; for answer token k,
+        the decoder's (every group's) at the last position of pass k — the pass that chose it."""
+        seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        names = {g for g, _, _, _ in rec.token_entries}
+        enc = {g for g in names if "encoder" in g} if seq2seq else names
+        dec = {g for g in names if "decoder" in g} if seq2seq else names
+        enc, dec = enc or names, dec or names
+
+        def mean(rows):
+            return torch.stack(rows).mean(0).tolist() if rows else None
+
+        ids = self.tokenizer(prompt).input_ids
+        keep = [i for i, t in enumerate(ids) if t not in set(self.tokenizer.all_special_ids)]
+        first = [w[0] for g, _, step, w in rec.token_entries if step == 0 and g in enc]
+        per_token = [w for w in first if w.dim() == 2 and w.shape[0] >= len(ids)]
+        result.prompt_tokens = [self.tokenizer.decode([ids[i]]) for i in keep]
+        if per_token:
+            result.prompt_gates = [mean([w[i] for w in per_token]) for i in keep]
+        elif first:
+            result.prompt_gates = [mean([w if w.dim() == 1 else w.mean(0) for w in first])] * len(keep)
+        result.token_gates = [mean([w[0, -1] if w.dim() == 3 else w[0] for g, _, step, w in rec.token_entries
+                                    if step == k and g in dec]) for k in range(len(result.tokens))]
+        result.experts = list(rec.expert_names)
+
+    def _answer(self, mix: Mix, prompts: list[str], tokens: bool = False):
+        """(answer token ids per prompt, the gate Recording (mole) or None, label)."""
         with self._lock:
             # 1. check inputs
             self.check(mix)
             model, tok = self.model, self.tokenizer
 
             def run():
-                return greedy(model, tok, list(prompts), self.max_new_tokens)
+                return decode(model, tok, list(prompts), self.max_new_tokens)
 
             # 2. the method
             if mix.method == "mole":
@@ -292,23 +476,23 @@ class TextEngine:
                 else:
                     handle.reset_gates()                 # untrained: equal weights
                 mask = {k: bool(v) for k, v in mix.mask.items()} if mix.mask else None
-                with handle.settings(mask=mask, strengths=mix.strengths), handle.recording() as rec:
-                    texts = run()
+                with handle.settings(mask=mask, strengths=mix.strengths), handle.recording(tokens) as rec:
+                    ids = run()
                 untrained = "" if mix.mixture is not None else ", untrained"
-                return texts, rec.table(), f"MoLE ({mole.describe}, {len(mix.keys)} experts{untrained})"
+                return ids, rec, f"MoLE ({mole.describe}, {len(mix.keys)} experts{untrained})"
             if mix.method == "base":
-                with self._experts_off():
+                with self.experts_off():
                     return run(), None, "Base model"
             if mix.single:
-                with self._experts_off(), merged_weights(model, self.lora(mix.single)):
+                with self.experts_off(), merged_weights(model, self.lora(mix.single)):
                     return run(), None, f"Single: {self.bank.get(mix.single).name}"
             merged = self.merge(mix)
-            with self._experts_off(), merged_weights(model, merged):
-                texts = run()
+            with self.experts_off(), merged_weights(model, merged):
+                ids = run()
             r = max(w.rank for w in merged.modules.values())
             label = {"linear": "Linear merge", "svd": f"SVD r={r}", "ties": f"TIES d={mix.density:g} r={r}",
                      "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
-            return texts, None, label
+            return ids, None, label
 
     # ---- gate training --------------------------------------------------------------------------
     def train(self, keys, mole: MoleConfig, train: TrainConfig, pairs: list[tuple[str, str]] | None = None,
