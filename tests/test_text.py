@@ -14,7 +14,8 @@ from mole_core.lora import Lora, LoraFileError, LoraWeights, load_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
 from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextBank, TextEngine, attach_text
-from mole_core.textworld import LORA_TASKS, composed, greedy, load_model, load_text_lora, save_text_lora
+from mole_core.textworld import (BANK_TASKS, DISTRACTOR_TASKS, LORA_TASKS, composed, greedy, load_model, load_text_lora,
+                                save_text_lora)
 from mole_core.textworld.build import batch_tensors
 from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig
 from mole_core.textworld.quality import BARS, held_out_sets, score
@@ -167,10 +168,15 @@ def test_tiny_bank_manifests_parse(tiny, tmp_path):
 
 def test_tasks_and_held_out_words():
     assert composed("reverse", "upper").item("abc") == ("reverse upper: abc", "CBA")
-    assert LORA_TASKS["shift"].item("abz") == ("shift: abz", "bca")
+    assert composed("dash", "upper").item("abc") == ("dash upper: abc", "A-B-C")
+    assert DISTRACTOR_TASKS["swap"].item("abcde") == ("swap: abcde", "badce")
+    assert len(LORA_TASKS) >= 5 and len(BANK_TASKS) == 16 and not set(LORA_TASKS) & set(DISTRACTOR_TASKS)
     import numpy as np
-    items = sample_items(LORA_TASKS["sort"], np.random.default_rng(0), 50, held_out=True)
+    from mole_core.textworld.tasks import BASE_TASKS
+    items = sample_items(LORA_TASKS["reverse"], np.random.default_rng(0), 50, held_out=True)
     assert all(is_held_out(p.split(": ")[1]) for p, _ in items)
+    copies = sample_items(BASE_TASKS["copy"], np.random.default_rng(0), 50)
+    assert {a.isupper() for _, a in copies} == {True, False}      # the base writes capitals too (upper's LoRA needs it)
 
 
 def test_tokenizer_round_trip(tmp_path):
@@ -181,7 +187,8 @@ def test_tokenizer_round_trip(tmp_path):
     ids = tok(text).input_ids
     assert ids[-1] == tok.eos_token_id and len(ids) == len(text) - len("reverse upper") + 3 + 1   # 2 word tokens, eos
     assert tok.decode(ids, skip_special_tokens=True) == text
-    assert tok.tokenize("copy: xsortq") == ["copy", ":", " ", *"xsortq"]       # words inside an input: letters
+    assert tok.tokenize("copy: xheadq") == ["copy", ":", " ", *"xheadq"]       # words inside an input: letters
+    assert tok.tokenize("dash upper: ab") == ["dash", " ", "upper", ":", " ", "a", "b"]
 
 
 # ---- the shipped text world ---------------------------------------------------------------------
@@ -193,27 +200,40 @@ needs_world = pytest.mark.skipif(not BUILT, reason="the text world is not built 
 @needs_world
 def test_shipped_bank_manifests_parse():
     entries = TextBank(DEFAULT_TEXT_BANK).entries()
-    assert {e.key for e in entries} == set(LORA_TASKS)
+    assert {e.key for e in entries} == set(BANK_TASKS)
     for e in entries:
         assert e.error is None and e.trigger == e.task == e.key and len(e.examples) >= 4
         assert all(not is_held_out(i.split(": ", 1)[1]) for i, _ in e.examples)
+        role = json.loads((Path(DEFAULT_TEXT_BANK) / f"{e.key}.json").read_text())["role"]
+        assert role == ("main" if e.key in LORA_TASKS else "distractor")
+
+
+def _report_bars():
+    return json.loads((Path(DEFAULT_TEXT_MODEL) / "build_report.json").read_text())["stages"]["eval"]["bars"]
 
 
 @needs_world
-def test_shipped_loras_pass_their_bar_on_20_items():
+def test_shipped_loras_match_their_report_on_10_items():
+    """The shipped files are the ones measured: each LoRA that passed its bar answers 9 of its first 10
+    held-out items (the first 10 of the report's 100), each main LoRA too."""
     model, tok = load_model(DEFAULT_TEXT_MODEL)
-    sets = held_out_sets(TextBuildConfig(), 20)
-    for key in LORA_TASKS:
-        with merged_weights(model, load_text_lora(Path(DEFAULT_TEXT_BANK) / f"{key}.safetensors")):
-            assert score(model, tok, sets[key])["exact_match"] >= BARS["lora"], key
+    sets = held_out_sets(TextBuildConfig(), 10)
+    bars = _report_bars()
+    for key in BANK_TASKS:
+        if key in LORA_TASKS or bars[f"lora_{key}_exact_match"]["passed"]:
+            with merged_weights(model, load_text_lora(Path(DEFAULT_TEXT_BANK) / f"{key}.safetensors")):
+                assert score(model, tok, sets[key])["exact_match"] >= 0.9, key
 
 
 @needs_world
 def test_build_report_bars_pass():
-    report = json.loads((Path(DEFAULT_TEXT_MODEL) / "build_report.json").read_text())
-    bars = report["stages"]["eval"]["bars"]
-    assert set(bars) == {f"lora_{k}_exact_match" for k in LORA_TASKS}
-    assert all(b["passed"] for b in bars.values()), bars
+    """Every LoRA's bar is in the report with its role; every main one passed; a failed one says so."""
+    bars = _report_bars()
+    assert set(bars) == {f"lora_{k}_exact_match" for k in BANK_TASKS}
+    for key, bar in ((k.removeprefix("lora_").removesuffix("_exact_match"), b) for k, b in bars.items()):
+        assert bar["role"] == ("main" if key in LORA_TASKS else "distractor")
+        assert bar["bar"] == BARS["lora"] and bar["passed"] == (bar["figure"] >= bar["bar"])
+    assert all(bars[f"lora_{k}_exact_match"]["passed"] for k in LORA_TASKS), bars
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ Rebuild everything: `python -m mole_core.textworld build [--out DIR] [--seed S] 
 from mole_core.textworld.config import TextBuildConfig, load_model
 from mole_core.textworld.decode import greedy
 from mole_core.textworld.lora_io import load_text_lora, save_text_lora
-from mole_core.textworld.tasks import BASE_TASKS, COMPOSED_PAIRS, LORA_TASKS, TASKS, TextTask, composed
+from mole_core.textworld.tasks import (BANK_TASKS, BASE_TASKS, COMPOSED_PAIRS, DISTRACTOR_TASKS, LORA_TASKS, TASKS,
+                                      TextTask, composed)
 
-__all__ = ["TextBuildConfig", "load_model", "greedy", "load_text_lora", "save_text_lora", "BASE_TASKS",
-           "COMPOSED_PAIRS", "LORA_TASKS", "TASKS", "TextTask", "composed"]
+__all__ = ["TextBuildConfig", "load_model", "greedy", "load_text_lora", "save_text_lora", "BANK_TASKS", "BASE_TASKS",
+           "COMPOSED_PAIRS", "DISTRACTOR_TASKS", "LORA_TASKS", "TASKS", "TextTask", "composed"]

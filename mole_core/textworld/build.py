@@ -6,13 +6,14 @@ Stages (`STAGES`, in this order), each with a fixed seed, each skipped when its 
          trained the same way (3000 steps) copied only 8% of held-out words, writing the right letters in
          the wrong order: T5 has only relative position biases, so its bidirectional encoder has no cheap way
          to tell its letters' order, while BART's learned absolute positions give it directly. Trained on the
-         base mix (copy, lower, last, rotate: the instruction format, copying, case, string ends, moving
-         letters) and saved with its character tokenizer as an ordinary transformers folder
+         base mix (copy of small and capital words, lower, title, last, rotate: the instruction format,
+         copying, reading and writing both cases, string ends, moving letters) and saved with its character tokenizer as an ordinary transformers folder
          (assets/text-world/: `from_pretrained` loads both).
-  loras  one LoRA per LoRA task (reverse, sort, upper, double, shift) on the frozen base with peft's
+  loras  one LoRA per bank task (tasks.BANK_TASKS: 5 main, 11 distractors) on the frozen base with peft's
          `LoraConfig` (rank 8 on every attention and MLP Linear), batches with a share of base-task items
-         (prior preservation); saved as text_bank/<key>.safetensors (mole_core.textworld.lora_io) + a manifest
-         text_bank/<key>.json with held-in example pairs (gate-training data).
+         (prior preservation), each for its task's share of `lora_steps`; saved as text_bank/<key>.safetensors
+         (mole_core.textworld.lora_io) + a manifest text_bank/<key>.json with held-in example pairs
+         (gate-training data) and its role ("main" or "distractor").
   eval   the bars (mole_core.textworld.quality): each LoRA alone and the base alone on held-out items.
 Every stage records its figures and seconds in assets/text-world/build_report.json.
 
@@ -40,7 +41,7 @@ from mole_core.atomic import write_text
 from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig, load_model, log, rng_for
 from mole_core.textworld.lora_io import lora_from_peft, save_text_lora
 from mole_core.textworld.quality import stage_eval
-from mole_core.textworld.tasks import BASE_TASKS, LORA_TASKS, TextTask, sample_items
+from mole_core.textworld.tasks import BANK_TASKS, BASE_TASKS, LORA_TASKS, TextTask, sample_items
 from mole_core.textworld.tokenizer import build_tokenizer
 
 STAGES = ("base", "loras", "eval")
@@ -56,6 +57,10 @@ def write_json(path: Path, data) -> None:
 def update_report(cfg: TextBuildConfig, stage: str, figures: dict, seconds: float) -> None:
     path = cfg.model_dir / "build_report.json"
     report = json.loads(path.read_text()) if path.exists() else {}
+    if stage == "loras" and cfg.loras:          # a partial rerun (--lora KEYS): keep the other LoRAs' figures
+        kept = {k: v for k, v in report.get("stages", {}).get("loras", {}).items() if k != "seconds"}
+        figures = {**kept, **figures}
+        seconds = sum(v["seconds"] for v in figures.values())
     report.setdefault("stages", {})[stage] = {"seconds": round(seconds, 1), **figures}
     report["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -140,6 +145,7 @@ def manifest(cfg: TextBuildConfig, task: TextTask, rng) -> dict:
     """The bank manifest of one LoRA; its examples are training words (never held-out ones)."""
     examples = sample_items(task, rng, cfg.examples, held_out=False)
     return {"name": task.key.capitalize(), "kind": "text", "task": task.key, "trigger": task.key,
+            "role": "main" if task.key in LORA_TASKS else "distractor",
             "description": f"{task.key}: {task.description} (e.g. '{examples[0][0]}' -> '{examples[0][1]}')",
             "base_model": "text-world", "default_weight": 1.0,
             "examples": [{"input": p, "output": a} for p, a in examples]}
@@ -147,12 +153,13 @@ def manifest(cfg: TextBuildConfig, task: TextTask, rng) -> dict:
 
 def stage_loras(cfg: TextBuildConfig) -> dict:
     cfg.bank_dir.mkdir(parents=True, exist_ok=True)
-    keys = cfg.loras or tuple(LORA_TASKS)
+    keys = cfg.loras or tuple(BANK_TASKS)
     figures = {}
     prior = list(BASE_TASKS.values())
     for key in keys:
         start = time.perf_counter()
-        task = LORA_TASKS[key]
+        task = BANK_TASKS[key]
+        steps = max(1, round(cfg.lora_steps * task.steps))
         rng = rng_for(cfg, f"lora/{key}")
         torch.manual_seed(cfg.seed + 2)
         model, tokenizer = load_model(cfg.model_dir)
@@ -161,13 +168,13 @@ def stage_loras(cfg: TextBuildConfig) -> dict:
         tasks = [task, *prior]
         weights = [1 - cfg.lora_prior] + [cfg.lora_prior / len(prior)] * len(prior)
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        losses = fit(peft_model, params, tokenizer, rng, tasks, weights, cfg.lora_steps, cfg.lora_batch,
+        losses = fit(peft_model, params, tokenizer, rng, tasks, weights, steps, cfg.lora_batch,
                      cfg.lora_lr, f"lora {key}")
         lora = lora_from_peft(peft_model, key)
         save_text_lora(lora, cfg.bank_dir / f"{key}.safetensors",
                        {"mole.task": key, "r": str(cfg.lora_rank), "target_modules": ",".join(LORA_TARGETS)})
         write_json(cfg.bank_dir / f"{key}.json", manifest(cfg, task, rng_for(cfg, f"examples/{key}")))
-        figures[key] = {"losses": losses, "modules": len(lora.modules), "rank": cfg.lora_rank,
+        figures[key] = {"losses": losses, "steps": steps, "modules": len(lora.modules), "rank": cfg.lora_rank,
                         "seconds": round(time.perf_counter() - start, 1)}
         log(f"lora {key}: {len(lora.modules)} modules, {figures[key]['seconds']} s")
     return figures
@@ -185,7 +192,7 @@ def run_build(cfg: TextBuildConfig, stages=STAGES, force: bool = False) -> dict:
     runners = {"base": stage_base, "loras": stage_loras, "eval": stage_eval}
     done = {"base": lambda: (cfg.model_dir / "config.json").exists(),
             "loras": lambda: all((cfg.bank_dir / f"{k}.safetensors").exists()
-                                 for k in (cfg.loras or LORA_TASKS)),
+                                 for k in (cfg.loras or BANK_TASKS)),
             "eval": lambda: False}
     for stage in STAGES:
         if stage not in stages:

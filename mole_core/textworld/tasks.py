@@ -1,17 +1,28 @@
 """The text world's task families: FLAN-style instructions with exact answers, written by a generator.
 
-    "reverse: abc" -> "cba"      "sort: dbca" -> "abcd"      "upper: abc" -> "ABC"
-    "double: ab" -> "aabb"       "shift: abz" -> "bca"       (each one LoRA of the text bank)
-    "copy: abc" -> "abc"         "lower: ABC" -> "abc"       "last: abc" -> "c"      "rotate: abcd" -> "bcda"
-                                                             (the base model's mix: format, copying, case,
-                                                              the ends of a string, moving characters)
-    "reverse upper: abc" -> "CBA"   composed: "f g: x" = f(g(x)), never seen in training (the BBH analogue)
+    main LoRAs (one each in text_bank/, role "main"; pairwise composable, see COMPOSED_PAIRS)
+    "reverse: abc" -> "cba"      "upper: abc" -> "ABC"       "double: ab" -> "aabb"
+    "repeat: abc" -> "abcabc"    "dash: abc" -> "a-b-c"
+    distractor LoRAs (role "distractor": the rest of a 4 / 8 / 16-LoRA bank, MoLE Table 6)
+    "first: abc" -> "a"   "second: abc" -> "b"   "ends: abc" -> "ac"     "head: abcd" -> "ab"   "tail: abcd" -> "cd"
+    "drop: abc" -> "bc"   "chop: abc" -> "ab"    "swap: abcde" -> "badce"  "mirror: ab" -> "abba"
+    "space: abc" -> "a b c"   "initial: abc" -> "A"
+    the base model's mix (never a LoRA)
+    "copy: abc" -> "abc", "copy: ABC" -> "ABC"   "lower: ABC" -> "abc"   "title: abc" -> "Abc"
+    "last: abc" -> "c"   "rotate: abcd" -> "bcda"
+    composed: "reverse upper: abc" -> "CBA" = f(g(x)), never seen in training (the BBH analogue)
+
+Why these: a rank-8 LoRA on a ~1.6M-parameter base learns a task quickly when the base already writes every
+token the task needs and the task moves letters by position (measured in the last build: reverse 1.00; sort
+0.56 and shift 0.12, which need a letter comparison or a letter-to-letter table, stayed far below the bar, and
+were dropped). "upper" failed (0.18) while the base had never WRITTEN a capital; the base now copies capitalised
+words and writes title case, so an upper LoRA only has to switch the case of every letter it already copies.
 
 Words are 3-7 lowercase letters. Every word is either a training word or a held-out word, decided by a hash
 of the word (`is_held_out`), so no held-out item of any task shares its word with any training item.
 
 References: FLAN (Wei et al., 2022; Chung et al., 2022) for instruction-prefixed task mixtures; MoLE (Wu et
-al., ICLR 2024) §4.2 (Flan-T5 task LoRAs, BBH as the unseen composed benchmark).
+al., ICLR 2024) §4.2 (Flan-T5 task LoRAs, BBH as the unseen composed benchmark) and Table 6 (4 / 8 / 16 LoRAs).
 """
 from __future__ import annotations
 
@@ -27,10 +38,14 @@ MIN_LEN, MAX_LEN = 3, 7          # word lengths (a doubled word is at most 14 ch
 HELD_OUT_PERCENT = 10            # share of all words reserved for evaluation
 
 
-def _shift(word: str) -> str:
-    """Every letter to the next one, z -> a (capitals stay capitals)."""
-    return "".join(chr((ord(c) - base + 1) % 26 + base) for c in word
-                   for base in [65 if c.isupper() else 97])
+def _swap(word: str) -> str:
+    """Swap each adjacent pair of letters ("abcde" -> "badce"; an odd last letter stays)."""
+    return "".join(word[i + 1] + word[i] if i + 1 < len(word) else word[i] for i in range(0, len(word), 2))
+
+
+def _capitalised(word: str) -> bool:
+    """A fixed half of all words, by hash: the words a "mixed"-case task writes in capitals."""
+    return int(hashlib.sha256(word.encode()).hexdigest()[8:16], 16) % 2 == 1
 
 
 @dataclass(frozen=True)
@@ -39,41 +54,61 @@ class TextTask:
     key: str                                   # bank key and instruction word ("reverse")
     fn: Callable[[str], str]                   # word -> answer
     description: str                           # one sentence for the bank and the app
-    upper_input: bool = False                  # the input word is written in capitals ("lower: ABC")
+    case: str = "lower"                        # the input word: "lower", "upper" (all capitals) or "mixed"
+                                               # (half of the words in capitals, by hash: `_capitalised`)
+    steps: float = 1.0                         # LoRA training steps, as a share of TextBuildConfig.lora_steps
 
     def item(self, word: str) -> tuple[str, str]:
         """(prompt, answer) for one word."""
-        x = word.upper() if self.upper_input else word
+        upper = self.case == "upper" or (self.case == "mixed" and _capitalised(word))
+        x = word.upper() if upper else word
         return f"{self.key}: {x}", self.fn(x)
 
 
+# The main LoRAs: each moves letters by position or changes every letter, so any two compose plausibly.
 LORA_TASKS = {t.key: t for t in (
     TextTask("reverse", lambda w: w[::-1], "writes the word backwards"),
-    TextTask("sort", lambda w: "".join(sorted(w)), "writes the word's letters in alphabetical order"),
     TextTask("upper", str.upper, "writes the word in capitals"),
-    TextTask("double", lambda w: "".join(c + c for c in w), "writes every letter twice"),
-    TextTask("shift", _shift, "replaces every letter by the next one in the alphabet (z becomes a)"),
+    TextTask("double", lambda w: "".join(c + c for c in w), "writes every letter twice", steps=1.5),
+    TextTask("repeat", lambda w: w + w, "writes the word twice", steps=1.5),
+    TextTask("dash", "-".join, "writes the letters with a dash between each two", steps=1.25),
 )}
+# The distractors: more simple exact-answer skills, so a study can mix 4 / 8 / 16 LoRAs (MoLE Table 6).
+DISTRACTOR_TASKS = {t.key: t for t in (
+    TextTask("first", lambda w: w[0], "the word's first letter", steps=0.5),
+    TextTask("second", lambda w: w[1], "the word's second letter", steps=0.5),
+    TextTask("ends", lambda w: w[0] + w[-1], "the word's first and last letters", steps=0.5),
+    TextTask("head", lambda w: w[:2], "the word's first two letters", steps=0.5),
+    TextTask("tail", lambda w: w[-2:], "the word's last two letters", steps=0.5),
+    TextTask("drop", lambda w: w[1:], "the word without its first letter", steps=0.5),
+    TextTask("chop", lambda w: w[:-1], "the word without its last letter", steps=0.5),
+    TextTask("swap", _swap, "swaps each adjacent pair of letters", steps=1.0),
+    TextTask("mirror", lambda w: w + w[::-1], "the word, then the word backwards", steps=1.0),
+    TextTask("space", " ".join, "writes the letters with a space between each two", steps=0.75),
+    TextTask("initial", lambda w: w[0].upper(), "the word's first letter as a capital", steps=0.5),
+)}
+BANK_TASKS = {**LORA_TASKS, **DISTRACTOR_TASKS}           # every LoRA of text_bank/
 BASE_TASKS = {t.key: t for t in (
-    TextTask("copy", lambda w: w, "copies the word"),
-    TextTask("lower", str.lower, "writes a capitalised word in small letters", upper_input=True),
+    TextTask("copy", lambda w: w, "copies the word", case="mixed"),
+    TextTask("lower", str.lower, "writes a capitalised word in small letters", case="upper"),
+    TextTask("title", str.title, "writes the word with a capital first letter"),
     TextTask("last", lambda w: w[-1], "the word's last letter"),
     TextTask("rotate", lambda w: w[1:] + w[0], "moves the first letter to the end"),
 )}
-TASKS = {**LORA_TASKS, **BASE_TASKS}
+TASKS = {**BANK_TASKS, **BASE_TASKS}
 
 
 def composed(outer: str, inner: str) -> TextTask:
     """The composed task "outer inner: x" = outer(inner(x)) (e.g. "reverse upper: abc" -> "CBA")."""
-    f, g = LORA_TASKS[outer].fn, LORA_TASKS[inner].fn
-    return TextTask(f"{outer} {inner}", lambda w: f(g(w)), f"{LORA_TASKS[outer].description}, after it "
-                    f"{LORA_TASKS[inner].description}")
+    f, g = BANK_TASKS[outer].fn, BANK_TASKS[inner].fn
+    return TextTask(f"{outer} {inner}", lambda w: f(g(w)), f"{BANK_TASKS[outer].description}, after it "
+                    f"{BANK_TASKS[inner].description}")
 
 
-# The composed tasks measured (pairs of LoRA skills whose order does not matter, so either LoRA's
-# instruction word may come first in the answer's sense: upper(reverse(x)) == reverse(upper(x)) etc.).
-COMPOSED_PAIRS = (("reverse", "upper"), ("double", "upper"), ("reverse", "double"), ("shift", "reverse"),
-                  ("sort", "upper"))
+# The composed tasks measured: pairs of main skills where one moves letters and the other changes each
+# letter (or both move letters), whose order does not matter: upper(reverse(x)) == reverse(upper(x)) etc.
+COMPOSED_PAIRS = (("reverse", "upper"), ("double", "upper"), ("repeat", "upper"), ("dash", "upper"),
+                  ("reverse", "double"), ("reverse", "dash"))
 
 
 def is_held_out(word: str) -> bool:

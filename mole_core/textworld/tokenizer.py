@@ -17,9 +17,11 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from mole_core.textworld.tasks import TASKS
+
 SPECIALS = ("<pad>", "</s>", "<unk>")
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " :+-=.,?"
-WORDS = ("reverse", "sort", "upper", "double", "shift", "copy", "lower", "last", "rotate")   # tasks.TASKS
+WORDS = tuple(TASKS)                 # every instruction word (the bank's LoRA tasks and the base's tasks)
 
 
 def build_tokenizer(folder: str | Path | None = None, words=WORDS) -> PreTrainedTokenizerFast:

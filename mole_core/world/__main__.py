@@ -1,4 +1,5 @@
-"""`python -m mole_core.world build [--out DIR] [--seed S] [--quick] [--stage vae,base,...] [--force] [--lora KEYS]`."""
+"""`python -m mole_core.world build [--out DIR] [--seed S] [--quick] [--stage vae,base,...] [--force] [--lora KEYS]`;
+with `--text`, the text world instead (`python -m mole_core.textworld build` with the same options)."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,16 @@ def main(argv=None) -> None:
                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
     build.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     build.add_argument("--lora", default="", help="stage loras: only these LoRAs (comma-separated keys)")
+    build.add_argument("--text", action="store_true",
+                       help="build the text world (assets/text-world/, text_bank/) instead: mole_core.textworld")
     args = parser.parse_args(argv)
+    if args.text:
+        from mole_core.textworld.__main__ import main as text_main
+        from mole_core.textworld.build import STAGES as TEXT_STAGES
+        stage = args.stage if args.stage != ",".join(STAGES) else ",".join(TEXT_STAGES)
+        text_main(["build", "--out", str(args.out), "--seed", str(args.seed), "--stage", stage, "--lora", args.lora,
+                   *(["--quick"] if args.quick else []), *(["--force"] if args.force else [])])
+        return
     cfg = (BuildConfig.quick_config(args.out, args.seed) if args.quick
            else BuildConfig(out=args.out, seed=args.seed))
     cfg.loras = tuple(k.strip() for k in args.lora.split(",") if k.strip())
