@@ -415,14 +415,8 @@ class Engine:
                  "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
         return image, None, label
 
-    def _unet_only(self, what: str) -> None:
-        if self.family.denoiser != "unet" or self.family.name != "sd":
-            raise ValueError(f"{what} is implemented for Stable Diffusion 1.x/2.x pipelines; this model is "
-                             f"{self.family.title}.")
-
     def _run_switch(self, mix: Mix, request, latents, bank: Bank):
         from mole_core.peers import switching
-        self._unet_only("LoRA Switch")
         handle = self._attached(mix.keys, MoleConfig(), bank)
         with switching(self.pipe, handle, every=mix.switch_every):
             image = self._call_pipe(request, latents)
@@ -430,7 +424,6 @@ class Engine:
 
     def _run_composite(self, mix: Mix, request, latents, bank: Bank):
         from mole_core.peers import compositing
-        self._unet_only("LoRA Composite")
         handle = self._attached(mix.keys, MoleConfig(), bank)
         with compositing(self.pipe, handle):
             image = self._call_pipe(request, latents)

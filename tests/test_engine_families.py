@@ -1,6 +1,6 @@
 """The engine on tiny SDXL, SD3 and FLUX pipelines opened from their folders: every weight-space method and
 untrained MoLE render from the same starting noise; untrained MoLE is the equal-weight linear merge; the
-pipeline is left as found; what is not implemented for a family says so (Switch / Composite / gate training).
+pipeline is left as found; LoRA Switch and LoRA Composite run on every family; gate training lowers the loss.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ TARGETS = {
              "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
              "text_encoder.encoder.layers.0.self_attn.q_proj"],
     "sd3": ["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.attn.to_v",
-            "transformer.transformer_blocks.0.ff.net.2"],
+            "transformer.transformer_blocks.0.ff.net.2", "text_encoder.encoder.layers.0.self_attn.q_proj"],
     "flux": ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp",
-             "transformer.single_transformer_blocks.1.attn.to_k"],
+             "transformer.single_transformer_blocks.1.attn.to_k", "text_encoder.encoder.layers.0.self_attn.q_proj"],
 }
 
 
@@ -83,11 +83,61 @@ def test_every_weight_space_method_and_untrained_mole(engine):
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(results, again)), "same seed, same image"
 
 
-def test_what_is_not_implemented_for_a_family_says_so(engine):
+def test_switch_and_composite_render_from_the_same_latents(engine):
+    """LoRA Switch and LoRA Composite on every family (SDXL's added conditions, SD3's joint embeddings, FLUX's
+    packed latents and pooled projections): they render, differ from the base, repeat, leave the pipeline as
+    found; with one LoRA (or Switch with k ≥ steps) they are that LoRA alone."""
     keys = ("a", "b")
-    with pytest.raises(ValueError, match=f"LoRA Switch is implemented for Stable Diffusion 1.x/2.x pipelines; "
-                                         f"this model is {engine.family.title}"):
-        engine.generate(Mix("switch", keys), REQUEST)
+    base, single_a, single_b = (pixels(r) for r in engine.compare([Mix("base"), Mix("single:a"), Mix("single:b")],
+                                                                  REQUEST))
+    mixes = [Mix("switch", keys, switch_every=1), Mix("composite", keys), Mix("switch", ("a",)),
+             Mix("composite", ("a",)), Mix("switch", keys, switch_every=REQUEST.steps)]
+    results = engine.compare(mixes, REQUEST)
+    switch, composite, switch_one, composite_one, switch_first = (pixels(r) for r in results)
+    for got in (switch, composite):
+        assert not np.array_equal(got, base) and not np.array_equal(got, single_a)
+        assert not np.array_equal(got, single_b)
+    for got in (switch_one, composite_one, switch_first):
+        assert np.abs(got - single_a).max() <= 1, "one LoRA alone (merged into the weights: float rounding)"
+    assert np.array_equal(pixels(engine.generate(Mix("base"), REQUEST)), base), "the pipeline is left as found"
+    again = engine.compare(mixes[:2], REQUEST)
+    assert np.array_equal(pixels(again[0]), switch) and np.array_equal(pixels(again[1]), composite)
+
+
+def text_inputs(engine, mix) -> list[dict]:
+    """The text-derived inputs of each denoiser call while rendering `mix` (SD3 / FLUX: embeddings and pooled
+    projections; SDXL: embeddings and the pooled `text_embeds` added condition)."""
+    seen = []
+    model = getattr(engine.pipe, engine.family.denoiser)
+    forward = model.forward
+
+    def record(*args, **kwargs):            # forward itself: after every hook has changed the inputs
+        added = kwargs.get("added_cond_kwargs") or {}
+        seen.append({k: v.clone() for k, v in (*kwargs.items(), *added.items())
+                     if k in ("encoder_hidden_states", "pooled_projections", "text_embeds")})
+        return forward(*args, **kwargs)
+
+    model.forward = record
+    try:
+        engine.generate(mix, REQUEST)
+    finally:
+        del model.forward
+    return seen
+
+
+def test_switch_gives_each_step_its_loras_own_text_encodings(engine):
+    """The LoRAs also adapt a text encoder: at each step the denoiser reads the encodings of that step's LoRA
+    (every text-derived input, pooled ones included), as that LoRA alone would give them."""
+    keys = ("a", "b")
+    switch = text_inputs(engine, Mix("switch", keys, switch_every=1))
+    alone = [text_inputs(engine, Mix(f"single:{k}")) for k in keys]
+    assert len(switch) == REQUEST.steps and switch[0].keys() == alone[0][0].keys()
+    differ = [k for k in switch[0] if not torch.allclose(alone[0][0][k], alone[1][0][k], atol=1e-4)]
+    assert "encoder_hidden_states" in differ or engine.family.name == "flux", "CLIP hidden states (not FLUX's)"
+    assert "pooled_projections" in differ or engine.family.name == "sdxl", "pooled CLIP (SDXL: not encoder 2)"
+    for step, expert in enumerate((0, 1)):
+        for k, v in switch[step].items():
+            assert torch.allclose(v, alone[expert][step][k], atol=1e-5), (step, k)
 
 
 def test_gate_training_moves_the_gates_and_renders_with_them(engine):
