@@ -335,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", required=True, metavar="KEY", help="a bank key; repeat (2 or more)")
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="which modules share one gate: %(choices)s (default: %(default)s)")
-    p.add_argument("--gate", choices=gate_kinds, default=DEFAULT_GATE, metavar="KIND",
-                   help="%(choices)s (default: %(default)s). sample: one gate decision per image (the paper); "
+    p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",
+                   help=f"%(choices)s (default: {DEFAULT_GATE}; text models: sample). sample: one gate decision per image (the paper); "
                         "token: per token / pixel; static: one learned weight per expert for every input; routed: per "
                         "token, each LoRA's trigger phrase routing its text tokens and pixels")
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps (default: %(default)s)")
@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MoLE strength of one expert, 0 to 10 (default 1)")
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="MoLE without --mixture: which modules share a gate, %(choices)s (default: %(default)s)")
-    p.add_argument("--gate", choices=gate_kinds, default=DEFAULT_GATE, metavar="KIND",
-                   help="MoLE without --mixture: gate kind, %(choices)s (default: %(default)s)")
+    p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",
+                   help=f"MoLE without --mixture: gate kind, %(choices)s (default: {DEFAULT_GATE}; text models: sample)")
     p.add_argument("--weight", action="append", metavar="KEY=W",
                    help="merge weight of one LoRA (default: its manifest's default_weight)")
     p.add_argument("--raw-weights", action="store_true", help="use merge weights as given, not normalised to sum 1")
@@ -392,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
     args = build_parser().parse_args(argv)
     try:
+        from mole_core.text_cli import run as run_text, wants_text
+        if wants_text(args):              # a transformers text model: the same verbs on text (text_cli.py)
+            return run_text(args)
+        if getattr(args, "gate", False) is None:
+            args.gate = DEFAULT_GATE
         return args.func(args)
     except (ValueError, OSError) as e:  # bad input (the engine's errors are ValueErrors), unreadable paths
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -126,6 +126,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="gate-training batch (default: %(default)s)")
     parser.add_argument("--prompts", type=int, default=d.n_prompts, help="prompts drawn from the world's captions")
+    parser.add_argument("--items", type=int, default=50,
+                        help="text models: held-out items per task (default: %(default)s)")
     parser.add_argument("--templates", help="file of caption templates, one per line; {0}, {1}, ... = the "
                         "LoRAs' triggers in --lora order")
     parser.add_argument("--denoise-steps", type=int, default=d.denoise_steps, help="denoising steps per image")

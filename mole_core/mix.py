@@ -153,3 +153,18 @@ def _finite(value) -> bool:
 
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_numbers(train, mole: MoleConfig, max_steps: int) -> None:
+    """ValueError naming the field for gate-training numbers that cannot run (steps, lr, α, batch, seed)."""
+    if not _whole(train.steps) or not 1 <= train.steps <= max_steps:
+        raise ValueError(f"Training steps must be a whole number between 1 and {max_steps}; got {train.steps!r}.")
+    if not _finite(train.lr) or not 0 < train.lr <= 10:
+        raise ValueError(f"The learning rate must be above 0 and at most 10; got {train.lr}.")
+    alpha = train.balance_alpha if train.balance_alpha is not None else mole.balance_alpha
+    if not _finite(alpha) or not 0 <= alpha <= 100:
+        raise ValueError(f"Balance α must be between 0 and 100; got {alpha}.")
+    if not _whole(train.batch_size) or not 1 <= train.batch_size <= 64:
+        raise ValueError(f"The batch size must be a whole number between 1 and 64; got {train.batch_size!r}.")
+    if not _whole(train.seed) or not 0 <= train.seed < 2**63:
+        raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {train.seed!r}.")

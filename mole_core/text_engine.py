@@ -42,7 +42,8 @@ from mole_core.attach import MoleConfig, attach
 from mole_core.defaults import PACKAGE_ROOT
 from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.mix import MERGES, Mix
+from mole_core.defaults import Limits
+from mole_core.mix import MERGES, Mix, check_train_numbers
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.textworld.lora_io import load_text_lora, lora_from_peft, validate_text_lora
 from mole_core.train import TokenTask, TrainConfig, TrainResult, train_gates
@@ -311,12 +312,13 @@ class TextEngine:
     """
 
     def __init__(self, model_dir=DEFAULT_TEXT_MODEL, bank_dir: str | Path | TextBank = DEFAULT_TEXT_BANK,
-                 device: str = "cpu", max_new_tokens: int = 24):
+                 device: str = "cpu", max_new_tokens: int = 24, limits: Limits | None = None):
         self.model_id = str(model_dir) if isinstance(model_dir, (str, Path)) else None
         self._loaded = None if self.model_id else tuple(model_dir)
         self.bank = bank_dir if isinstance(bank_dir, TextBank) else TextBank(bank_dir)
         self.device = device
         self.max_new_tokens = max_new_tokens
+        self.limits = limits or Limits.local()
         self._handle = None
         self._handle_key: tuple = ()
         self._fits: set[tuple] = set()
@@ -347,6 +349,11 @@ class TextEngine:
         if mix.method in ("switch", "composite"):
             raise ValueError(f"'{mix.method}' works per denoising step; a text model has none. Choose one of "
                              f"{', '.join(TEXT_METHODS)} or single:<key>.")
+        if mix.method == "mole" and (mix.gate == "routed" or mix.mole_config.route != "none"):
+            raise ValueError("Trigger routing works on a pipeline's cross-attention; a text model takes the gate "
+                             "kinds sample, token or static.")
+        if len(mix.keys) > self.limits.experts:
+            raise ValueError(f"At most {self.limits.experts} LoRAs can be mixed here; {len(mix.keys)} are selected.")
         for key in [*mix.keys, *([mix.single] if mix.single else [])]:
             self.lora(key)
 
@@ -495,14 +502,21 @@ class TextEngine:
             return ids, None, label
 
     # ---- gate training --------------------------------------------------------------------------
+    def check_train(self, keys, mole: MoleConfig, train: TrainConfig) -> None:
+        """ValueError naming the field for gate-training input that cannot run."""
+        keys = list(keys or [])
+        if len(keys) < 2 or len(set(keys)) != len(keys):
+            raise ValueError(f"Gate training needs at least two different LoRAs; got {', '.join(keys) or 'none'}.")
+        self.check(Mix("mole", tuple(keys), granularity=mole.granularity, gate=mole.gate))
+        check_train_numbers(train, mole, self.limits.train_steps)
+
     def train(self, keys, mole: MoleConfig, train: TrainConfig, pairs: list[tuple[str, str]] | None = None,
               on_step=None, should_stop=None, out_path=None) -> Mixture:
         """Train the gates of a MoLE over `keys` with mole_core.train.TokenTask (the seq2seq token loss) on
         `pairs` (default: every example pair of the keys' manifests); return the Mixture (also written to
         `out_path` when given). on_step / should_stop as in `train_gates`."""
         keys = list(keys)
-        if not keys:
-            raise ValueError("Choose at least one text LoRA to train gates for.")
+        self.check_train(keys, mole, train)
         pairs = list(pairs) if pairs is not None else [p for k in keys for p in self.bank.get(k).examples]
         if not pairs:
             raise ValueError(f"No training pairs: the manifests of {', '.join(keys)} have no examples.")
