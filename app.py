@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import math
-import queue
 import random
 import re
 import shutil
 import tempfile
-import threading
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,7 +48,10 @@ from mole_core.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
 from mole_core.mix import Mix, mole_config_for
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
+from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
+from mole_core.text_ui import build_text_demo, build_text_mode, TextStudio
 from mole_core.train import TrainConfig
+from mole_core.worker import StepWorker as _Worker
 
 MAX_EXPERTS = 8                        # rows of switches/strengths the page can show
 GATE_CHOICES = [("Per token + trigger routing", "routed"), ("Per token / pixel", "token"),
@@ -88,6 +89,7 @@ class Studio:
     engine: Engine
     writable_bank: bool = False        # uploads go into the bank folder (every session) instead of the session
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mole_studio_")))
+    text: TextEngine | None = None     # the Text mode's engine (the embedded text world by default), or None
     banks: dict = field(default_factory=dict)   # session folder -> that session's overlay Bank
 
     def __post_init__(self):
@@ -143,6 +145,8 @@ def public_message(studio: Studio, text: str) -> str:
     """A message with the server's folders cut out (a visitor sees their own file names only)."""
     folders = [studio.root, studio.engine.bank.folder, Path(studio.engine.model_id or "/nonexistent"),
                PACKAGE_ROOT, Path(tempfile.gettempdir())]
+    if studio.text is not None:
+        folders += [studio.text.bank.folder, Path(studio.text.model_id or "/nonexistent")]
     for folder in sorted({str(Path(f)) for f in folders}, key=len, reverse=True):
         text = re.sub(re.escape(folder) + r"[^\s:'\"]*/", "", text)
         text = text.replace(folder, "the server folder")
@@ -378,35 +382,6 @@ def train_summary(mixture, task_losses: list[float], cancelled: bool) -> str:
         lines.append(f"Task (denoising) loss, mean of the first {k} vs last {k} steps: {first:.4f} → {last:.4f}"
                      f" ({'fell' if last < first else 'rose'} {abs(last - first) / max(first, 1e-12):.0%}).")
     return " ".join(lines)
-
-
-class _Worker:
-    """Runs `work(on_step)` in a thread so a generator can yield while it runs.
-
-    Iterating gives the arguments of every on_step call as they come; afterwards `result` holds what
-    `work` returned (an exception inside `work` is raised again by the iteration).
-    """
-
-    def __init__(self, work):
-        self._items: queue.Queue = queue.Queue()
-        self.result, self._error, self.running = None, None, True
-        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)
-        self._thread.start()
-
-    def _run(self, work):
-        try:
-            self.result = work(lambda *args: self._items.put(args))
-        except BaseException as err:  # handed to the iterating thread, never swallowed
-            self._error = err
-        finally:
-            self.running = False
-            self._items.put(None)
-
-    def __iter__(self):
-        while (item := self._items.get()) is not None:
-            yield item
-        if self._error is not None:
-            raise self._error
 
 
 def cancel(state: dict) -> str:
@@ -796,6 +771,9 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
                 x = _export_tab()
             with gr.Tab("Evaluate", id="evaluate"):
                 e = _evaluate_tab(studio)
+            if studio.text is not None:
+                with gr.Tab("Text", id="text"):
+                    build_text_mode(TextStudio(studio.text, partial(public_message, studio)), "text_", fast, long)
 
         # Bank and selection
         selection_outputs = [c["methods"], c["weights"], *g["rows"], *g["switches"], *g["strengths"]]
@@ -888,10 +866,17 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits.local() if args.local else Limits()
     if args.max_train_steps:
         limits = Limits(**{**limits.__dict__, "train_steps": args.max_train_steps})
+    if is_text_model(args.model):  # a transformers text model: the Text mode alone
+        bank = DEFAULT_TEXT_BANK if args.bank == DEFAULT_BANK else args.bank
+        text = TextEngine(args.model, bank, limits=limits)
+        demo = build_text_demo(text, partial(public_message, Studio(text)))
+        demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+        return
     engine = Engine(args.model, args.bank, limits=limits)
     if args.writable_bank:
         engine.bank.clean()    # leftovers of an interrupted upload
-    demo = build_demo(Studio(engine, writable_bank=args.writable_bank))
+    text = TextEngine(limits=limits) if is_text_model(DEFAULT_TEXT_MODEL) else None
+    demo = build_demo(Studio(engine, writable_bank=args.writable_bank, text=text))
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(engine))
 
 

@@ -111,3 +111,35 @@ def make_bank(folder: Path, model_dir: Path, loras=LORAS, rank: int = 2, seed: i
                     "base_model": "tiny", "kind": "subject", "default_weight": 1.0, "examples": examples}
         (folder / f"{key}.json").write_text(json.dumps(manifest))
     return folder
+
+
+def make_text_world(folder: Path, keys=("alpha", "beta")) -> tuple[Path, Path]:
+    """(model folder, bank folder): a tiny random BART with the text world's tokenizer, saved with
+    save_pretrained, and one random text LoRA per key (B non-zero) with a manifest of example pairs."""
+    import json
+
+    import torch
+    from transformers import BartForConditionalGeneration
+
+    from mole_core.lora import Lora, LoraWeights
+    from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig
+    from mole_core.textworld.lora_io import save_text_lora
+    from mole_core.textworld.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    model_dir, bank = Path(folder) / "text-model", Path(folder) / "text-bank"
+    tok = build_tokenizer(model_dir)
+    model = BartForConditionalGeneration(TextBuildConfig.quick_config(folder).model_config(len(tok))).eval()
+    model.save_pretrained(model_dir)
+    bank.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(keys):
+        g = torch.Generator().manual_seed(i + 1)
+        modules = {name: LoraWeights(A=torch.randn(4, m.in_features, generator=g) * 0.3,
+                                     B=torch.randn(m.out_features, 4, generator=g) * 0.3, scale=0.5)
+                   for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS}
+        save_text_lora(Lora(name=key, modules=modules), bank / f"{key}.safetensors")
+        (bank / f"{key}.json").write_text(json.dumps({
+            "name": key.capitalize(), "kind": "text", "task": key, "trigger": key, "description": f"the {key} task",
+            "examples": [{"input": f"{key}: abc", "output": "cba"}, {"input": f"{key}: xyz", "output": "zyx"}]}))
+    return model_dir, bank

@@ -1,0 +1,169 @@
+"""The app's Text mode (mole_core/text_ui.py): handlers, the /text_* endpoints through gradio_client, the
+text-only app's /train, /compare, /toggle, and a real browser on the embedded text world (or a tiny one).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import app
+from mole_core import text_ui
+from mole_core.mix import Mix
+from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
+from tests.helpers import free_port
+from tests.tiny import make_text_world
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model_dir, bank = make_text_world(tmp_path_factory.mktemp("textapp"))
+    return TextEngine(model_dir, bank)
+
+
+@pytest.fixture
+def ts(engine):
+    return text_ui.TextStudio(engine)
+
+
+def no_progress(*args, **kwargs):
+    return None
+
+
+def test_compare_shows_every_method_with_the_expected_answer_and_mole_token_colours(ts):
+    methods = ["mole", "linear", "svd", "ties", "dare", "base", "single:alpha", "single:beta"]
+    table, view, heat, _ = text_ui.compare(ts, ["alpha", "beta"], "reverse: abc", methods, "block", "token", 0, 0.5,
+                                           text_ui.new_text_session())
+    assert table.count("<tr>") == 1 + len(methods)
+    assert "<th>expected</th>" in table and ">cba<" in table        # the text world's rule for 'reverse: abc'
+    assert "class='tok'" in view and "alpha 0.50 · beta 0.50" in view  # untrained: equal weights on every token
+    assert heat is not None and heat.size[0] > 0
+    # a prompt the world does not know has no expected column
+    table, *_ = text_ui.compare(ts, ["alpha", "beta"], "hello there", ["base"], "block", "sample", 0, 0.5,
+                                text_ui.new_text_session())
+    assert "expected" not in table
+
+
+def test_toggle_one_expert_on_is_that_lora_alone(ts, engine):
+    state = text_ui.new_text_session()
+    caption, view, _ = text_ui.toggle(ts, ["alpha", "beta"], "alpha: abcd", ["alpha"], "block", "sample", state)
+    alone = engine.generate(Mix("single:alpha"), "alpha: abcd").text
+    assert caption.startswith("1 of 2 experts on") and f"**{alone or '(empty)'}**" in caption
+    caption, view, _ = text_ui.toggle(ts, ["alpha", "beta"], "alpha: abcd", [], "block", "sample", state)
+    assert f"**{engine.generate(Mix('base'), 'alpha: abcd').text or '(empty)'}**" in caption
+    assert "base model" in view
+
+
+def test_training_streams_steps_stores_the_gates_and_cancels(ts):
+    state = text_ui.new_text_session()
+    updates = list(text_ui.train(ts, ["alpha", "beta"], "block", "token", 4, 5e-3, 0.5, state, progress=no_progress))
+    assert [u[1].split(" ·")[0] for u in updates[:4]] == [f"Step {i}/4" for i in range(1, 5)]
+    assert updates[-1][1].startswith("**Trained after 4 steps**") and state["mixture"] is not None
+    _, view, _, _ = text_ui.compare(ts, ["alpha", "beta"], "alpha: ab", ["mole"], "block", "sample", 0, 0.5, state)
+    assert "per-token" not in view and state["mixture"].gate == "token"
+    # cancel: the run stops after the current step and says so
+    state = text_ui.new_text_session()
+    run = text_ui.train(ts, ["alpha", "beta"], "block", "sample", 50, 5e-3, 0.5, state, progress=no_progress)
+    next(run)
+    text_ui.cancel(state)
+    last = list(run)[-1][1]
+    assert last.startswith("**Stopped (cancelled) after") and "50 steps" not in last
+
+
+@pytest.mark.parametrize("bad, field", [((["alpha"], 5, 5e-3, 0.5), "two different LoRAs"),
+                                        ((["alpha", "beta"], 0, 5e-3, 0.5), "Training steps"),
+                                        ((["alpha", "beta"], 5, float("nan"), 0.5), "learning rate"),
+                                        ((["alpha", "beta"], 5, 5e-3, float("inf")), "Balance α")])
+def test_bad_training_input_is_refused_by_field(ts, bad, field):
+    keys, steps, lr, alpha = bad
+    with pytest.raises(Exception, match=field):
+        list(text_ui.train(ts, keys, "block", "sample", steps, lr, alpha, text_ui.new_text_session(),
+                           progress=no_progress))
+
+
+def test_bad_compare_input_names_the_problem(ts):
+    state = text_ui.new_text_session()
+    for args, words in ((("", ["base"]), "Type an input"), (("a: b", []), "at least one method"),
+                        (("x" * 300, ["base"]), "at most 200")):
+        with pytest.raises(Exception, match=words):
+            text_ui.compare(ts, ["alpha", "beta"], args[0], args[1], "block", "sample", 0, 0.5, state)
+    with pytest.raises(Exception, match="Trigger routing"):
+        text_ui.compare(ts, ["alpha", "beta"], "a: b", ["mole"], "block", "routed", 0, 0.5, state)
+
+
+def test_text_endpoints_through_gradio_client(engine):
+    """The text-only app (`python app.py --model TEXT_MODEL`) serves /train, /cancel, /compare, /toggle; the
+    image app beside a text engine serves them as /text_*."""
+    from gradio_client import Client
+    demo = text_ui.build_text_demo(engine)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+        assert {"/train", "/cancel", "/compare", "/toggle"} <= names
+        table, view, _ = client.predict(["alpha", "beta"], "reverse: abc", ["mole", "linear", "base"], "block",
+                                        "sample", 0, 0.5, api_name="/compare")
+        assert table.count("<tr>") == 4 and "class='tok'" in view
+        status = client.predict(["alpha", "beta"], "block", "sample", 3, 5e-3, 0.5, api_name="/train")
+        assert "Trained after 3 steps" in status
+        caption, _ = client.predict(["alpha", "beta"], "alpha: abc", ["beta"], "block", "sample", api_name="/toggle")
+        assert caption.startswith("1 of 2 experts on")
+    finally:
+        demo.close()
+
+
+def test_the_image_app_has_a_text_tab(engine, world_engine):
+    demo = app.build_demo(app.Studio(world_engine, text=engine))
+    names = {fn.api_name for fn in demo.fns.values() if getattr(fn, "api_name", None)}
+    assert {"text_train", "text_cancel", "text_compare", "text_toggle", "train", "compare", "toggle"} <= names
+
+
+def test_app_main_tells_a_text_model_from_a_pipeline(engine, tmp_path):
+    assert is_text_model(engine.model_id)
+    assert not is_text_model(tmp_path)
+
+
+# ---- a real browser ------------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+def test_text_mode_in_a_browser(engine, tmp_path):
+    """Compare → answers with the expected column and coloured MoLE tokens; train → status; toggle → caption.
+    On the embedded text world when it is shipped, else on the tiny one."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed")
+    from playwright.sync_api import sync_playwright
+    torch.set_num_threads(1)
+    text = TextEngine(DEFAULT_TEXT_MODEL, DEFAULT_TEXT_BANK) if is_text_model(DEFAULT_TEXT_MODEL) else engine
+    demo = text_ui.build_text_demo(text)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            page.locator("#text-prompt textarea").fill(f"{text.bank.keys()[0]}: planet")
+            page.locator("#text-compare").click()
+            page.wait_for_function("() => document.querySelectorAll('#text-results tr').length >= 5")
+            rows = page.locator("#text-results tr").all_inner_texts()
+            assert any(r.startswith("MoLE") for r in rows) and any(r.startswith("Base model") for r in rows)
+            assert page.locator("#text-view span.tok").count() > 0
+            page.screenshot(path=str(artifacts / "text_compare.png"), full_page=True)
+            page.get_by_role("tab", name="Train gates").click()
+            page.locator("#text-train").click()
+            page.wait_for_function("() => document.querySelector('#text-status').innerText.includes('Trained after')")
+            page.get_by_role("tab", name="Toggle experts").click()
+            page.locator("#text-toggle").click()
+            page.wait_for_function("() => document.querySelector('#text-caption').innerText.includes('experts on')")
+            page.screenshot(path=str(artifacts / "text_toggle.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
