@@ -25,7 +25,7 @@ WORLD = ["python", "-m", "mole_core.world"]
 # command -> flags set for the default run (replaced where the line has them, added where not)
 TINY = {
     "train-gates": {"--steps": "2"},
-    "evaluate": {"--steps": "2", "--seeds": "1", "--prompts": "1", "--denoise-steps": "2"},
+    "evaluate": {"--steps": "2", "--seeds": "1", "--prompts": "1", "--denoise-steps": "2", "--items": "2"},
 }
 OUTPUT_FLAGS = ("--out", "--gates-out")
 
@@ -79,8 +79,9 @@ def in_python(argv: list[str], folder: Path) -> tuple[int, str]:
 def run_lines(lines: list[list[str]], folder: Path, run) -> list[tuple[str, float]]:
     """run(argv, folder) -> (exit code, stderr) for each line in `folder` (embedded world linked in); assert
     exit 0 and its outputs; -> timings."""
-    for name in ("assets", "lora_bank"):
-        (folder / name).symlink_to(ROOT / name)
+    for name in ("assets", "lora_bank", "text_bank"):
+        if (ROOT / name).exists():
+            (folder / name).symlink_to(ROOT / name)
     timings = []
     for argv in lines:
         start = time.perf_counter()
