@@ -13,6 +13,7 @@ References: MoLE (Wu et al., ICLR 2024) — the experts; kohya/Civitai practice 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -228,6 +229,10 @@ class Bank:
             if (self.folder / rel).exists():
                 raise ValueError(f"{rel}: an example image of that name already exists in the bank.")
         self._check_manifest_with_copies(manifest, key, {rel for _, rel in copies})
+        twin = self._holding(src_path)
+        if twin is not None:
+            raise ValueError(f"{display} is already in the bank as '{twin.name}' ({twin.key}): the same file, byte "
+                             f"for byte. Pick that entry instead.")
 
         # 2. write: images, then the LoRA, then the manifest (the entry exists only once its manifest does)
         written: list[Path] = []
@@ -243,11 +248,32 @@ class Bank:
         self.rescan()
         return self.get(key)
 
+    def _holding(self, src: Path) -> BankEntry | None:
+        """The entry whose LoRA file has exactly the bytes of `src` (size first, then sha256), or None."""
+        size = src.stat().st_size
+        digest = None
+        for entry in self.entries:
+            path = entry.lora_path
+            if path is None or not path.is_file() or path.stat().st_size != size:
+                continue
+            digest = digest or _sha256(src)
+            if _sha256(path) == digest:
+                return entry
+        return None
+
     def _check_manifest_with_copies(self, manifest: dict, key: str, pending: set[str]) -> None:
         """parse_manifest, counting the images about to be copied as present."""
         existing = {"examples": [ex for ex in manifest["examples"]
                                  if not (isinstance(ex, dict) and ex.get("image") in pending)]}
         parse_manifest({**manifest, **existing}, self.folder, key)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _atomic_copy(src: Path, dst: Path) -> Path:

@@ -244,3 +244,17 @@ def launch(engine_or_studio, **options) -> tuple:
     return demo, url
 
 
+
+
+def distinct_copy(src, dst, i: int = 0):
+    """A copy of the LoRA file `src` at `dst` with one tensor scaled by (1 + 0.001·(i+1)): a valid LoRA whose
+    bytes differ from every other (the bank refuses a byte-identical second upload)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] * (1 + 0.001 * (i + 1))
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst

@@ -17,7 +17,7 @@ from gradio_client import Client
 
 import app
 from mole_core.engine import Engine
-from tests.helpers import SETTINGS, launch, pixels, world_paths
+from tests.helpers import SETTINGS, distinct_copy, launch, pixels, world_paths
 
 NO_WEIGHTS = {"headers": ["expert", "weight"], "data": []}   # an empty weights table: the bank's defaults
 
@@ -158,7 +158,7 @@ def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, 
         c = client(url)
         for i in range(10):
             upload = tmp_path / f"u{visitor}_{i}.safetensors"
-            shutil.copy(source, upload)
+            distinct_copy(source, upload, visitor * 10 + i)
             c.predict(handle_file(str(upload)), f"Upload {visitor} {i}", "pony", "", [], api_name="/add_lora")
             c.predict(keys, "linear", "diffusers", NO_WEIGHTS, 2, True, 0.5, api_name="/export")
         c.close()

@@ -19,7 +19,7 @@ import pytest
 
 import app
 from mole_core.engine import Engine
-from tests.helpers import SETTINGS, bank_digest, pixels, world_paths
+from tests.helpers import SETTINGS, bank_digest, distinct_copy, pixels, world_paths
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +352,7 @@ def test_upload_stays_in_the_uploaders_session_and_goes_with_it(world, keys, tmp
     before = bank_digest(bank)
     source = studio.engine.bank.get(keys[0])
     upload = tmp_path / "upload.safetensors"
-    shutil.copy(source.lora_path, upload)
+    distinct_copy(source.lora_path, upload)
     mine, theirs = app.new_session(), app.new_session()
     gallery, table, chosen, mine = app.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [], mine)
     assert ("My Pony (pony)", "my_pony") in chosen.choices and isinstance(gallery[-1][0], PIL.Image.Image)
@@ -374,7 +374,7 @@ def test_writable_bank_upload_is_seen_by_every_session(world, keys, tmp_path):
     studio = app.Studio(Engine(model, bank), writable_bank=True, root=tmp_path / "sessions")
     source = studio.engine.bank.get(keys[0])
     upload = tmp_path / "upload.safetensors"
-    shutil.copy(source.lora_path, upload)
+    distinct_copy(source.lora_path, upload)
     app.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [str(source.examples[0][0])],
                     app.new_session())
     assert (Path(bank) / "my_pony.json").exists()
@@ -393,7 +393,7 @@ def test_a_session_leaves_nothing_on_disk(world, keys, tmp_path):
     state = app.new_session()
     for i in range(20):
         upload = tmp_path / f"u{i}.safetensors"
-        shutil.copy(source.lora_path, upload)
+        distinct_copy(source.lora_path, upload, i)
         *_, state = app.upload_lora(studio, str(upload), f"Upload {i}", "pony", "", [], state)
         app.export(studio, keys, "linear", "diffusers", None, 2, True, 0.5, state)
     files = [p for p in (tmp_path / "sessions").rglob("*") if p.is_file()]
@@ -424,3 +424,22 @@ def test_study_scores_every_method(studio, keys):
     *_, (text, table, chart) = app.study(studio, keys, 1, 1, 2, app.new_session(), progress=lambda *a, **k: None)
     assert "###" in text and len(table) >= 4 + len(keys)
     assert isinstance(chart, PIL.Image.Image)
+
+
+def test_the_same_file_twice_under_another_name_is_refused(world, keys, tmp_path):
+    """A byte-identical copy of a bank LoRA (or of this session's own upload) is refused, naming the entry
+    that holds it; nothing is written."""
+    model, bank = copy_world(world, tmp_path)
+    studio = app.Studio(Engine(model, bank), root=tmp_path / "sessions")
+    source = studio.engine.bank.get(keys[0])
+    same = tmp_path / "renamed.safetensors"
+    shutil.copy(source.lora_path, same)
+    state = app.new_session()
+    with pytest.raises(gr.Error, match=rf"renamed.safetensors is already in the bank as '{source.name}'"):
+        app.upload_lora(studio, str(same), "Another name", "xyz", "", [], state)
+    mine = distinct_copy(source.lora_path, tmp_path / "mine.safetensors")
+    *_, state = app.upload_lora(studio, str(mine), "Mine", "xyz", "", [], state)
+    again = tmp_path / "mine_again.safetensors"
+    shutil.copy(mine, again)
+    with pytest.raises(gr.Error, match="already in the bank as 'Mine'"):
+        app.upload_lora(studio, str(again), "Mine again", "xyz", "", [], state)
