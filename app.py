@@ -41,6 +41,7 @@ import pandas as pd
 
 from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.bank import Bank
+from mole_core.cli import add_precision_arguments, engine_precision
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
@@ -862,6 +863,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a private machine: raise the public-Space caps (training steps, study size, "
                              "image side) to mole_core.defaults.Limits.local()")
     parser.add_argument("--max-train-steps", type=int, default=None, help="cap on gate-training steps per run")
+    add_precision_arguments(parser)    # --dtype, --cpu-offload
     args = parser.parse_args(argv)
     limits = Limits.local() if args.local else Limits()
     if args.max_train_steps:
@@ -872,7 +874,10 @@ def main(argv: list[str] | None = None) -> None:
         demo = build_text_demo(text, partial(public_message, Studio(text)))
         demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
         return
-    engine = Engine(args.model, args.bank, limits=limits)
+    try:
+        engine = Engine(args.model, args.bank, limits=limits, **engine_precision(args))
+    except ValueError as e:          # e.g. --cpu-offload without a GPU: one sentence, not a traceback
+        parser.error(str(e))
     if args.writable_bank:
         engine.bank.clean()    # leftovers of an interrupted upload
     text = TextEngine(limits=limits) if is_text_model(DEFAULT_TEXT_MODEL) else None

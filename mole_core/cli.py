@@ -31,6 +31,7 @@ from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GAT
 # Defaults of TrainConfig / MoleConfig / Mix, repeated here so that --help shows numbers without importing
 # torch; tests/test_cli.py checks that they are still the dataclasses' own.
 TRAIN_ALPHA, TRAIN_SEED = 0.5, 0
+DTYPE_NAMES = ("float32", "float16", "bfloat16")     # mole_core.engine.DTYPES' keys
 MIX_DENSITY, MIX_SWITCH_EVERY = 0.5, 5
 
 
@@ -106,7 +107,15 @@ def local_engine(args):
     """The engine for --model/--bank with the limits of a private machine."""
     from mole_core.engine import Engine
 
-    return Engine(args.model, args.bank, limits=Limits.local())
+    return Engine(args.model, args.bank, limits=Limits.local(), **engine_precision(args))
+
+
+def engine_precision(args) -> dict:
+    """Engine keyword arguments from --dtype / --cpu-offload (absent flags: the engine's defaults)."""
+    import torch
+
+    dtype = getattr(args, "dtype", None)
+    return {"dtype": getattr(torch, dtype) if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
 
 
 # ---- parsing helpers ------------------------------------------------------------------------------
@@ -295,6 +304,17 @@ def cmd_generate(args) -> int:
 def add_model_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id (default: the embedded model)")
     p.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the embedded bank)")
+    add_precision_arguments(p)
+
+
+def add_precision_arguments(p) -> None:
+    """--dtype and --cpu-offload (the CLI's image commands and app.py)."""
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="the model's precision (default: float32); float16 / bfloat16 halve its memory on a GPU, "
+                        "the gates stay float32")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep the models in CPU memory and move each to the GPU only while it runs (diffusers' "
+                        "enable_model_cpu_offload; needs a CUDA GPU): for models bigger than the GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:

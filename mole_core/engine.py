@@ -54,7 +54,10 @@ from mole_core.mix import MERGES, METHODS, Mix
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.train import DiffusionTask, TrainConfig, TrainResult, examples_from_bank, train_gates
 
-__all__ = ["DEFAULT_BANK", "DEFAULT_GUIDANCE", "DEFAULT_MODEL", "Engine", "GenerateRequest", "METHODS", "Mix",
+# The dtypes a model may run in, by the names the CLI and the app take (--dtype).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+__all__ = ["DEFAULT_BANK", "DTYPES", "DEFAULT_GUIDANCE", "DEFAULT_MODEL", "Engine", "GenerateRequest", "METHODS", "Mix",
            "Result", "save_image", "write_gates_csv"]
 
 
@@ -86,20 +89,28 @@ class Engine:
 
     model: a diffusers folder or hub id (loaded lazily with `StableDiffusionPipeline.from_pretrained`),
     or an already loaded `StableDiffusionPipeline`. bank: a lora_bank folder (or a `Bank`).
-    device: None -> "cuda" when available, else "cpu". dtype: None -> float32 (the gates train in it and
-    the equivalences between methods hold to float rounding); torch.float16 is faster on a GPU.
+    device: None -> "cuda" when available, else "cpu". dtype: None -> float32 (the equivalences between
+    methods hold to float rounding); torch.float16 / torch.bfloat16 halve the memory and are faster on a GPU
+    (the gates stay float32 whatever the model's dtype). cpu_offload: diffusers' `enable_model_cpu_offload`
+    (each model on the GPU only while it runs), for models bigger than the GPU; needs a CUDA GPU.
     limits: the largest counts a request may ask for (mole_core.defaults.Limits; the CLI uses the local ones).
     Expert names are bank keys everywhere (masks, strengths, weights, gate rows, mixtures). Every verb takes
     an optional `bank=` (a session's own bank, see `Bank.overlay`); the default is the engine's bank.
     """
 
     def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
-                 dtype: torch.dtype | None = None, limits: Limits | None = None):
+                 dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
         self.family = None                       # mole_core.families.Family, known once the pipeline is loaded
         self.bank = bank if isinstance(bank, Bank) else Bank(bank)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or torch.float32
+        if self.dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+        self.cpu_offload = bool(cpu_offload)
+        if self.cpu_offload and (torch.device(self.device).type != "cuda" or not torch.cuda.is_available()):
+            raise ValueError(f"CPU offload (--cpu-offload) moves each model to a CUDA GPU while it runs; there is "
+                             f"none here (device {self.device}). Leave it off on this machine.")
         self.limits = limits or Limits()
         self._pipe = None if self.model_id else self._prepare(model)
         self._handle = None                      # the MoLE attachment, or None
@@ -121,7 +132,7 @@ class Engine:
         return self._pipe
 
     def _prepare(self, model):
-        pipe = load_pipeline(model, self.device, self.dtype)
+        pipe = load_pipeline(model, self.device, self.dtype, self.cpu_offload)
         self.family = family_of(pipe)
         return pipe
 
@@ -313,6 +324,8 @@ class Engine:
             handle = self._attached(keys, mole, bank)
             key, self._training = self._handle_key, handle
             task = DiffusionTask(self.pipe, examples_from_bank(bank, keys), self.default_size()[0])
+            if torch.device(self.device).type == "cpu" and not train.cpu:
+                train = dataclasses.replace(train, cpu=True)   # train where the model is (several processes: gloo)
 
             def between_steps() -> bool:
                 """Let whoever waits for the model go first (one image, then training goes on), then
@@ -345,7 +358,11 @@ class Engine:
                       out_path, bank: Bank) -> Mixture:
         files = [(k, bank.get(k).lora_path) for k in keys]
         if out_path is not None:
-            save_mixture(out_path, handle, files, [mole, config], result, self.model_name)
+            from accelerate import PartialState
+            state = PartialState()               # `accelerate launch`: every process holds the same gates;
+            if state.is_main_process:            # the first writes the file (with its own batch's losses)
+                save_mixture(out_path, handle, files, [mole, config], result, self.model_name)
+            state.wait_for_everyone()
             return load_mixture(out_path)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_mixture(Path(tmp) / "mixture.safetensors", handle, files, [mole, config], result,

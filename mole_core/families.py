@@ -116,13 +116,23 @@ def components(pipe) -> nn.ModuleDict:
 # Loading a pipeline
 # ----------------------------------------------------------------------------------------------
 
-def prepare(pipe, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def prepare(pipe, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, cpu_offload: bool = False):
     """Move `pipe` to device (and dtype), freeze every model and put it in eval, turn progress bars off.
-    Returns `pipe`. Refuses a pipeline of no supported family."""
+    Returns `pipe`. Refuses a pipeline of no supported family.
+
+    cpu_offload: instead of moving the whole pipeline, diffusers' `enable_model_cpu_offload(device=device)`:
+    the models stay in CPU memory and each moves to the GPU only while it runs (one model on the GPU at a time).
+    Needs a CUDA device (ValueError otherwise)."""
     family_of(pipe)
-    pipe.to(device)
     if dtype is not None and getattr(pipe, family_of(pipe).denoiser).dtype != dtype:
         pipe.to(dtype=dtype)
+    if cpu_offload:
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"CPU offload (--cpu-offload) moves each model to a CUDA GPU while it runs; "
+                             f"there is none here (device {device}). Leave it off on this machine.")
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for model in pipe.components.values():
         if isinstance(model, nn.Module):
@@ -130,13 +140,14 @@ def prepare(pipe, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     return pipe
 
 
-def load_pipeline(model, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_pipeline(model, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  cpu_offload: bool = False):
     """Open any diffusers text-to-image folder (SD, SDXL, SD3, FLUX) with `DiffusionPipeline.from_pretrained`
     (local files only: nothing is downloaded), without a safety checker, then `prepare` it. `model` may also be
     an already loaded pipeline, which is only prepared. ValueError (naming the folder) when it is not a
-    diffusers folder or not a supported family."""
+    diffusers folder or not a supported family. cpu_offload: see `prepare`."""
     if not isinstance(model, (str, Path)):
-        return prepare(model, device, dtype)
+        return prepare(model, device, dtype, cpu_offload)
     from diffusers import DiffusionPipeline
     folder = Path(model)
     if not (folder / "model_index.json").is_file():
@@ -147,7 +158,7 @@ def load_pipeline(model, device: str | torch.device = "cpu", dtype: torch.dtype 
         kwargs["dtype"] = dtype            # diffusers 0.42 renamed torch_dtype to dtype (as the engine uses)
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **kwargs)
     try:
-        return prepare(pipe, device, dtype)
+        return prepare(pipe, device, dtype, cpu_offload)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from e
 

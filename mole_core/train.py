@@ -13,8 +13,9 @@ first step. Two are provided:
   TokenTask      the usual causal-LM / seq2seq token loss on (prompt, target) text pairs.
 
 The loop uses accelerate: the same code runs on CPU, one GPU, or several GPUs under `accelerate launch`
-(each process draws its own batches from seed + rank; gate gradients are averaged across processes), with
-mixed precision where the device supports it. No DDP wrapper is needed: the gates are a few thousand
+(each process draws its own batches from seed + rank; gate gradients are averaged across processes, and the
+balance loss takes the mean gate q over every process's samples, all-reduced), with mixed precision where the
+device supports it. With the same global batch, N processes give the gates of one process. No DDP wrapper is needed: the gates are a few thousand
 parameters and the base model is frozen.
 
 References: MoLE (Wu et al., ICLR 2024) §3 (balance loss) and §4 (400 steps, batch 2 for images);
@@ -100,13 +101,11 @@ def train_gates(handle: MoleHandle, task, config: TrainConfig | None = None, on_
                 break
             with accelerator.autocast():
                 task_loss = loss_fn(generator, config.batch_size)
-                balance = handle.balance_loss()
-                loss = task_loss + alpha * balance
+                balance, for_backward = _balance_loss(handle, accelerator)   # equal values (see there)
+                loss = task_loss + alpha * for_backward
             accelerator.backward(loss)
             if accelerator.num_processes > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                _average_gradients(params, accelerator)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             parts = {"loss": loss.item(), "task": task_loss.item(), "balance": balance.item()}
@@ -119,6 +118,42 @@ def train_gates(handle: MoleHandle, task, config: TrainConfig | None = None, on_
     last = history[-1] if history else {}
     return TrainResult(steps=len(history), final=last, mean_gates=handle.mean_gates() if history else [],
                        history=history, seconds=time.perf_counter() - start, stopped=stopped)
+
+
+def _average_gradients(params: list, accelerator: Accelerator) -> None:
+    """Average the gate gradients across processes in ONE all-reduce, every process alike. A gate that got no
+    gradient here (None: e.g. a trigger-routed expert no caption of this batch names) counts as zero, so the
+    processes always send the same collective; it stays None only where no process gave it one (as AdamW
+    skips it in one process on the global batch)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = accelerator.reduce(torch.cat([*(g.flatten().float() for g in grads), has]), reduction="mean")
+    offset = 0
+    for p, g, any_grad in zip(params, grads, flat[-len(params):]):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype) if any_grad > 0 else None
+        offset += g.numel()
+
+
+def _balance_loss(handle: MoleHandle, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_balance, what to backpropagate for it). One process: the attachment's own, twice.
+
+    N processes: q_i is the mean gate over the samples of EVERY process, as one process would take it on the
+    global batch — the per-process sums and counts of the gate rows are all-reduced (summed); the other
+    processes' part enters as a constant, so autograd runs through this process's gates only. Every process
+    then holds the same L_balance, and its gradient is the sum over processes of their local parts; train_gates
+    averages gradients across processes (right for the task loss, the mean of the per-process losses), so the
+    balance term is backpropagated N times over: after the mean, exactly α·∇L_balance of the global batch.
+    """
+    n = accelerator.num_processes
+    if n == 1:
+        balance = handle.balance_loss()
+        return balance, balance
+    gates = handle._last_gates().float()                                # (rows of this process, N)
+    local = torch.cat([gates.sum(0), gates.new_tensor([gates.shape[0]])])   # (N + 1): sums, row count
+    total = accelerator.reduce(local.detach().clone(), reduction="sum")
+    q = (gates.sum(0) + (total[:-1] - local[:-1].detach())) / total[-1]       # (N,): global mean, local grad
+    balance = -torch.log(q.clamp_min(1e-12)).sum()
+    return balance, balance + (n - 1) * (balance - balance.detach())    # value L_balance, gradient N·∇
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
