@@ -46,6 +46,7 @@ from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GAT
                                 PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
 from mole_core.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
+from mole_core.gpu import on_gpu, spaces_module
 from mole_core.mix import Mix, mole_config_for
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
@@ -578,6 +579,34 @@ def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, prog
     yield text, table, chart
 
 
+# ---- GPU time (Hugging Face ZeroGPU: mole_core.gpu) --------------------------------------------
+# What each model-running event expects to take, from its own inputs and the engine's costs; a ZeroGPU Space
+# asks spaces.GPU for that much (with a margin). Elsewhere the handlers run undecorated.
+def compare_seconds(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, *rest,
+                    **kwargs) -> float:
+    images = sum(len(keys or []) if m == "composite" else 1 for m in methods or [])
+    return studio.engine.expected_seconds(images=images, denoise_steps=int(steps))
+
+
+def toggle_seconds(studio: Studio, keys, prompt, negative, seed, steps, *rest, **kwargs) -> float:
+    return studio.engine.expected_seconds(images=1, denoise_steps=int(steps))
+
+
+def train_seconds(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, *rest, **kwargs) -> float:
+    return studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH)
+
+
+def study_seconds(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, *rest, **kwargs) -> float:
+    return small_study_seconds(studio.engine, list(keys), seeds=int(seeds), n_prompts=int(n_prompts),
+                               train_steps=int(train_steps), mixture=_mixture_for(state, keys),
+                               bank=bank_of(studio, state))
+
+
+def on_model(handler, seconds, studio: Studio):
+    """partial(handler, studio), under spaces.GPU on a ZeroGPU Space, asking for partial(seconds, studio)."""
+    return on_gpu(partial(seconds, studio))(partial(handler, studio))
+
+
 # ---- Layout -------------------------------------------------------------------------------------
 def _bank_tab(studio: Studio) -> dict:
     bank = studio.engine.bank
@@ -796,7 +825,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         gr.on([t["steps"].change, t["gate_kind"].change], on(train_estimate, studio), [t["steps"], t["gate_kind"]],
               [t["estimate"]], queue=False, **private)
         t["button"].click(on(check_train, studio), [*train_inputs, state], None, **private) \
-            .success(on(train, studio), [*train_inputs, state],
+            .success(on_model(train, train_seconds, studio), [*train_inputs, state],
                      [state, t["status"], t["task_plot"], t["balance_plot"], t["gates_plot"], t["mixture_out"]],
                      api_name="train", **long)
         t["cancel"].click(cancel, [state], [t["status"]], queue=False, api_name="cancel")
@@ -810,7 +839,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
                           c["guidance"], c["methods"], c["weights"], c["rank"], c["normalize"], c["density"],
                           c["switch_every"], t["granularity"], t["gate_kind"], state]
         c["button"].click(on(check_compare, studio), compare_inputs, None, **private) \
-            .success(on(compare, studio), compare_inputs, [c["results"], c["used_seed"], c["notes"], state],
+            .success(on_model(compare, compare_seconds, studio), compare_inputs,
+                     [c["results"], c["used_seed"], c["notes"], state],
                      api_name="compare", **fast) \
             .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"], state], **private)
 
@@ -818,8 +848,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         toggle_inputs = [b["chosen"], c["prompt"], c["negative"], c["used_seed"], c["steps"], c["guidance"],
                          t["granularity"], t["gate_kind"], state, *g["switches"], *g["strengths"]]
         triggers = [g["button"].click] + [s.input for s in g["switches"]]
-        gr.on(triggers, on(toggle, studio), toggle_inputs, [g["image"], g["caption"], state], api_name="toggle",
-              trigger_mode="always_last", **fast) \
+        gr.on(triggers, on_model(toggle, toggle_seconds, studio), toggle_inputs, [g["image"], g["caption"], state],
+              api_name="toggle", trigger_mode="always_last", **fast) \
             .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"], state], **private)
 
         # Export
@@ -832,7 +862,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         study_inputs = [b["chosen"], e["seeds"], e["prompts"], e["steps"], state]
         gr.on([demo.load, e["seeds"].change, e["prompts"].change, e["steps"].change, b["chosen"].change],
               on(study_estimate, studio), study_inputs, [e["estimate"]], queue=False, **private)
-        e["button"].click(on(study, studio), study_inputs, [e["text"], e["table"], e["chart"]],
+        e["button"].click(on_model(study, study_seconds, studio), study_inputs,
+                          [e["text"], e["table"], e["chart"]],
                           api_name="study", **long)
         e["cancel"].click(cancel, [state], [e["text"]], queue=False, **private)
     return demo
@@ -880,6 +911,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     if args.writable_bank:
         engine.bank.clean()    # leftovers of an interrupted upload
+    if spaces_module() is not None:
+        engine.pipe            # ZeroGPU: load once, here; every GPU call runs in a worker that inherits it
     text = TextEngine(limits=limits) if is_text_model(DEFAULT_TEXT_MODEL) else None
     demo = build_demo(Studio(engine, writable_bank=args.writable_bank, text=text))
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(engine))
