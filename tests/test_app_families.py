@@ -1,0 +1,54 @@
+"""The app on tiny SDXL, SD3 and FLUX folders: it starts (`build_demo` on an Engine over the folder and a bank of
+that family), says which family it loaded, and its `/compare` event returns an image for every method — the
+merges, MoLE, LoRA Switch, LoRA Composite, the base and each LoRA alone — all of the model's default size.
+
+The event is called as Gradio calls it: the function `build_demo` registered under api_name "compare" (with the
+ZeroGPU wrapper where `spaces` is installed), after its validation step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import app
+from mole_core.engine import Engine
+from tests.test_engine_families import make_bank
+from tests.tiny_families import SIDE, make_family_dir
+
+TITLES = {"sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3", "flux": "FLUX.1"}
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+def studio(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"app_{request.param}")
+    model_dir = make_family_dir(request.param, root)
+    engine = Engine(str(model_dir), str(make_bank(root / "bank", model_dir, request.param)))
+    if request.param == "flux":      # FluxPipeline's default side (1024 px) is not saved with the folder
+        engine.pipe.default_sample_size = SIDE // 8
+    return request.param, app.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
+
+
+def event(demo, api_name: str):
+    return next(d.fn for d in demo.fns.values() if d.api_name == api_name)
+
+
+def test_the_app_starts_on_the_family_and_compare_returns_every_method(studio):
+    family, studio = studio
+    demo = app.build_demo(studio)
+    state = app.new_session()
+    *_, model_info = app.on_load(studio, state)
+    assert TITLES[family] in model_info and f"{SIDE}×{SIDE} px" in model_info
+    keys = ["a", "b"]
+    methods = [value for _, value in app.COMPARE_METHODS] + [f"single:{k}" for k in keys]
+    args = (keys, "a photo of a", "", 3, False, 2, 3.0, methods, None, 2, True, 0.5, 1, "block", "sample", state)
+    app.check_compare(studio, *args)
+    gallery, seed, notes, state = event(demo, "compare")(*args)
+    assert seed == 3 and len(gallery) == len(methods)
+    labels = [caption.rsplit(" · ", 1)[0] for _, caption in gallery]
+    assert [m.method for m in state["compared"]["mixes"]] == methods
+    images = {m: np.asarray(image, dtype=np.int16) for m, (image, _) in zip(methods, gallery)}
+    assert all(image.shape == (SIDE, SIDE, 3) for image in images.values())
+    assert "Switch" in labels[methods.index("switch")] and "Composite" in labels[methods.index("composite")]
+    for method in methods:
+        if method != "base":
+            assert not np.array_equal(images[method], images["base"]), method
