@@ -284,7 +284,7 @@ def cmd_generate(args) -> int:
               mixture=load_mixture(args.mixture) if args.mixture else None,
               mask={k: False for k in off} or None, strengths=parse_key_values(args.strength, "--strength"))
     request = GenerateRequest(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
-                              guidance=args.guidance, height=args.height, width=args.width)
+                              guidance=args.guidance, height=args.height, width=args.width, true_cfg=args.true_cfg)
     if args.gates_out and mix.method != "mole":
         raise ValueError("--gates-out writes the MoLE gates: use it with --method mole.")
     for warning in engine.check([mix], request):
@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="switch: denoising steps per LoRA (default: %(default)s)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
+    p.add_argument("--true-cfg", type=float, default=1.0, metavar="S",
+                   help="FLUX only: true classifier-free guidance on --negative when above 1 (e.g. 4; twice the "
+                        "cost per step); FLUX ignores a negative prompt without it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="starting-noise seed (default: %(default)s)")
     p.add_argument("--steps", type=int, default=DEFAULT_DENOISE_STEPS, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,

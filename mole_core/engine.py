@@ -71,6 +71,8 @@ class GenerateRequest:
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale (<= 1 turns guidance off)
     height: int | None = None  # None -> the model's default resolution
     width: int | None = None
+    true_cfg: float = 1.0      # FLUX only: true classifier-free guidance on the negative prompt when > 1 (two
+                               # transformer calls per step); FLUX's `guidance` is its distilled guidance embedding
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Engine:
                              f"got {request.steps!r}.")
         if not _finite(request.guidance) or not 0.0 <= float(request.guidance) <= limits.guidance:
             raise ValueError(f"Guidance must be between 0 and {limits.guidance:g}; got {request.guidance}.")
+        if not _finite(request.true_cfg) or not 0.0 <= float(request.true_cfg) <= limits.guidance:
+            raise ValueError(f"True CFG must be between 0 and {limits.guidance:g}; got {request.true_cfg}.")
         max_side = limits.side_factor * max(self.default_size())
         for side_name, side in (("Height", request.height), ("Width", request.width)):
             if side is not None and (not _whole(side) or not 8 <= side <= max_side or side % 8):
@@ -208,6 +212,9 @@ class Engine:
 
     def _prompt_warnings(self, request: GenerateRequest) -> list[str]:
         warnings = []
+        if self.family.packed and (request.negative or "").strip() and float(request.true_cfg) <= 1:
+            warnings.append(f"{self.family.title} is guidance-distilled: it reads the negative prompt only with "
+                            f"true CFG above 1 (e.g. 4; twice the cost per step), so it is ignored here.")
         for what, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
             cut = self.truncated_words(text)
             if cut:
@@ -452,8 +459,12 @@ class Engine:
 
     def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
         height, width = self._size(request)
-        # FLUX is guidance-distilled: no negative prompt (its true CFG is another knob); the rest take one
-        negative = {} if self.family.packed else {"negative_prompt": request.negative or None}
+        # FLUX is guidance-distilled: its negative prompt acts only through true CFG (FluxPipeline's
+        # true_cfg_scale > 1: a second transformer call per step); the other families take one as CFG's
+        negative = {"negative_prompt": request.negative or None}
+        if self.family.packed:
+            negative = {**negative, "true_cfg_scale": float(request.true_cfg)} if request.negative and \
+                float(request.true_cfg) > 1 else {}
         with torch.no_grad():
             out = self.pipe(prompt=request.prompt, **negative,
                             height=height, width=width, num_inference_steps=request.steps,

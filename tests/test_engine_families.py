@@ -107,6 +107,10 @@ def test_switch_and_composite_render_from_the_same_latents(engine):
 def text_inputs(engine, mix) -> list[dict]:
     """The text-derived inputs of each denoiser call while rendering `mix` (SD3 / FLUX: embeddings and pooled
     projections; SDXL: embeddings and the pooled `text_embeds` added condition)."""
+    return text_inputs_for(engine, mix, REQUEST)
+
+
+def text_inputs_for(engine, mix, request) -> list[dict]:
     seen = []
     model = getattr(engine.pipe, engine.family.denoiser)
     forward = model.forward
@@ -119,7 +123,7 @@ def text_inputs(engine, mix) -> list[dict]:
 
     model.forward = record
     try:
-        engine.generate(mix, REQUEST)
+        engine.generate(mix, request)
     finally:
         del model.forward
     return seen
@@ -182,3 +186,31 @@ def test_a_few_gate_training_steps_lower_the_task_loss_on_a_fixed_batch(engine):
         assert all(torch.equal(p, weights[n]) for n, p in engine.components.named_parameters() if n in weights)
     finally:
         handle.detach()
+
+
+def test_flux_negative_prompt_through_true_cfg(engine):
+    """FLUX reads a negative prompt only with true CFG (FluxPipeline's true_cfg_scale > 1); without it the engine
+    says it is ignored. Switch and Composite drive the two transformer calls of a true-CFG step as one step."""
+    if engine.family.name != "flux":
+        with pytest.raises(ValueError, match="True CFG must be between 0"):
+            engine.check([Mix("base")], GenerateRequest("a", true_cfg=float("nan")))
+        return
+    negative = GenerateRequest("a photo of a", negative="b", seed=3, steps=2, height=SIDE, width=SIDE)
+    true_cfg = GenerateRequest("a photo of a", negative="b", seed=3, steps=2, height=SIDE, width=SIDE, true_cfg=4.0)
+    assert any("ignored" in w for w in engine.check([Mix("base")], negative))
+    assert not engine.check([Mix("base")], true_cfg)
+    plain = pixels(engine.generate(Mix("base"), REQUEST))
+    assert np.array_equal(pixels(engine.generate(Mix("base"), negative)), plain), "no true CFG: no change"
+    assert not np.array_equal(pixels(engine.generate(Mix("base"), true_cfg)), plain)
+    keys = ("a", "b")
+    single_a = pixels(engine.generate(Mix("single:a"), true_cfg))
+    first = pixels(engine.generate(Mix("switch", keys, switch_every=2), true_cfg))
+    assert np.abs(first - single_a).max() <= 1, "k ≥ steps: the first LoRA alone, both calls of each step"
+    switched = text_inputs_for(engine, Mix("switch", keys, switch_every=1), true_cfg)
+    assert len(switched) == 4                                  # 2 steps × (conditional, unconditional)
+    alone = [text_inputs_for(engine, Mix(f"single:{k}"), true_cfg) for k in keys]
+    for call, expert in enumerate((0, 0, 1, 1)):               # a step's two calls read one LoRA's encodings
+        assert torch.allclose(switched[call]["pooled_projections"], alone[expert][call]["pooled_projections"],
+                              atol=1e-5), call
+    composite = pixels(engine.generate(Mix("composite", keys), true_cfg))
+    assert not np.array_equal(composite, pixels(engine.generate(Mix("composite", keys), REQUEST)))
