@@ -168,7 +168,7 @@ def test_tiny_bank_manifests_parse(tiny, tmp_path):
 
 def test_tasks_and_held_out_words():
     assert composed("reverse", "upper").item("abc") == ("reverse upper: abc", "CBA")
-    assert composed("dash", "upper").item("abc") == ("dash upper: abc", "A-B-C")
+    assert composed("drop", "upper").item("abc") == ("drop upper: abc", "BC")
     assert DISTRACTOR_TASKS["swap"].item("abcde") == ("swap: abcde", "badce")
     assert len(LORA_TASKS) >= 5 and len(BANK_TASKS) == 16 and not set(LORA_TASKS) & set(DISTRACTOR_TASKS)
     import numpy as np
@@ -188,7 +188,7 @@ def test_tokenizer_round_trip(tmp_path):
     assert ids[-1] == tok.eos_token_id and len(ids) == len(text) - len("reverse upper") + 3 + 1   # 2 word tokens, eos
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert tok.tokenize("copy: xheadq") == ["copy", ":", " ", *"xheadq"]       # words inside an input: letters
-    assert tok.tokenize("dash upper: ab") == ["dash", " ", "upper", ":", " ", "a", "b"]
+    assert tok.tokenize("drop upper: ab") == ["drop", " ", "upper", ":", " ", "a", "b"]
 
 
 # ---- the shipped text world ---------------------------------------------------------------------

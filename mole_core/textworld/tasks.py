@@ -2,11 +2,11 @@
 
     main LoRAs (one each in text_bank/, role "main"; pairwise composable, see COMPOSED_PAIRS)
     "reverse: abc" -> "cba"      "upper: abc" -> "ABC"       "double: ab" -> "aabb"
-    "repeat: abc" -> "abcabc"    "dash: abc" -> "a-b-c"
+    "drop: abc" -> "bc"          "chop: abc" -> "ab"
     distractor LoRAs (role "distractor": the rest of a 4 / 8 / 16-LoRA bank, MoLE Table 6)
     "first: abc" -> "a"   "second: abc" -> "b"   "ends: abc" -> "ac"     "head: abcd" -> "ab"   "tail: abcd" -> "cd"
-    "drop: abc" -> "bc"   "chop: abc" -> "ab"    "swap: abcde" -> "badce"  "mirror: ab" -> "abba"
-    "space: abc" -> "a b c"   "initial: abc" -> "A"
+    "swap: abcde" -> "badce"  "mirror: ab" -> "abba"   "initial: abc" -> "A"   "repeat: abc" -> "abcabc"
+    "dash: abc" -> "a-b-c"    "space: abc" -> "a b c"
     the base model's mix (never a LoRA)
     "copy: abc" -> "abc", "copy: ABC" -> "ABC"   "lower: ABC" -> "abc"   "title: abc" -> "Abc"
     "last: abc" -> "c"   "rotate: abcd" -> "bcda"
@@ -65,27 +65,31 @@ class TextTask:
         return f"{self.key}: {x}", self.fn(x)
 
 
-# The main LoRAs: each moves letters by position or changes every letter, so any two compose plausibly.
+# The main LoRAs: each moves letters by position or changes every letter, so pairs compose plausibly.
 LORA_TASKS = {t.key: t for t in (
-    TextTask("reverse", lambda w: w[::-1], "writes the word backwards"),
+    TextTask("reverse", lambda w: w[::-1], "writes the word backwards", steps=2.5),
     TextTask("upper", str.upper, "writes the word in capitals"),
     TextTask("double", lambda w: "".join(c + c for c in w), "writes every letter twice", steps=1.5),
-    TextTask("repeat", lambda w: w + w, "writes the word twice", steps=1.5),
-    TextTask("dash", "-".join, "writes the letters with a dash between each two", steps=1.25),
+    TextTask("drop", lambda w: w[1:], "the word without its first letter", steps=0.5),
+    TextTask("chop", lambda w: w[:-1], "the word without its last letter", steps=0.5),
 )}
 # The distractors: more simple exact-answer skills, so a study can mix 4 / 8 / 16 LoRAs (MoLE Table 6).
+# Measured (build_report.json): "mirror" (0.56), "repeat" (0.48), "dash" (0.39) and "space" (0.42) stay below
+# the bar, kept as distractors with their failed bars shown: the base never writes '-' or ' ' (their output
+# embeddings are untrained, which a LoRA cannot reach) and never restarts a word it has copied. "repeat" and
+# "dash" were first meant as main LoRAs; "drop" and "chop" (1.00) took their places.
 DISTRACTOR_TASKS = {t.key: t for t in (
     TextTask("first", lambda w: w[0], "the word's first letter", steps=0.5),
     TextTask("second", lambda w: w[1], "the word's second letter", steps=0.5),
     TextTask("ends", lambda w: w[0] + w[-1], "the word's first and last letters", steps=0.5),
     TextTask("head", lambda w: w[:2], "the word's first two letters", steps=0.5),
     TextTask("tail", lambda w: w[-2:], "the word's last two letters", steps=0.5),
-    TextTask("drop", lambda w: w[1:], "the word without its first letter", steps=0.5),
-    TextTask("chop", lambda w: w[:-1], "the word without its last letter", steps=0.5),
     TextTask("swap", _swap, "swaps each adjacent pair of letters", steps=1.0),
     TextTask("mirror", lambda w: w + w[::-1], "the word, then the word backwards", steps=1.0),
-    TextTask("space", " ".join, "writes the letters with a space between each two", steps=0.75),
     TextTask("initial", lambda w: w[0].upper(), "the word's first letter as a capital", steps=0.5),
+    TextTask("repeat", lambda w: w + w, "writes the word twice", steps=1.5),
+    TextTask("dash", "-".join, "writes the letters with a dash between each two", steps=1.25),
+    TextTask("space", " ".join, "writes the letters with a space between each two", steps=0.75),
 )}
 BANK_TASKS = {**LORA_TASKS, **DISTRACTOR_TASKS}           # every LoRA of text_bank/
 BASE_TASKS = {t.key: t for t in (
@@ -107,8 +111,8 @@ def composed(outer: str, inner: str) -> TextTask:
 
 # The composed tasks measured: pairs of main skills where one moves letters and the other changes each
 # letter (or both move letters), whose order does not matter: upper(reverse(x)) == reverse(upper(x)) etc.
-COMPOSED_PAIRS = (("reverse", "upper"), ("double", "upper"), ("repeat", "upper"), ("dash", "upper"),
-                  ("reverse", "double"), ("reverse", "dash"))
+COMPOSED_PAIRS = (("reverse", "upper"), ("double", "upper"), ("drop", "upper"), ("chop", "upper"),
+                  ("reverse", "double"))
 
 
 def is_held_out(word: str) -> bool:
