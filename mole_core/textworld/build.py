@@ -2,7 +2,7 @@
 
 Stages (`STAGES`, in this order), each with a fixed seed, each skipped when its output exists (unless forced):
   base   a tiny encoder-decoder, BartForConditionalGeneration from a BartConfig (Flan-T5's shape: encoder,
-         decoder, cross-attention; ~1.6M parameters). Not T5 itself: measured here, a T5 of the same size
+         decoder, cross-attention; ~1.4M parameters). Not T5 itself: measured here, a T5 of the same size
          trained the same way (3000 steps) copied only 8% of held-out words, writing the right letters in
          the wrong order: T5 has only relative position biases, so its bidirectional encoder has no cheap way
          to tell its letters' order, while BART's learned absolute positions give it directly. Trained on the
