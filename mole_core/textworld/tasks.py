@@ -12,7 +12,7 @@
     "last: abc" -> "c"   "rotate: abcd" -> "bcda"
     composed: "reverse upper: abc" -> "CBA" = f(g(x)), never seen in training (the BBH analogue)
 
-Why these: a rank-8 LoRA on a ~1.6M-parameter base learns a task quickly when the base already writes every
+Why these: a rank-8 LoRA on a ~1.4M-parameter base learns a task quickly when the base already writes every
 token the task needs and the task moves letters by position (measured in the last build: reverse 1.00; sort
 0.56 and shift 0.12, which need a letter comparison or a letter-to-letter table, stayed far below the bar, and
 were dropped). "upper" failed (0.18) while the base had never WRITTEN a capital; the base now copies capitalised
