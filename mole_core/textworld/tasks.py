@@ -74,10 +74,11 @@ LORA_TASKS = {t.key: t for t in (
     TextTask("chop", lambda w: w[:-1], "the word without its last letter", steps=0.5),
 )}
 # The distractors: more simple exact-answer skills, so a study can mix 4 / 8 / 16 LoRAs (MoLE Table 6).
-# Measured (build_report.json): "mirror" (0.56), "repeat" (0.48), "dash" (0.39) and "space" (0.42) stay below
-# the bar, kept as distractors with their failed bars shown: the base never writes '-' or ' ' (their output
-# embeddings are untrained, which a LoRA cannot reach) and never restarts a word it has copied. "repeat" and
-# "dash" were first meant as main LoRAs; "drop" and "chop" (1.00) took their places.
+# The first build's "mirror" (0.56), "repeat" (0.48), "dash" (0.39) and "space" (0.42) stayed below the bar (the
+# base never writes '-' or ' ', whose output embeddings a LoRA cannot reach, and never restarts a word it has
+# copied); "third", "penult", "inner" and "lastcap" replaced them. Their instruction words are spelled letter
+# by letter (tokenizer.WORDS is the first build's vocabulary). "repeat" and "dash" were first meant as main
+# LoRAs; "drop" and "chop" took their places.
 DISTRACTOR_TASKS = {t.key: t for t in (
     TextTask("first", lambda w: w[0], "the word's first letter", steps=0.5),
     TextTask("second", lambda w: w[1], "the word's second letter", steps=0.5),
@@ -85,11 +86,11 @@ DISTRACTOR_TASKS = {t.key: t for t in (
     TextTask("head", lambda w: w[:2], "the word's first two letters", steps=0.5),
     TextTask("tail", lambda w: w[-2:], "the word's last two letters", steps=0.5),
     TextTask("swap", _swap, "swaps each adjacent pair of letters", steps=1.0),
-    TextTask("mirror", lambda w: w + w[::-1], "the word, then the word backwards", steps=1.0),
+    TextTask("third", lambda w: w[2], "the word's third letter", steps=0.75),
     TextTask("initial", lambda w: w[0].upper(), "the word's first letter as a capital", steps=0.5),
-    TextTask("repeat", lambda w: w + w, "writes the word twice", steps=1.5),
-    TextTask("dash", "-".join, "writes the letters with a dash between each two", steps=1.25),
-    TextTask("space", " ".join, "writes the letters with a space between each two", steps=0.75),
+    TextTask("penult", lambda w: w[-2], "the word's last letter but one", steps=0.75),
+    TextTask("inner", lambda w: w[1:-1], "the word without its first and last letters", steps=0.75),
+    TextTask("lastcap", lambda w: w[-1].upper(), "the word's last letter as a capital", steps=0.75),
 )}
 BANK_TASKS = {**LORA_TASKS, **DISTRACTOR_TASKS}           # every LoRA of text_bank/
 BASE_TASKS = {t.key: t for t in (

@@ -17,11 +17,14 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from mole_core.textworld.tasks import TASKS
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " :+-=.,?"
-WORDS = tuple(TASKS)                 # every instruction word (the bank's LoRA tasks and the base's tasks)
+# The instruction words that are one token each, in the shipped vocabulary's order (frozen, so a rebuild gives
+# the shipped tokenizer): the task words of the world's first build. Tasks added later ("third", "penult",
+# "inner", "lastcap") are spelled letter by letter, as any new instruction would be.
+WORDS = ("reverse", "upper", "double", "repeat", "dash", "first", "second", "ends", "head", "tail", "drop", "chop",
+         "swap", "mirror", "space", "initial", "copy", "lower", "title", "last", "rotate")
 
 
 def build_tokenizer(folder: str | Path | None = None, words=WORDS) -> PreTrainedTokenizerFast:
