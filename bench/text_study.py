@@ -3,11 +3,13 @@
     python bench/text_study.py                       # Parts A, B and C (see mole_core/text_study.py)
     python bench/text_study.py --parts A --items 20  # a quick look
 
-Part A: the 5 main LoRAs, gates trained on their manifests' example pairs, 50 held-out items per task.
+Part A: the 5 main LoRAs, gates trained on their manifests' example pairs (16 per task), 50 held-out items
+        per task; MoLE at every granularity, per sample and per token.
 Part B: each composed task of the world (tasks.COMPOSED_PAIRS, never trained) over the 5 main LoRAs; gates and
-        LoraHub weights fitted on 5 examples of the composed task; 50 held-out items.
+        LoraHub weights fitted on 5 examples of the composed task; 50 held-out items; MoLE block and matrix.
 Part C: the composed tasks with pools of 4, 8 and 16 LoRAs (the pair's two, then the other main LoRAs, then
-        distractors, in bank order).
+        distractors, in bank order); linear, PEMs, LoraHub, MoLE matrix per sample and per token.
+Gate training: 300 steps, lr 5e-3, batch 8, α 0.5 (TextStudyConfig).
 One torch thread (a shared 2-core machine: more threads thrash). Every number in the tables is measured by
 this script; the JSON keeps every answer sample, interval and timing.
 
@@ -21,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -55,15 +58,17 @@ def main(argv=None) -> None:
     main_keys = [k for k in entries if roles[k] == "main"]
     order = main_keys + [k for k in entries if roles[k] != "main"]
     pairs = [tuple(p.split("+")) for p in args.pairs.split(",") if p] or list(COMPOSED_PAIRS)
-    report = {"config": config_dict(cfg), "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                                      "torch_threads": torch.get_num_threads()},
-              "model": engine.model_name, "main": main_keys, "order": order}
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "study.json"          # parts run separately land in one report
+    report = json.loads(previous.read_text()) if previous.exists() else {}
+    report.update({"config": config_dict(cfg), "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                                                           "torch_threads": torch.get_num_threads()},
+                   "model": engine.model_name, "main": main_keys, "order": order})
     start = time.perf_counter()
     parts = args.parts.split(",")
 
     def write():
-        report["seconds"] = round(time.perf_counter() - start, 1)
+        report.setdefault("part_seconds", {})[args.parts] = round(time.perf_counter() - start, 1)
         save(report, args.out / "study.json")
         (args.out / "study.md").write_text(markdown(report))
 
@@ -72,13 +77,13 @@ def main(argv=None) -> None:
         write()
     if "B" in parts:
         report["B"] = {}
+        composed_cfg = replace(cfg, granularities=("block", "matrix"))
         for pair in pairs:
-            report["B"][" ".join(pair)] = part_b(engine, pair, main_keys, cfg)
+            report["B"][" ".join(pair)] = part_b(engine, pair, main_keys, composed_cfg)
             write()
     if "C" in parts:
         report["C"] = {}
-        light = TextStudyConfig(items=cfg.items, train=cfg.train, granularities=("block",),
-                                merges=("linear", "pems", "lorahub"))
+        light = replace(cfg, granularities=("matrix",), merges=("linear", "pems", "lorahub"))
         for pair in pairs:
             for n in (int(x) for x in args.pools.split(",")):
                 if n > len(order):
@@ -86,7 +91,7 @@ def main(argv=None) -> None:
                 report["C"][f"{' '.join(pair)}, {n} LoRAs"] = part_b(engine, pair, pool(pair, order, n), light)
                 write()
     write()
-    print(f"wrote {args.out / 'study.md'} in {report['seconds']:.0f} s")
+    print(f"wrote {args.out / 'study.md'} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

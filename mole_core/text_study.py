@@ -37,7 +37,7 @@ class TextStudyConfig:
     """What one text study measures."""
     items: int = 50                                   # held-out items per task / composed task
     shots: int = 5                                    # Part B / C: examples of the composed task (gates, LoraHub)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, lr=5e-3, batch_size=8, seed=0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=5e-3, batch_size=8, seed=0))
     granularities: tuple = ("block", "layer", "matrix", "network")
     gates: tuple = ("sample", "token")
     merges: tuple = ("linear", "pems", "svd", "ties", "dare", "lorahub")

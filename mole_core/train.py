@@ -320,6 +320,12 @@ class TokenTask:
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.items = [self._encode(p, t) for p, t in self.pairs]
+        self.buckets: dict[int, list[int]] = {}
+        for i in range(len(self.items)):
+            self.buckets.setdefault(self._length(i), []).append(i)
+
+    def _length(self, i: int) -> int:
+        return len(self.items[i][0])          # the input's (seq2seq) or the whole sequence's (causal)
 
     def _encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
@@ -334,8 +340,13 @@ class TokenTask:
         return ids, labels
 
     def loss(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        """The token loss of `batch_size` pairs of one input length: a random pair, and random pairs of its
+        length. The inputs are never padded, so a per-sample gate (which pools over every position) sees in
+        training exactly the prompt tokens it sees when the model answers that prompt alone."""
         device = self.model.device
-        idx = torch.randint(len(self.items), (batch_size,), generator=generator).tolist()
+        first = int(torch.randint(len(self.items), (1,), generator=generator))
+        bucket = self.buckets[self._length(first)]
+        idx = [first] + [bucket[i] for i in torch.randint(len(bucket), (batch_size - 1,), generator=generator).tolist()]
         ids, labels = zip(*(self.items[i] for i in idx))
 
         def pad(seqs, value):
