@@ -48,6 +48,7 @@ from mole_core.engine import Engine, GenerateRequest, write_gates_csv
 from mole_core.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
 from mole_core.gpu import on_gpu, spaces_module
 from mole_core.mix import Mix, mole_config_for
+from mole_core.families import default_guidance
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
 from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
@@ -201,8 +202,11 @@ def model_line(studio: Studio) -> str:
     """"Model: pixel-world (Stable Diffusion 1.x/2.x), 32×32 px" (loads the model on the first page load)."""
     engine = studio.engine
     height, width = engine.default_size()
+    guidance = default_guidance(engine.model_id)
+    source = ("the embedded world's measured best" if guidance == DEFAULT_GUIDANCE and engine.model_id == DEFAULT_MODEL
+              else "its pipeline's own default")
     return (f"Model: **{engine.model_name}** ({engine.family.title}), {width}×{height} px by default; guidance "
-            f"{DEFAULT_GUIDANCE:g} is the embedded world's best (Stable Diffusion checkpoints usually want about 7.5).")
+            f"{guidance:g} ({source}).")
 
 
 def pick_from_gallery(studio: Studio, keys: list[str], index: int, state: dict) -> list[str]:
@@ -681,7 +685,7 @@ def _compare_tab(studio: Studio) -> dict:
         c["used_seed"] = gr.Number(0, label="Used seed", precision=0, interactive=False, elem_id="used-seed")
         c["steps"] = gr.Slider(1, limits.denoise_steps, DEFAULT_DENOISE_STEPS, step=1, label="Denoising steps",
                                elem_id="steps")
-        c["guidance"] = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="Guidance")
+        c["guidance"] = gr.Slider(0, 15, default_guidance(studio.engine.model_id), step=0.5, label="Guidance")
     # every LoRA alone is a valid choice for API clients; the page narrows it to the selection
     c["methods"] = gr.CheckboxGroup(method_choices(bank, bank.keys()), label="Methods", value=DEFAULT_METHODS,
                                     elem_id="methods")

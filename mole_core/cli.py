@@ -271,6 +271,7 @@ def cmd_generate(args) -> int:
     """Render one image with one Mix (MoLE, a merge, a peer, the base or a single LoRA)."""
     quiet_libraries()
     from mole_core.engine import GenerateRequest, save_image, write_gates_csv
+    from mole_core.families import default_guidance
     from mole_core.mix import Mix
     from mole_core.mixture import load_mixture
 
@@ -284,7 +285,7 @@ def cmd_generate(args) -> int:
               mixture=load_mixture(args.mixture) if args.mixture else None,
               mask={k: False for k in off} or None, strengths=parse_key_values(args.strength, "--strength"))
     request = GenerateRequest(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
-                              guidance=args.guidance, height=args.height, width=args.width, true_cfg=args.true_cfg)
+                              guidance=args.guidance if args.guidance is not None else default_guidance(args.model), height=args.height, width=args.width, true_cfg=args.true_cfg)
     if args.gates_out and mix.method != "mole":
         raise ValueError("--gates-out writes the MoLE gates: use it with --method mole.")
     for warning in engine.check([mix], request):
@@ -399,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost per step); FLUX ignores a negative prompt without it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="starting-noise seed (default: %(default)s)")
     p.add_argument("--steps", type=int, default=DEFAULT_DENOISE_STEPS, help="denoising steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE:g} on the embedded world, else "
+                        "the pipeline's own default: SD 7.5, SDXL 5, SD3 7, FLUX 3.5)")
     p.add_argument("--height", type=int, default=None, help="default: the model's resolution")
     p.add_argument("--width", type=int, default=None, help="default: the model's resolution")
     p.add_argument("--out", required=True, help="output image (.png)")

@@ -277,3 +277,22 @@ def family_of_lora(state: Mapping[str, torch.Tensor], prefer: Family | str | Non
     if not fits:
         return None
     return FAMILIES[prefer if prefer in fits else fits[0]]
+
+
+def default_guidance(model) -> float:
+    """The guidance scale to start from for a model folder or hub id: the embedded world's measured best
+    (defaults.DEFAULT_GUIDANCE), else the `guidance_scale` default of its pipeline class's own `__call__`
+    (Stable Diffusion 7.5, SDXL 5.0, SD3 7.0, FLUX 3.5), read from model_index.json without loading weights."""
+    import inspect
+
+    import diffusers
+
+    from mole_core.defaults import DEFAULT_GUIDANCE, DEFAULT_MODEL
+    try:
+        if Path(str(model)).resolve() == Path(DEFAULT_MODEL).resolve():
+            return DEFAULT_GUIDANCE
+        name = diffusers.DiffusionPipeline.load_config(str(model), local_files_only=True)["_class_name"]
+        default = inspect.signature(getattr(diffusers, name).__call__).parameters["guidance_scale"].default
+        return float(default)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return DEFAULT_GUIDANCE

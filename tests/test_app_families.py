@@ -38,6 +38,8 @@ def test_the_app_starts_on_the_family_and_compare_returns_every_method(studio):
     state = app.new_session()
     *_, model_info = app.on_load(studio, state)
     assert TITLES[family] in model_info and f"{SIDE}×{SIDE} px" in model_info
+    guidance = {"sdxl": 5.0, "sd3": 7.0, "flux": 3.5}[family]             # each pipeline's own __call__ default
+    assert f"guidance {guidance:g} (its pipeline's own default)" in model_info
     keys = ["a", "b"]
     methods = [value for _, value in app.COMPARE_METHODS] + [f"single:{k}" for k in keys]
     args = (keys, "a photo of a", "", 3, False, 2, 3.0, methods, None, 2, True, 0.5, 1, "block", "sample", state)
