@@ -191,6 +191,7 @@ class TextEntry:
     default_weight: float = 1.0
     lora_path: Path | None = None
     error: str | None = None                    # why the entry cannot be used; None when fine
+    role: str = "main"                          # "main" or "distractor" (the text world's study pools)
 
 
 def parse_text_manifest(manifest: dict, key: str) -> dict:
@@ -213,7 +214,8 @@ def parse_text_manifest(manifest: dict, key: str) -> dict:
         raise ValueError(f"{where}: 'default_weight' must be a number, found {weight!r}.")
     return {"name": manifest.get("name") or key, "task": manifest.get("task", key),
             "trigger": manifest.get("trigger", key), "description": manifest.get("description", ""),
-            "examples": [(e["input"], e["output"]) for e in examples], "default_weight": float(weight)}
+            "examples": [(e["input"], e["output"]) for e in examples], "default_weight": float(weight),
+            "role": str(manifest.get("role", "main"))}
 
 
 class TextBank:

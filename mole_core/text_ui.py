@@ -63,19 +63,41 @@ def expected_answer(prompt: str) -> str | None:
 
 
 def bank_rows(engine: TextEngine) -> str:
-    lines = ["| LoRA | task | what it does | example |", "|---|---|---|---|"]
+    lines = ["| LoRA | role | what it does | example |", "|---|---|---|---|"]
     for e in engine.bank.entries():
         if e.error:
             lines.append(f"| {html.escape(e.key)} | – | cannot be used: {html.escape(e.error)} | |")
             continue
         example = f"`{e.examples[0][0]}` → `{e.examples[0][1]}`" if e.examples else ""
-        lines.append(f"| {html.escape(e.name)} | {html.escape(e.task)} | {html.escape(e.description)} | {example} |")
+        lines.append(f"| {html.escape(e.name)} | {html.escape(e.role)} | {html.escape(e.description.split(' (e.g.')[0])} "
+                     f"| {example} |")
     return "\n".join(lines)
 
 
+def ordered_keys(engine: TextEngine) -> list[str]:
+    """Usable LoRAs, main ones first (bank order within each role)."""
+    entries = [e for e in engine.bank.entries() if e.error is None]
+    return [e.key for e in entries if e.role == "main"] + [e.key for e in entries if e.role != "main"]
+
+
+def starting_keys(engine: TextEngine) -> list[str]:
+    """The two LoRAs selected when the page opens: reverse and upper (a composable pair) when the bank has
+    them, else its first two."""
+    keys = ordered_keys(engine)
+    return ["reverse", "upper"] if {"reverse", "upper"} <= set(keys) else keys[:2]
+
+
+def short_label(entry) -> str:
+    """'Reverse · writes the word backwards' (the manifest's description without its key and example)."""
+    text = entry.description.split(" (e.g.")[0]
+    text = text.removeprefix(f"{entry.key}: ")
+    return f"{entry.name} · {text}" if text else entry.name
+
+
 def prompt_examples(engine: TextEngine) -> list[str]:
-    keys = engine.bank.keys()
-    out = [f"{k}: planet" for k in keys[:3]]
+    keys = ordered_keys(engine)
+    start = starting_keys(engine)
+    out = [f"{k}: planet" for k in dict.fromkeys([*start, *keys[:3]])][:3]
     from mole_core.textworld.tasks import COMPOSED_PAIRS
     out += [f"{a} {b}: garden" for a, b in COMPOSED_PAIRS if a in keys and b in keys][:3]
     return out
@@ -250,8 +272,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
     fast = fast or dict(concurrency_id="model", concurrency_limit=1)
     long = long or dict(concurrency_id="long", concurrency_limit=1)
     engine = ts.engine
-    keys = engine.bank.keys()
-    start = keys[:2]
+    start = starting_keys(engine)
     state = gr.State(new_text_session)
     world = engine.model_name == "text-world"
     gr.Markdown(
@@ -263,8 +284,10 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
            f", on {html.escape(engine.model_name)}. Pick LoRAs, type an input, compare; then train the gates on the "
            "manifests' example pairs and compare again."))
     with gr.Row():
-        entries = [(f"{e.name} — {e.description}", e.key) for e in engine.bank.entries() if e.error is None]
-        chosen = gr.CheckboxGroup(entries, value=start, label="Text LoRAs (experts)", scale=2, elem_id="text-chosen")
+        by_key = {e.key: e for e in engine.bank.entries() if e.error is None}
+        chosen = gr.CheckboxGroup([(short_label(by_key[k]), k) for k in ordered_keys(engine)], value=start,
+                                  label="Text LoRAs (experts; the distractors after the main five)", scale=2,
+                                  elem_id="text-chosen")
         with gr.Accordion("The text bank", open=False):
             gr.Markdown(bank_rows(engine))
     with gr.Tabs():
@@ -285,7 +308,8 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
             note = gr.Markdown("MoLE's gates are untrained (equal weights) until you train them.")
             table = gr.HTML(label="Answers", elem_id="text-results")
             view = gr.HTML(elem_id="text-view")
-            heat = gr.Image(label="MoLE gates per layer (mean over tokens and steps)", type="pil", height=320)
+            heat = gr.Image(label="MoLE gates per layer (mean over tokens and steps)", type="pil", height=260,
+                            show_label=True)
         with gr.Tab("Train gates"):
             gr.Markdown("Trains only the gates (the LoRAs stay frozen) on the example pairs in the chosen LoRAs' "
                         "manifests, with the token loss of the answers.")

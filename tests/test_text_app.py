@@ -150,7 +150,8 @@ def test_text_mode_in_a_browser(engine, tmp_path):
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.set_default_timeout(120_000)
             page.goto(url)
-            page.locator("#text-prompt textarea").fill(f"{text.bank.keys()[0]}: planet")
+            prefilled = page.locator("#text-prompt textarea").input_value()       # the page's own first example
+            assert prefilled == text_ui.prompt_examples(text)[0]
             page.locator("#text-compare").click()
             page.wait_for_function("() => document.querySelectorAll('#text-results tr').length >= 5")
             rows = page.locator("#text-results tr").all_inner_texts()
