@@ -1,8 +1,10 @@
 """The text engine: the text world's model, its text-LoRA bank, and every way of combining text LoRAs.
 
-`TextEngine` is the image `Engine`'s twin for a transformers text-to-text model (the embedded text world: a
-tiny BartForConditionalGeneration, mole_core.textworld). It answers a prompt with a `Mix` (mole_core.mix:
-the method and all its parameters, passed whole), greedily:
+`TextEngine` is the image `Engine`'s twin for a transformers language model: any seq2seq or causal LM folder
+(`load_text_model`; the embedded text world is a tiny BartForConditionalGeneration, mole_core.textworld), with
+a bank of text LoRAs (`TextBank`: bare .safetensors with PEFT keys, or PEFT adapter folders read by PEFT itself,
+`load_peft_adapter`). It answers a prompt with a `Mix` (mole_core.mix: the method and all its parameters,
+passed whole), greedily:
 
     engine = TextEngine()                                   # assets/text-world + text_bank
     engine.generate(Mix("svd", ("reverse", "upper"), rank=8), "reverse upper: abc")
@@ -19,7 +21,8 @@ Contract (as the image engine's):
   while another method runs, which is the base model exactly.
 - A lock serialises every call that uses the model.
 - Per-sample gates pool over each sample's tokens in each forward pass; decoding (mole_core.textworld.decode)
-  runs one full pass per generated token and never pads a batch, so a batched answer == the answer alone.
+  runs one full pass per generated token and never pads a batch, so a batched answer == the answer alone;
+  gate training (TokenTask) batches prompts of one length for the same reason.
 
 References: MoLE (Wu et al., ICLR 2024) §4.2 (Flan-T5 LoRAs, NLP); mole_core.engine (the image engine).
 """

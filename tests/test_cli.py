@@ -13,7 +13,7 @@ import pytest
 
 from mole_core import cli
 from mole_core.attach import MoleConfig
-from mole_core.defaults import DEFAULT_GATE, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
+from mole_core.defaults import TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
 from mole_core.mix import GATES, Mix
 from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
