@@ -103,7 +103,7 @@ class Engine:
     def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
                  dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
-        self.family = None                       # mole_core.families.Family, known once the pipeline is loaded
+        self._family = None                      # mole_core.families.Family (the `family` property loads it)
         self.bank = bank if isinstance(bank, Bank) else Bank(bank)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or torch.float32
@@ -133,9 +133,16 @@ class Engine:
                 self._pipe = self._prepare(self.model_id)
         return self._pipe
 
+    @property
+    def family(self):
+        """The pipeline's mole_core.families.Family (loads the pipeline on first use)."""
+        if self._family is None:
+            self.pipe
+        return self._family
+
     def _prepare(self, model):
         pipe = load_pipeline(model, self.device, self.dtype, self.cpu_offload)
-        self.family = family_of(pipe)
+        self._family = family_of(pipe)
         return pipe
 
     @property
