@@ -7,7 +7,7 @@ Part A: the 5 main LoRAs, gates trained on their manifests' example pairs (16 pe
         per task; MoLE at every granularity, per sample and per token.
 Part B: each composed task of the world (tasks.COMPOSED_PAIRS, never trained) over the 5 main LoRAs; gates and
         LoraHub weights fitted on 5 examples of the composed task; 50 held-out items; MoLE block and matrix.
-Part C: the composed tasks with pools of 4, 8 and 16 LoRAs (the pair's two, then the other main LoRAs, then
+Part C: two composed tasks (--c-pairs) with pools of 4, 8 and 16 LoRAs (the pair's two, then the other main LoRAs, then
         distractors, in bank order); linear, PEMs, LoraHub, MoLE matrix per sample and per token.
 Gate training: 300 steps, lr 5e-3, batch 8, α 0.5 (TextStudyConfig).
 One torch thread (a shared 2-core machine: more threads thrash). Every number in the tables is measured by
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--steps", type=int, default=TextStudyConfig().train.steps, help="gate-training steps")
     parser.add_argument("--pools", default="4,8,16")
+    parser.add_argument("--c-pairs", default="reverse+upper,double+upper", help="Part C's composed pairs")
     parser.add_argument("--pairs", default="", help="composed pairs, e.g. reverse+upper (default: the world's)")
     parser.add_argument("--model", default=DEFAULT_TEXT_MODEL)
     parser.add_argument("--bank", default=DEFAULT_TEXT_BANK)
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     if "C" in parts:
         report["C"] = {}
         light = replace(cfg, granularities=("matrix",), merges=("linear", "pems", "lorahub"))
-        for pair in pairs:
+        for pair in [tuple(p.split("+")) for p in args.c_pairs.split(",") if p]:
             for n in (int(x) for x in args.pools.split(",")):
                 if n > len(order):
                     continue

@@ -46,13 +46,27 @@ class TextStudyConfig:
     seed: int = 0
 
 
+def similarity(a: str, b: str) -> float:
+    """1 − Levenshtein(a, b) / max(len(a), len(b)): 1 for the same text, 0 for nothing in common."""
+    if not a and not b:
+        return 1.0
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return 1.0 - row[-1] / max(len(a), len(b))
+
+
 def score(texts: list[str], items: list[tuple[str, str]]) -> dict:
-    """Exact match, its 95% Wilson interval, and two samples."""
+    """Exact match, its 95% Wilson interval, the mean character similarity (partial credit), two samples."""
     from mole_core.textworld.tasks import wilson
     k = sum(t == a for t, (_, a) in zip(texts, items))
     lo, hi = wilson(k, len(items))
+    sims = [similarity(t, a) for t, (_, a) in zip(texts, items)]
     return {"exact_match": round(k / len(items), 4), "correct": k, "items": len(items),
-            "ci95": [round(lo, 3), round(hi, 3)],
+            "ci95": [round(lo, 3), round(hi, 3)], "similarity": round(float(np.mean(sims)), 4),
+            "similarity_ci95": round(float(1.96 * np.std(sims) / np.sqrt(len(sims))), 4),
             "sample": [{"input": p, "output": t, "expected": a} for (p, a), t in list(zip(items, texts))[:2]]}
 
 
@@ -140,13 +154,14 @@ def run_rows(engine, rows, tasks: dict[str, list[tuple[str, str]]], log=print) -
         from mole_core.textworld.tasks import wilson
         lo, hi = wilson(k, n)
         out[label] = {"tasks": per_task, "mean": round(float(np.mean([s["exact_match"] for s in per_task.values()])), 4),
+                      "similarity": round(float(np.mean([s["similarity"] for s in per_task.values()])), 4),
                       "pooled_ci95": [round(lo, 3), round(hi, 3)], "fit_seconds": round(fit, 1),
                       "seconds_per_item": round((time.perf_counter() - start) / n, 4)}
         if mix.mixture is not None:
             out[label]["mean_gates"] = [round(g, 3) for g in mix.mixture.meta.get("mean_gates", [])]
         if label == "LoraHub":
             out[label]["weights"] = {k: round(float(v), 4) for k, v in (mix.weights or {}).items()}
-        log(f"  {label:28s} mean EM {out[label]['mean']:.3f}  " +
+        log(f"  {label:28s} mean EM {out[label]['mean']:.3f} sim {out[label]['similarity']:.3f}  " +
             " ".join(f"{t}={s['exact_match']:.2f}" for t, s in per_task.items()))
     engine.release()
     return out
@@ -195,12 +210,12 @@ def markdown(report: dict) -> str:
         tasks = list(next(iter(a["methods"].values()))["tasks"])
         lines += [f"### Part A — multi-task ({len(a['keys'])} LoRAs, {report['config']['items']} held-out items "
                   f"per task; exact match, mean and pooled 95% interval)", "",
-                  "| method | " + " | ".join(tasks) + " | mean | 95% CI | fit s | s/item |",
-                  "|---|" + "---|" * (len(tasks) + 4)]
+                  "| method | " + " | ".join(tasks) + " | mean | 95% CI | char. similarity | fit s | s/item |",
+                  "|---|" + "---|" * (len(tasks) + 5)]
         for label, r in a["methods"].items():
             lines.append(f"| {label} | " + " | ".join(f"{r['tasks'][t]['exact_match']:.2f}" for t in tasks)
                          + f" | **{r['mean']:.3f}** | {r['pooled_ci95'][0]:.2f}–{r['pooled_ci95'][1]:.2f} | "
-                           f"{r['fit_seconds']:.1f} | {r['seconds_per_item']:.3f} |")
+                           f"{r['similarity']:.2f} | {r['fit_seconds']:.1f} | {r['seconds_per_item']:.3f} |")
         lines.append("")
     for part, title in (("B", "Part B — composed tasks (never trained), 5 shots"),
                         ("C", "Part C — composed tasks as the pool grows")):
@@ -209,14 +224,15 @@ def markdown(report: dict) -> str:
         cells = report[part]
         columns = list(cells)
         labels = list(dict.fromkeys(label for c in cells.values() for label in c["methods"]))
-        lines += [f"### {title} (exact match on {report['config']['items']} held-out items, 95% interval)", "",
+        lines += [f"### {title} (exact match on {report['config']['items']} held-out items with its 95% interval · "
+                  f"mean character similarity)", "",
                   "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for label in labels:
             row = []
             for c in columns:
                 r = cells[c]["methods"].get(label)
                 row.append("–" if r is None else
-                           f"{r['mean']:.2f} ({r['pooled_ci95'][0]:.2f}–{r['pooled_ci95'][1]:.2f})")
+                           f"{r['mean']:.2f} ({r['pooled_ci95'][0]:.2f}–{r['pooled_ci95'][1]:.2f}) · {r['similarity']:.2f}")
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
