@@ -168,3 +168,22 @@ def test_text_mode_in_a_browser(engine, tmp_path):
             browser.close()
     finally:
         demo.close()
+
+
+def test_broken_text_bank_entries_never_break_the_page(tmp_path):
+    """A manifest that is not JSON, a LoRA file without its manifest and a manifest without its file are listed
+    with the reason and left out of the choices; the page builds and the good LoRAs work."""
+    model_dir, bank = make_text_world(tmp_path)
+    (bank / "bad.json").write_text("{not json")
+    (bank / "orphan.json").write_text('{"kind": "text", "name": "Orphan"}')
+    (bank / "alone.safetensors").write_bytes((bank / "alpha.safetensors").read_bytes())
+    engine = TextEngine(model_dir, bank)
+    assert engine.bank.keys() == ["alpha", "beta"]
+    demo = text_ui.build_text_demo(engine)
+    choices = [c for block in demo.blocks.values() if getattr(block, "elem_id", None) == "text-chosen"
+               for c in block.choices]
+    assert [value for _, value in choices] == ["alpha", "beta"]
+    rows = text_ui.bank_rows(engine)
+    for key in ("bad", "orphan", "alone"):
+        assert f"| {key} | – | cannot be used" in rows
+    assert str(bank) not in rows
