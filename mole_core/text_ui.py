@@ -171,7 +171,7 @@ def on_selection(ts: TextStudio, keys: list[str], methods: list[str], state: dic
     if state.get("mixture") is not None and list(state["mixture"].names) != list(keys or []):
         state["mixture"] = None
     note = ("Gates trained for these LoRAs." if state.get("mixture") is not None else
-            "MoLE's gates are untrained (equal weights) until you train them below.")
+            "MoLE's gates are untrained (equal weights) until you train them (the Train gates tab here).")
     return gr.update(choices=choices, value=[m for m in methods if m in valid] or ["mole", "linear", "base"]), \
         gr.update(choices=list(keys or []), value=list(keys or [])), note, state
 
@@ -305,7 +305,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
                 rank = gr.Number(value=0, precision=0, label="SVD/TIES/DARE rank (0: the LoRAs' own)", minimum=0,
                                  maximum=1024)
                 density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="TIES/DARE density")
-            note = gr.Markdown("MoLE's gates are untrained (equal weights) until you train them.")
+            note = gr.Markdown("MoLE's gates are untrained (equal weights) until you train them (the Train gates tab here).")
             table = gr.HTML(label="Answers", elem_id="text-results")
             view = gr.HTML(elem_id="text-view")
             heat = gr.Image(label="MoLE gates per layer (mean over tokens and steps)", type="pil", height=260,
