@@ -187,3 +187,23 @@ def test_broken_text_bank_entries_never_break_the_page(tmp_path):
     for key in ("bad", "orphan", "alone"):
         assert f"| {key} | – | cannot be used" in rows
     assert str(bank) not in rows
+
+
+def test_hostile_compare_values_are_refused_by_field(ts, tmp_path):
+    state = text_ui.new_text_session()
+    cases = [(dict(rank=10**9), "rank"), (dict(density=float("nan")), "ensity"),
+             (dict(methods=["single:../../etc"]), "No text LoRA '../../etc'")]
+    for change, words in cases:
+        args = dict(keys=["alpha", "beta"], prompt="alpha: abc", methods=["svd", "ties"], granularity="block",
+                    gate="sample", rank=0, density=0.5)
+        args.update(change)
+        with pytest.raises(Exception, match=words) as err:
+            text_ui.compare(ts, args["keys"], args["prompt"], args["methods"], args["granularity"], args["gate"],
+                            args["rank"], args["density"], state)
+        assert "/" not in str(err.value).replace("../../etc", "")      # no server folder in the message
+    # more experts than a public Space mixes
+    from mole_core.defaults import Limits
+    model_dir, bank = make_text_world(tmp_path, keys=tuple(f"k{i}" for i in range(9)))
+    small = text_ui.TextStudio(TextEngine(model_dir, bank, limits=Limits()))
+    with pytest.raises(Exception, match="At most 8 LoRAs"):
+        text_ui.compare(small, [f"k{i}" for i in range(9)], "k0: abc", ["linear"], "block", "sample", 0, 0.5, state)
