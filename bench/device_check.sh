@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of MoLE Studio (issue 15), sized to finish in under 5 minutes on one GPU:
 #   1. every method through the CLI (python -m mole_core generate) on the embedded world: the engine picks
-#      CUDA by itself, in float32 (the CLI has no --dtype flag)
+#      CUDA by itself, in float32 (the CLI's --dtype float16 is step 2's precision through the engine)
 #   2. every method in float16 through the engine (Engine(dtype=torch.float16)), each image checked finite
 #      and not blank, and compared with its float32 image
 #   3. one gate-training step (CLI, float32) and one with fp16 autocast (TrainConfig(mixed_precision="fp16"))
