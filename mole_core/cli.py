@@ -18,6 +18,7 @@ References: diffusers `commands/diffusers_cli.py` (argparse subcommands).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -112,10 +113,10 @@ def local_engine(args):
 
 def engine_precision(args) -> dict:
     """Engine keyword arguments from --dtype / --cpu-offload (absent flags: the engine's defaults)."""
-    import torch
+    from mole_core.engine import DTYPES
 
     dtype = getattr(args, "dtype", None)
-    return {"dtype": getattr(torch, dtype) if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
 
 
 # ---- parsing helpers ------------------------------------------------------------------------------
@@ -234,8 +235,6 @@ def cmd_evaluate(args) -> int:
 def cmd_train_gates(args) -> int:
     """Train the MoLE gates over bank LoRAs on their example images; write the mixture file."""
     quiet_libraries()
-    from tqdm import tqdm
-
     from mole_core.mix import mole_config_for
     from mole_core.train import TrainConfig
 
@@ -248,14 +247,8 @@ def cmd_train_gates(args) -> int:
                          seed=args.seed)
     engine.check_train(args.lora, mole, config)
     # 2. train with a bar of training steps on stderr (tqdm's measured seconds per step), then report
-    bar_format = "{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining}, {rate_inv_fmt}{postfix}"
     start = time.perf_counter()
-    with tqdm(total=config.steps, desc="train-gates", unit="step", bar_format=bar_format,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        def on_step(step, losses, gates):
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{float(g):.2f}" for g in gates))
-
+    with step_bar(config.steps) as on_step:
         mixture = engine.train(args.lora, mole, config, on_step=on_step, out_path=args.out)
     seconds = time.perf_counter() - start
     steps = mixture.meta.get("steps") or config.steps
@@ -265,6 +258,20 @@ def cmd_train_gates(args) -> int:
           f"final loss {final.get('loss', float('nan')):.4f}, "
           f"mean gates {', '.join(f'{g:.3f}' for g in mixture.meta.get('mean_gates', []))}")
     return 0
+
+
+@contextlib.contextmanager
+def step_bar(steps: int):
+    """A tqdm bar of gate-training steps on stderr (loss and mean gates after each); yields the on_step
+    callback `train_gates` takes."""
+    from tqdm import tqdm
+    bar_format = "{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining}, {rate_inv_fmt}{postfix}"
+    with tqdm(total=steps, desc="train-gates", unit="step", bar_format=bar_format, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        def on_step(step, losses, gates):
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{float(g):.2f}" for g in gates))
+        yield on_step
 
 
 def cmd_generate(args) -> int:
@@ -284,8 +291,9 @@ def cmd_generate(args) -> int:
               granularity=args.granularity, gate=args.gate,
               mixture=load_mixture(args.mixture) if args.mixture else None,
               mask={k: False for k in off} or None, strengths=parse_key_values(args.strength, "--strength"))
+    guidance = args.guidance if args.guidance is not None else default_guidance(args.model)
     request = GenerateRequest(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
-                              guidance=args.guidance if args.guidance is not None else default_guidance(args.model), height=args.height, width=args.width, true_cfg=args.true_cfg)
+                              guidance=guidance, height=args.height, width=args.width, true_cfg=args.true_cfg)
     if args.gates_out and mix.method != "mole":
         raise ValueError("--gates-out writes the MoLE gates: use it with --method mole.")
     for warning in engine.check([mix], request):

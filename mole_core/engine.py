@@ -50,7 +50,7 @@ from mole_core.families import components as components_of
 from mole_core.families import default_size, family_of, latent_shape, latents_for, load_pipeline
 from mole_core.lora import Lora, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.mix import MERGES, METHODS, Mix
+from mole_core.mix import MERGES, METHODS, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.train import DiffusionTask, TrainConfig, TrainResult, examples_from_bank, train_gates
 
@@ -262,23 +262,7 @@ class Engine:
     def check_train(self, keys, mole: MoleConfig, train: TrainConfig, bank: Bank | None = None) -> None:
         """ValueError naming the field for gate-training input that cannot run (the app calls this first)."""
         keys = list(keys or [])
-        if len(keys) < 2 or len(set(keys)) != len(keys):
-            raise ValueError(f"Gate training needs at least two different LoRAs; got {', '.join(keys) or 'none'}.")
-        if len(keys) > self.limits.experts:
-            raise ValueError(f"At most {self.limits.experts} LoRAs can be mixed here; {len(keys)} are selected.")
-        Mix("mole", keys, granularity=mole.granularity, gate=mole.gate).check()
-        if not _whole(train.steps) or not 1 <= train.steps <= self.limits.train_steps:
-            raise ValueError(f"Training steps must be a whole number between 1 and {self.limits.train_steps}; "
-                             f"got {train.steps!r}.")
-        if not _finite(train.lr) or not 0 < train.lr <= 10:
-            raise ValueError(f"The learning rate must be above 0 and at most 10; got {train.lr}.")
-        alpha = train.balance_alpha if train.balance_alpha is not None else mole.balance_alpha
-        if not _finite(alpha) or not 0 <= alpha <= 100:
-            raise ValueError(f"Balance α must be between 0 and 100; got {alpha}.")
-        if not _whole(train.batch_size) or not 1 <= train.batch_size <= 64:
-            raise ValueError(f"The batch size must be a whole number between 1 and 64; got {train.batch_size!r}.")
-        if not _whole(train.seed) or not 0 <= train.seed < 2**63:
-            raise ValueError(f"The seed must be a whole number from 0 to 2^63 − 1; got {train.seed!r}.")
+        check_training(keys, mole, train, self.limits)
         with self._lock:
             self._check_keys(keys, bank or self.bank)
 

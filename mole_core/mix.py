@@ -155,10 +155,19 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_train_numbers(train, mole: MoleConfig, max_steps: int) -> None:
-    """ValueError naming the field for gate-training numbers that cannot run (steps, lr, α, batch, seed)."""
-    if not _whole(train.steps) or not 1 <= train.steps <= max_steps:
-        raise ValueError(f"Training steps must be a whole number between 1 and {max_steps}; got {train.steps!r}.")
+def check_training(keys, mole: MoleConfig, train, limits) -> None:
+    """ValueError naming the field for gate training that cannot run: the LoRAs (two or more, different, at most
+    `limits.experts`), the gate layout, and the numbers (steps up to `limits.train_steps`, lr, α, batch, seed).
+    The image and the text engine both call it before anything trains."""
+    keys = list(keys or [])
+    if len(keys) < 2 or len(set(keys)) != len(keys):
+        raise ValueError(f"Gate training needs at least two different LoRAs; got {', '.join(keys) or 'none'}.")
+    if len(keys) > limits.experts:
+        raise ValueError(f"At most {limits.experts} LoRAs can be mixed here; {len(keys)} are selected.")
+    Mix("mole", tuple(keys), granularity=mole.granularity, gate=mole.gate).check()
+    if not _whole(train.steps) or not 1 <= train.steps <= limits.train_steps:
+        raise ValueError(f"Training steps must be a whole number between 1 and {limits.train_steps}; "
+                         f"got {train.steps!r}.")
     if not _finite(train.lr) or not 0 < train.lr <= 10:
         raise ValueError(f"The learning rate must be above 0 and at most 10; got {train.lr}.")
     alpha = train.balance_alpha if train.balance_alpha is not None else mole.balance_alpha

@@ -42,92 +42,32 @@ import torch
 from torch import nn
 
 from mole_core.attach import MoleConfig, attach
-from mole_core.defaults import PACKAGE_ROOT
+from mole_core.defaults import PACKAGE_ROOT, Limits
 from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.defaults import Limits
-from mole_core.mix import MERGES, Mix, check_train_numbers
+from mole_core.mix import MERGES, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
+from mole_core.textworld.config import load_model as load_text_model
+from mole_core.textworld.decode import decode
 from mole_core.textworld.lora_io import load_text_lora, lora_from_peft, validate_text_lora
 from mole_core.train import TokenTask, TrainConfig, TrainResult, train_gates
 
 DEFAULT_TEXT_MODEL = str(PACKAGE_ROOT / "assets" / "text-world")   # the embedded text default
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
 DEFAULT_TEXT_BANK = str(PACKAGE_ROOT / "text_bank")                 # its LoRA bank
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
 TEXT_METHODS = ("mole", *MERGES, "base")                            # + "single:<key>"
+
+
+def _refuse_routing(mole: MoleConfig) -> None:
+    if mole.route != "none":
+        raise ValueError("Trigger routing works on a pipeline's cross-attention; a text model takes the gate "
+                         "kinds sample, token or static.")
 
 
 def is_text_model(folder: str | Path) -> bool:
     """True for a transformers model folder (config.json, no diffusers model_index.json)."""
     folder = Path(folder)
     return (folder / "config.json").is_file() and not (folder / "model_index.json").exists()
-
-
-def load_text_model(model_dir: str | Path, device: str = "cpu"):
-    """(model, tokenizer) of any transformers seq2seq or causal LM folder, with plain `from_pretrained` calls."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-    name = Path(model_dir).name
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"'{name}' is not a transformers model folder (no readable config.json).") from e
-    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    try:
-        model = cls.from_pretrained(str(model_dir)).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"'{name}': cannot load a {cls.__name__.removeprefix('AutoModelFor')} model and its "
-                         f"tokenizer: {e}") from e
-    return model, tokenizer
-
-
-@torch.no_grad()
-def decode(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[list[int]]:
-    """The greedy answer tokens of each prompt (no special tokens), for seq2seq and causal LMs.
-
-    Prompts are grouped by token length, so no batch holds padding (batched == one by one, also for a
-    per-sample gate), and every step is one full forward pass without a key/value cache: step k of a
-    recording is the pass that chose answer token k (as mole_core.textworld.decode.greedy).
-    """
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
-    encoded = []
-    for p in prompts:
-        ids = tokenizer(p).input_ids
-        if not seq2seq and eos is not None and ids and ids[-1] == eos:
-            ids = ids[:-1]                              # a causal LM continues the prompt: no EOS before it
-        encoded.append(ids)
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        groups.setdefault(len(ids), []).append(i)
-    answers: list[list[int]] = [[] for _ in prompts]
-    device = next(model.parameters()).device
-    for indices in groups.values():
-        x = torch.tensor([encoded[i] for i in indices], device=device)                   # (B, T)
-        if seq2seq:
-            out = torch.full((len(indices), 1), model.config.decoder_start_token_id, device=device)
-        done = torch.zeros(len(indices), dtype=torch.bool, device=device)
-        new = []
-        for _ in range(max_new_tokens):
-            logits = (model(input_ids=x, decoder_input_ids=out, use_cache=False) if seq2seq
-                      else model(input_ids=x, use_cache=False)).logits
-            nxt = logits[:, -1].argmax(-1)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
-            new.append(nxt)
-            if seq2seq:
-                out = torch.cat([out, nxt[:, None]], 1)
-            else:
-                x = torch.cat([x, nxt[:, None]], 1)
-            if bool(done.all()):
-                break
-        rows = torch.stack(new, 1).tolist()
-        special = set(tokenizer.all_special_ids)
-        for i, row in zip(indices, rows):
-            row = row[:row.index(eos)] if eos is not None and eos in row else row
-            answers[i] = [t for t in row if t not in special]
-    return answers
 
 
 def load_peft_adapter(folder: str | Path, model: nn.Module, name: str | None = None) -> Lora:
@@ -164,6 +104,27 @@ def load_peft_adapter(folder: str | Path, model: nn.Module, name: str | None = N
                 w.A.abs().max().item(), w.B.abs().max().item()) > MAX_ABS or not math.isfinite(w.scale):
             raise LoraFileError(f"{shown}: the adapter holds non-finite values or values above {MAX_ABS:g}.")
     return dataclasses.replace(lora, path=str(folder / ADAPTER_FILES[1]), format="peft")
+
+
+def adapter_folder(path: str | Path) -> Path | None:
+    """The PEFT adapter folder `path` is (or whose adapter_model.safetensors it is), else None."""
+    path = Path(path)
+    folder = path.parent if path.name == ADAPTER_FILES[1] else path
+    return folder if all((folder / f).is_file() for f in ADAPTER_FILES) else None
+
+
+def read_text_lora(path: str | Path, model: nn.Module | None = None, name: str | None = None) -> Lora:
+    """A text LoRA in canonical form from a .safetensors file with PEFT keys (`load_text_lora`) or from a PEFT
+    adapter folder (read onto `model` by PEFT: `load_peft_adapter`)."""
+    path = Path(path)
+    folder = adapter_folder(path)
+    if folder is not None:
+        if model is None:
+            raise ValueError(f"{folder.name} is a PEFT adapter folder: it is read onto the model.")
+        return load_peft_adapter(folder, model, name=name)
+    if path.is_dir():
+        raise ValueError(f"{path.name}: a folder without {' and '.join(ADAPTER_FILES)} (not a PEFT adapter).")
+    return load_text_lora(path, name=name)
 
 
 @dataclass
@@ -228,16 +189,21 @@ class TextBank:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._cache: dict[str, tuple[tuple, Lora]] = {}
+        self._entries: list[TextEntry] | None = None      # read once (`rescan` reads the folder again)
 
-    def _adapter_dirs(self) -> set[str]:
-        return {p.name for p in self.folder.iterdir()
-                if p.is_dir() and all((p / f).is_file() for f in ADAPTER_FILES)}
+    def rescan(self) -> None:
+        self._entries = None
 
     def entries(self) -> list[TextEntry]:
         """Every entry, usable or not (an unusable one carries its `error`)."""
+        if self._entries is None:
+            self._entries = self._scan()
+        return self._entries
+
+    def _scan(self) -> list[TextEntry]:
         if not self.folder.is_dir():
             return []
-        adapters = self._adapter_dirs()
+        adapters = {p.name for p in self.folder.iterdir() if p.is_dir() and adapter_folder(p) is not None}
         stems = sorted({p.stem for p in self.folder.glob("*.json")} | {p.stem for p in self.folder.glob("*.safetensors")}
                        | adapters)
         out = []
@@ -275,21 +241,15 @@ class TextBank:
     def needs_model(self, key: str) -> bool:
         """True when `load(key)` will read a PEFT adapter onto the model (not yet cached)."""
         path = self.get(key).lora_path
-        return path.name == ADAPTER_FILES[1] and (key not in self._cache or self._cache[key][0] != self._stamp(path))
+        return adapter_folder(path) is not None and (key not in self._cache or self._cache[key][0] != self._stamp(path))
 
     def load(self, key: str, model: nn.Module | None = None) -> Lora:
-        """The entry's LoRA in canonical form (cached while the file is unchanged), named by its key. A PEFT
-        adapter folder is read by PEFT onto `model` (needed for those)."""
+        """The entry's LoRA in canonical form (cached while the file is unchanged), named by its key
+        (`read_text_lora`: a PEFT adapter folder is read onto `model`)."""
         path = self.get(key).lora_path
         stamp = self._stamp(path)
         if key not in self._cache or self._cache[key][0] != stamp:
-            if path.name == ADAPTER_FILES[1] and (path.parent / ADAPTER_FILES[0]).is_file():
-                if model is None:
-                    raise ValueError(f"Text LoRA '{key}' is a PEFT adapter folder: it is read onto the model.")
-                lora = load_peft_adapter(path.parent, model, name=key)
-            else:
-                lora = load_text_lora(path, name=key)
-            self._cache[key] = (stamp, lora)
+            self._cache[key] = (stamp, read_text_lora(path, model, name=key))
         return self._cache[key][1]
 
 
@@ -354,9 +314,8 @@ class TextEngine:
         if mix.method in ("switch", "composite"):
             raise ValueError(f"'{mix.method}' works per denoising step; a text model has none. Choose one of "
                              f"{', '.join(TEXT_METHODS)} or single:<key>.")
-        if mix.method == "mole" and (mix.gate == "routed" or mix.mole_config.route != "none"):
-            raise ValueError("Trigger routing works on a pipeline's cross-attention; a text model takes the gate "
-                             "kinds sample, token or static.")
+        if mix.method == "mole":
+            _refuse_routing(mix.mole_config)
         if len(mix.keys) > self.limits.experts:
             raise ValueError(f"At most {self.limits.experts} LoRAs can be mixed here; {len(mix.keys)} are selected.")
         for key in [*mix.keys, *([mix.single] if mix.single else [])]:
@@ -457,7 +416,8 @@ class TextEngine:
             return torch.stack(rows).mean(0).tolist() if rows else None
 
         ids = self.tokenizer(prompt).input_ids
-        keep = [i for i, t in enumerate(ids) if t not in set(self.tokenizer.all_special_ids)]
+        special = set(self.tokenizer.all_special_ids)
+        keep = [i for i, t in enumerate(ids) if t not in special]
         first = [w[0] for g, _, step, w in rec.token_entries if step == 0 and g in enc]
         per_token = [w for w in first if w.dim() == 2 and w.shape[0] >= len(ids)]
         result.prompt_tokens = [self.tokenizer.decode([ids[i]]) for i in keep]
@@ -509,11 +469,9 @@ class TextEngine:
     # ---- gate training --------------------------------------------------------------------------
     def check_train(self, keys, mole: MoleConfig, train: TrainConfig) -> None:
         """ValueError naming the field for gate-training input that cannot run."""
-        keys = list(keys or [])
-        if len(keys) < 2 or len(set(keys)) != len(keys):
-            raise ValueError(f"Gate training needs at least two different LoRAs; got {', '.join(keys) or 'none'}.")
+        check_training(keys, mole, train, self.limits)
+        _refuse_routing(mole)
         self.check(Mix("mole", tuple(keys), granularity=mole.granularity, gate=mole.gate))
-        check_train_numbers(train, mole, self.limits.train_steps)
 
     def train(self, keys, mole: MoleConfig, train: TrainConfig, pairs: list[tuple[str, str]] | None = None,
               on_step=None, should_stop=None, out_path=None) -> Mixture:

@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mole_core.atomic import write_text
 from mole_core.attach import MoleConfig
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
+from mole_core.textworld.tasks import TASKS, composed, sample_items, wilson
 from mole_core.train import TokenTask, TrainConfig
 
 
@@ -60,7 +62,6 @@ def similarity(a: str, b: str) -> float:
 
 def score(texts: list[str], items: list[tuple[str, str]]) -> dict:
     """Exact match, its 95% Wilson interval, the mean character similarity (partial credit), two samples."""
-    from mole_core.textworld.tasks import wilson
     k = sum(t == a for t, (_, a) in zip(texts, items))
     lo, hi = wilson(k, len(items))
     sims = [similarity(t, a) for t, (_, a) in zip(texts, items)]
@@ -151,7 +152,6 @@ def run_rows(engine, rows, tasks: dict[str, list[tuple[str, str]]], log=print) -
             per_task[task] = score(texts, items)
         n = sum(len(items) for items in tasks.values())
         k = sum(s["correct"] for s in per_task.values())
-        from mole_core.textworld.tasks import wilson
         lo, hi = wilson(k, n)
         out[label] = {"tasks": per_task, "mean": round(float(np.mean([s["exact_match"] for s in per_task.values()])), 4),
                       "similarity": round(float(np.mean([s["similarity"] for s in per_task.values()])), 4),
@@ -168,7 +168,6 @@ def run_rows(engine, rows, tasks: dict[str, list[tuple[str, str]]], log=print) -
 
 
 def task_items(task_key: str, n: int, seed: int, held_out: bool = True) -> list[tuple[str, str]]:
-    from mole_core.textworld.tasks import TASKS, composed, sample_items
     task = TASKS[task_key] if task_key in TASKS else composed(*task_key.split(" "))
     return sample_items(task, np.random.default_rng([seed, sum(map(ord, task_key))]), n, held_out=held_out)
 
@@ -176,7 +175,8 @@ def task_items(task_key: str, n: int, seed: int, held_out: bool = True) -> list[
 def part_a(engine, keys: list[str], cfg: TextStudyConfig, log=print) -> dict:
     """Multi-task: gates trained on the manifests' examples of every task of the pool."""
     log(f"Part A: multi-task over {', '.join(keys)}")
-    tasks = {engine.bank.get(k).task: task_items(engine.bank.get(k).task, cfg.items, cfg.seed) for k in keys}
+    names = [engine.bank.get(k).task for k in keys]
+    tasks = {name: task_items(name, cfg.items, cfg.seed) for name in names}
     pairs = [p for k in keys for p in engine.bank.get(k).examples]
     return {"keys": keys, "train_pairs": len(pairs), "methods": run_rows(engine, method_rows(engine, keys, pairs, cfg,
                                                                                               singles=True), tasks, log)}
@@ -198,7 +198,6 @@ def pool(pair: tuple[str, str], order: list[str], n: int) -> list[str]:
 
 
 def save(report: dict, path: Path) -> None:
-    from mole_core.atomic import write_text
     write_text(path, json.dumps(report, indent=2))
 
 

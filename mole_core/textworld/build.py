@@ -41,7 +41,7 @@ from mole_core.atomic import write_text
 from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig, load_model, log, rng_for
 from mole_core.textworld.lora_io import lora_from_peft, save_text_lora
 from mole_core.textworld.quality import stage_eval
-from mole_core.textworld.tasks import BANK_TASKS, BASE_TASKS, LORA_TASKS, TextTask, sample_items
+from mole_core.textworld.tasks import BANK_TASKS, BASE_TASKS, TextTask, role, sample_items
 from mole_core.textworld.tokenizer import build_tokenizer
 
 STAGES = ("base", "loras", "eval")
@@ -145,7 +145,7 @@ def manifest(cfg: TextBuildConfig, task: TextTask, rng) -> dict:
     """The bank manifest of one LoRA; its examples are training words (never held-out ones)."""
     examples = sample_items(task, rng, cfg.examples, held_out=False)
     return {"name": task.key.capitalize(), "kind": "text", "task": task.key, "trigger": task.key,
-            "role": "main" if task.key in LORA_TASKS else "distractor",
+            "role": role(task.key),
             "description": f"{task.key}: {task.description} (e.g. '{examples[0][0]}' -> '{examples[0][1]}')",
             "base_model": "text-world", "default_weight": 1.0,
             "examples": [{"input": p, "output": a} for p, a in examples]}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]   # attention (self + cross) and MLP Linears
@@ -82,9 +82,21 @@ def log(message: str) -> None:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a built folder, with plain transformers calls (any seq2seq LM)."""
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir)).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(str(model_dir))
+    """(model, tokenizer) of any transformers seq2seq or causal LM folder (the built world is a seq2seq one),
+    with plain `from_pretrained` calls; a ValueError names the folder."""
+    name = Path(model_dir).name
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{name}' is not a transformers model folder (no readable config.json).") from e
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(str(model_dir)).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{name}': cannot load a {cls.__name__.removeprefix('AutoModelFor')} model and its "
+                         f"tokenizer: {e}") from e
+    return model, tokenizer
 
 
 def set_threads(n: int) -> None:

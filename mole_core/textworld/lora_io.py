@@ -78,6 +78,10 @@ def save_text_lora(lora: Lora, path: str | Path, extra: dict[str, str] | None = 
     for key, w in lora.modules.items():
         tensors[f"{key}.lora_A.weight"] = w.A.float().contiguous()
         tensors[f"{key}.lora_B.weight"] = (w.B.float() * w.scale).contiguous()
+    for key, t in tensors.items():   # never write a file that load_text_lora would refuse (as lora.save_lora)
+        if not torch.isfinite(t).all() or t.abs().max().item() > MAX_ABS:
+            raise LoraFileError(f"{path.name}: tensor '{key}' would hold values that are not finite or above "
+                                f"{MAX_ABS:g} (weights too large?); nothing was written.")
     metadata = {"format": "pt", "mole.kind": "text", "mole.name": lora.name, **(extra or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

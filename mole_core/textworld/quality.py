@@ -20,7 +20,8 @@ from mole_core.merge import merged_weights
 from mole_core.textworld.config import TextBuildConfig, load_model, log, rng_for
 from mole_core.textworld.decode import greedy
 from mole_core.textworld.lora_io import load_text_lora
-from mole_core.textworld.tasks import BANK_TASKS, BASE_TASKS, LORA_TASKS, exact_match, sample_items, wilson
+from mole_core.textworld.tasks import (BANK_TASKS, BASE_TASKS, LORA_TASKS, exact_match, sample_items, wilson,
+                                      role as task_role)
 
 BARS = {"lora": 0.90}                       # the least each LoRA alone must reach on its task
 
@@ -54,7 +55,7 @@ def stage_eval(cfg: TextBuildConfig) -> dict:
     loras = {}
     for key in BANK_TASKS:
         lora = load_text_lora(cfg.bank_dir / f"{key}.safetensors")
-        role = "main" if key in LORA_TASKS else "distractor"
+        role = task_role(key)
         with merged_weights(model, lora):
             own = score(model, tokenizer, sets[key])
             others = ({k: score(model, tokenizer, sets[k])["exact_match"] for k in LORA_TASKS if k != key}

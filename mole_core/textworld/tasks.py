@@ -5,8 +5,8 @@
     "drop: abc" -> "bc"          "chop: abc" -> "ab"
     distractor LoRAs (role "distractor": the rest of a 4 / 8 / 16-LoRA bank, MoLE Table 6)
     "first: abc" -> "a"   "second: abc" -> "b"   "ends: abc" -> "ac"     "head: abcd" -> "ab"   "tail: abcd" -> "cd"
-    "swap: abcde" -> "badce"  "mirror: ab" -> "abba"   "initial: abc" -> "A"   "repeat: abc" -> "abcabc"
-    "dash: abc" -> "a-b-c"    "space: abc" -> "a b c"
+    "swap: abcde" -> "badce"  "third: abc" -> "c"   "penult: abcd" -> "c"   "inner: abcd" -> "bc"
+    "initial: abc" -> "A"     "lastcap: abc" -> "C"
     the base model's mix (never a LoRA)
     "copy: abc" -> "abc", "copy: ABC" -> "ABC"   "lower: ABC" -> "abc"   "title: abc" -> "Abc"
     "last: abc" -> "c"   "rotate: abcd" -> "bcda"
@@ -93,6 +93,11 @@ DISTRACTOR_TASKS = {t.key: t for t in (
     TextTask("lastcap", lambda w: w[-1].upper(), "the word's last letter as a capital", steps=0.75),
 )}
 BANK_TASKS = {**LORA_TASKS, **DISTRACTOR_TASKS}           # every LoRA of text_bank/
+
+
+def role(key: str) -> str:
+    """A bank task's role: "main" (LORA_TASKS) or "distractor"."""
+    return "main" if key in LORA_TASKS else "distractor"
 BASE_TASKS = {t.key: t for t in (
     TextTask("copy", lambda w: w, "copies the word", case="mixed"),
     TextTask("lower", str.lower, "writes a capitalised word in small letters", case="upper"),
