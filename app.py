@@ -41,7 +41,7 @@ import pandas as pd
 
 from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.bank import Bank
-from mole_core.cli import add_precision_arguments, engine_precision
+from mole_core.cli import add_precision_arguments, check_model, engine_precision
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
@@ -52,7 +52,7 @@ from mole_core.families import default_guidance
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
 from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
-from mole_core.text_ui import build_text_demo, build_text_mode, TextStudio
+from mole_core.text_ui import TEXT_QUEUE, build_text_demo, build_text_mode, TextStudio
 from mole_core.train import TrainConfig
 from mole_core.worker import StepWorker as _Worker
 
@@ -807,7 +807,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
                 e = _evaluate_tab(studio)
             if studio.text is not None:
                 with gr.Tab("Text", id="text"):
-                    build_text_mode(TextStudio(studio.text, partial(public_message, studio)), "text_", fast, long)
+                    build_text_mode(TextStudio(studio.text, partial(public_message, studio)), "text_",
+                                    dict(fast, concurrency_id=TEXT_QUEUE), long)   # its own engine, own queue
 
         # Bank and selection
         selection_outputs = [c["methods"], c["weights"], *g["rows"], *g["switches"], *g["strengths"]]
@@ -900,6 +901,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-steps", type=int, default=None, help="cap on gate-training steps per run")
     add_precision_arguments(parser)    # --dtype, --cpu-offload
     args = parser.parse_args(argv)
+    try:
+        check_model(args.model, args.bank)    # a missing or unreadable model is refused at start, by name
+    except ValueError as e:
+        parser.error(str(e))
     limits = Limits.local() if args.local else Limits()
     if args.max_train_steps:
         limits = Limits(**{**limits.__dict__, "train_steps": args.max_train_steps})

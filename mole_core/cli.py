@@ -119,6 +119,49 @@ def engine_precision(args) -> dict:
     return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
 
 
+def check_model(model: str | None, bank: str | None = None, flag: str = "--model") -> None:
+    """ValueError naming `flag` for a model that cannot be opened, before any bank or LoRA is read: a file,
+    a folder that is neither a diffusers pipeline (model_index.json) nor a transformers model (config.json),
+    a broken model_index.json, a path that does not exist; or an image model given a bank of text LoRAs.
+    A name that is no local path (`org/name`) is a hub id and passes."""
+    import re
+    from pathlib import Path
+    if not model:
+        return
+    path, shown = Path(model).expanduser(), f"{flag} '{model}'"
+    if path.is_file():
+        raise ValueError(f"{shown} is a file; give a model folder (a diffusers pipeline with model_index.json, or "
+                         f"a transformers model with config.json) or a hub id.")
+    if path.is_dir():
+        index = path / "model_index.json"
+        if index.is_file():
+            try:
+                if not isinstance(json.loads(index.read_text()), dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{shown}: its model_index.json is not readable ({e}).") from e
+        elif not (path / "config.json").is_file():
+            raise ValueError(f"{shown} is neither a diffusers pipeline folder (model_index.json) nor a "
+                             f"transformers model folder (config.json).")
+    elif not (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", model) and not path.parent.exists()):
+        raise ValueError(f"{shown}: no such folder (nor a hub id such as 'org/name').")
+    if bank and not (path / "config.json").is_file() and _holds_text_loras(Path(bank)):
+        raise ValueError(f"{shown} is not a transformers text model folder (config.json), but the bank "
+                         f"'{Path(bank).name}' holds text LoRAs: give the text model's folder, e.g. "
+                         f"--model assets/text-world.")
+
+
+def _holds_text_loras(bank) -> bool:
+    """True when a manifest in the bank folder says kind 'text'."""
+    for manifest in sorted(bank.glob("*.json"))[:64] if bank.is_dir() else ():
+        try:
+            if json.loads(manifest.read_text()).get("kind") == "text":
+                return True
+        except (ValueError, OSError, AttributeError, UnicodeDecodeError):
+            continue
+    return False
+
+
 # ---- parsing helpers ------------------------------------------------------------------------------
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -425,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
     args = build_parser().parse_args(argv)
     try:
+        check_model(getattr(args, "model", None), getattr(args, "bank", None))
         from mole_core.text_cli import run as run_text, wants_text
         if wants_text(args):              # a transformers text model: the same verbs on text (text_cli.py)
             return run_text(args)

@@ -48,6 +48,7 @@ from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFA
                                 Limits)
 from mole_core.families import components as components_of
 from mole_core.families import default_size, family_of, latent_shape, latents_for, load_pipeline
+from mole_core.locks import FairLock
 from mole_core.lora import Lora, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training
@@ -506,62 +507,6 @@ class Engine:
                   "    result.image.save(result.method.replace(':', '_') + '.png')",
                   "    print(f'{result.label}: {result.seconds:.2f} s')"]
         return "\n".join(lines) + "\n"
-
-
-class FairLock:
-    """A reentrant lock handed over in arrival order (a ticket lock).
-
-    `yield_to_waiters()` lets a long job (gate training) step aside between steps: everyone who asked for
-    the lock before gets it first, then the job goes on. Python's own locks promise no order, so a thread
-    that releases and re-acquires would usually win again.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._owner, self._depth = None, 0
-        self._next, self._serving = 0, 0          # tickets handed out / the ticket being served
-
-    def acquire(self) -> bool:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:
-                self._depth += 1
-                return True
-            ticket, self._next = self._next, self._next + 1
-            self._cond.wait_for(lambda: self._owner is None and self._serving == ticket)
-            self._owner, self._depth = me, 1
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            if self._owner != threading.get_ident():
-                raise RuntimeError("FairLock released by a thread that does not hold it.")
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner, self._serving = None, self._serving + 1
-                self._cond.notify_all()
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def waiting(self) -> int:
-        """Threads queued for the lock."""
-        with self._cond:
-            return self._next - self._serving - (self._owner is not None)
-
-    def yield_to_waiters(self) -> bool:
-        """Held by this thread: if anyone waits, release fully, queue again, and return True once back."""
-        if not self.waiting():
-            return False
-        with self._cond:
-            depth, self._depth = self._depth, 1
-        self.release()
-        self.acquire()
-        with self._cond:
-            self._depth = depth
-        return True
 
 
 def _batch_cost(batch_size: int) -> float:

@@ -22,6 +22,24 @@ def wants_text(args) -> bool:
     return args.command in TEXT_COMMANDS and bool(model) and is_text_model(model)
 
 
+IMAGE_ONLY = {"generate": (("height", None), ("width", None), ("guidance", None), ("negative", ""), ("true_cfg", 1.0),
+                            ("cpu_offload", False)),
+              "train-gates": (("cpu_offload", False),)}                # (flag, the value it has when not given)
+
+
+def refuse_image_flags(args) -> None:
+    """ValueError naming every image-only flag given to a text command (a text model would ignore it).
+    generate's --steps counts denoising steps: refused when it differs from its default."""
+    from mole_core.defaults import DEFAULT_DENOISE_STEPS
+    given = [name for name, unset in IMAGE_ONLY.get(args.command, ()) if getattr(args, name, unset) != unset]
+    if args.command == "generate" and getattr(args, "steps", DEFAULT_DENOISE_STEPS) != DEFAULT_DENOISE_STEPS:
+        given.append("steps")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: for image pipelines only; the text model '{Path(args.model).name}' takes no such "
+                         f"setting (leave {'them' if len(given) > 1 else 'it'} out).")
+
+
 def _engine(args):
     import torch
 
@@ -84,7 +102,7 @@ def cmd_merge(args) -> int:
 def cmd_train_gates(args) -> int:
     from mole_core.cli import TRAIN_ALPHA, step_bar
     from mole_core.mix import mole_config_for
-    from mole_core.train import TrainConfig
+    from mole_core.train import TrainConfig, divergence_note
 
     engine = _engine(args)
     mole = mole_config_for(args.granularity, args.gate or "sample",
@@ -92,11 +110,16 @@ def cmd_train_gates(args) -> int:
     config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=mole.balance_alpha,
                          batch_size=args.batch_size, seed=args.seed)
     engine.check_train(args.lora, mole, config)          # a routed gate is refused there, as a Mix's is
-    start = time.perf_counter()
+    start, losses = time.perf_counter(), []
     with step_bar(config.steps) as on_step:
-        mixture = engine.train(args.lora, mole, config, on_step=on_step, out_path=args.out)
+        def record(step, loss, gates):
+            losses.append(float(loss["task"]))
+            on_step(step, loss, gates)
+        mixture = engine.train(args.lora, mole, config, on_step=record, out_path=args.out)
     seconds = time.perf_counter() - start
     final = mixture.meta.get("final_losses", {})
+    if note := divergence_note(losses, config.lr):
+        print(f"warning: {note}", file=sys.stderr)
     print(f"wrote {args.out}: {mole.describe} gates for {', '.join(mixture.names)}, {config.steps} steps in "
           f"{seconds:.1f} s, final loss {final.get('loss', float('nan')):.4f}, "
           f"mean gates {', '.join(f'{g:.3f}' for g in mixture.meta.get('mean_gates', []))}")
@@ -111,6 +134,7 @@ def cmd_generate(args) -> int:
     from mole_core.mixture import load_mixture
 
     engine = _engine(args)
+    engine.check_prompt(args.prompt, "--prompt")            # before a mixture or a LoRA is read
     mixture = load_mixture(args.mixture) if args.mixture else None
     keys = tuple(args.lora or (mixture.names if mixture is not None else ()))
     off = [k.strip() for item in args.mask or [] for k in item.split(",") if k.strip()]
@@ -159,5 +183,6 @@ def cmd_evaluate(args) -> int:
 
 
 def run(args) -> int:
+    refuse_image_flags(args)
     return {"inspect": cmd_inspect, "merge": cmd_merge, "train-gates": cmd_train_gates, "generate": cmd_generate,
             "evaluate": cmd_evaluate}[args.command](args)

@@ -19,7 +19,10 @@ Contract (as the image engine's):
 - Every call leaves the model as it found it: merges go through `merged_weights` (pristine weights restored),
   MoLE through one kept attachment (keyed by keys, granularity, gate kind) whose experts are all masked off
   while another method runs, which is the base model exactly.
-- A lock serialises every call that uses the model.
+- A lock serialises every call that uses the model, in arrival order (mole_core.locks.FairLock); gate
+  training steps aside between its steps, so another caller waits at most one training step.
+- A prompt longer than the model's positions is refused with a sentence (`check_prompt`), never indexed past
+  the position table.
 - Per-sample gates pool over each sample's tokens in each forward pass; decoding (mole_core.textworld.decode)
   runs one full pass per generated token and never pads a batch, so a batched answer == the answer alone;
   gate training (TokenTask) batches prompts of one length for the same reason.
@@ -33,7 +36,6 @@ import dataclasses
 import json
 import math
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from torch import nn
 
 from mole_core.attach import MoleConfig, attach
 from mole_core.defaults import PACKAGE_ROOT, Limits
+from mole_core.locks import FairLock
 from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix, check_training
@@ -287,7 +290,8 @@ class TextEngine:
         self._handle = None
         self._handle_key: tuple = ()
         self._fits: set[tuple] = set()
-        self._lock = threading.RLock()
+        self._lock = FairLock()                  # one model call at a time, in arrival order
+        self._training = None                    # the attachment a gate training is using, while it runs
 
     # ---- the model ------------------------------------------------------------------------------
     @property
@@ -348,8 +352,8 @@ class TextEngine:
         loras = [self.lora(k) for k in keys]
         wanted = (tuple((k, l.path, Path(l.path).stat().st_mtime_ns) for k, l in zip(keys, loras)),
                   mole.granularity, mole.gate)
-        if self._handle is not None and wanted != self._handle_key:
-            self._detach()
+        if self._handle is not None and (wanted != self._handle_key or self._handle is self._training):
+            self._detach()                                # never answer with (or reset) gates in training
         if self._handle is None:
             self._handle = attach_text(self.model, loras, mole)
             self._handle_key = wanted
@@ -372,14 +376,41 @@ class TextEngine:
         return self._handle.settings(mask=[False] * len(self._handle.expert_names))
 
     # ---- answering ------------------------------------------------------------------------------
+    def prompt_limit(self) -> int | None:
+        """The most prompt tokens the model can read and still write `max_new_tokens` (from its own config:
+        max_position_embeddings / n_positions); None for a model without a position table (T5: relative)."""
+        config = self.model.config
+        positions = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions")
+                          if isinstance(getattr(config, name, None), int)), None)
+        if positions is None:
+            return None
+        seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        return positions if seq2seq else positions - self.max_new_tokens
+
+    def check_prompt(self, prompt: str, field: str = "The prompt") -> None:
+        """ValueError naming `field` for a prompt that is empty or longer than the model's positions."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{field} must be non-empty text, e.g. 'reverse: abc'.")
+        limit = self.prompt_limit()
+        if limit is None:
+            return
+        if len(prompt) > 64 * limit:                  # no tokenizer writes fewer than one token per 64 characters
+            raise ValueError(f"{field} is {len(prompt)} characters long; {self.model_name} reads at most {limit} "
+                             f"tokens.")
+        n = len(self.tokenizer(prompt, verbose=False).input_ids)
+        if n > limit:
+            after = "" if getattr(self.model.config, "is_encoder_decoder", False) else \
+                f" and writes {self.max_new_tokens} more"
+            raise ValueError(f"{field} is {n} tokens long ({len(prompt)} characters); {self.model_name} reads at "
+                             f"most {limit} tokens{after} (its position table).")
+
     def generate(self, mix: Mix, prompt: str) -> TextResult:
         """Answer `prompt` with one Mix."""
         return self.compare([mix], prompt)[0]
 
     def compare(self, mixes, prompt: str) -> list[TextResult]:
         """Answer `prompt` with each Mix; MoLE results carry the expert weights of every prompt and answer token."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("The prompt must be non-empty text, e.g. 'reverse: abc'.")
+        self.check_prompt(prompt)
         results = []
         for mix in mixes:
             start = time.perf_counter()
@@ -393,6 +424,8 @@ class TextEngine:
 
     def answer(self, mix: Mix, prompts: list[str]) -> tuple[list[str], list[dict] | None, str]:
         """(answers, gate rows (mole) or None, label) for many prompts at once (evaluations)."""
+        for prompt in prompts:
+            self.check_prompt(prompt)
         ids, rec, label = self._answer(mix, prompts)
         return [self._text(row) for row in ids], (rec.table() if rec else None), label
 
@@ -484,17 +517,33 @@ class TextEngine:
         if not pairs:
             raise ValueError(f"No training pairs: the manifests of {', '.join(keys)} have no examples.")
         with self._lock:
-            self._detach()                                # fresh, untrained gates
+            # 1. fresh, untrained gates and the training data
+            self._detach()
             handle = self._attached(keys, mole)
+            key, self._training = self._handle_key, handle
             task = TokenTask(self.model, self.tokenizer, pairs)
+
+            def between_steps() -> bool:
+                """Let whoever waits for the model go first (one answer, then training goes on), then put
+                this attachment back if they attached another; True ends the training."""
+                if self._lock.yield_to_waiters() and self._handle is not handle:
+                    self._detach()
+                    handle.reattach()
+                    self._handle, self._handle_key = handle, key
+                return should_stop is not None and bool(should_stop())
+
+            # 2. train (the gates start at zero logits: equal weights)
             try:
-                result = train_gates(handle, task, train, on_step=on_step, should_stop=should_stop)
+                result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
             except BaseException:
-                self._detach()
+                self._detach()                        # half-trained gates never reach the next caller
                 raise
+            finally:
+                self._training = None
             if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
                 self._detach()
                 raise ValueError("Gate training diverged (the gates are not finite): lower the learning rate or α.")
+            # 3. the mixture: gates + names and hashes of the LoRA files
             return self._save_mixture(handle, keys, mole, train, result, out_path)
 
     def _save_mixture(self, handle, keys, mole: MoleConfig, config: TrainConfig, result: TrainResult,

@@ -9,6 +9,8 @@ current Blocks; its events are named `{prefix}train`, `{prefix}cancel`, `{prefix
 from __future__ import annotations
 
 import html
+import math
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,10 +20,13 @@ from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.mix import MERGES, Mix
 from mole_core.plots import gate_heatmap
 from mole_core.text_engine import TextEngine
-from mole_core.train import TrainConfig
+from mole_core.train import TrainConfig, divergence_note
 from mole_core.worker import StepWorker
 
 TEXT_GATES = ("sample", "token", "static")
+MAX_INPUT_CHARS = 200                                                       # the Input box's cap
+TEXT_QUEUE = "text"       # the Text tab's short events: their own queue, so one waiting for a text training
+                          # (which holds the text engine between its steps) never stalls the image tabs' queue
 TEXT_TRAIN = TrainConfig(steps=100, lr=5e-3, batch_size=8, seed=0)        # the text study's gate training
 EXPERT_COLOURS = ("#e4572e", "#2e86ab", "#76b041", "#f3a712", "#a23b72", "#3b1f2b", "#17bebb", "#8d6a9f")
 METHOD_LABELS = {"mole": "MoLE", "linear": "Linear merge", "svd": "SVD merge", "ties": "TIES", "dare": "DARE",
@@ -36,6 +41,29 @@ class TextStudio:
 
 def new_text_session() -> dict:
     return {"mixture": None, "cancel": False}
+
+
+class FieldNumber(gr.Number):
+    """A gr.Number that refuses, by its label, a value that is not a finite number.
+
+    The browser sends numbers, but raw HTTP can send NaN, Infinity or text; Gradio's own preprocess then
+    fails inside `int(round(nan))` or a comparison and the visitor gets `{"error": null}`. The frontend is
+    gr.Number's own (`get_block_name`)."""
+
+    def get_block_name(self) -> str:
+        return "number"
+
+    def preprocess(self, payload):
+        if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))
+                                    or not math.isfinite(payload)):
+            raise gr.Error(f"{self.label} must be a finite number; got {str(payload)[:40]!r}.")
+        return super().preprocess(payload)
+
+
+def plain_markdown(text: str) -> str:
+    """`text` shown as itself inside Markdown: HTML escaped and every Markdown mark backslash-escaped (a model's
+    answer may hold `<img …>`, `[link](…)` or `**`)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
 def _human(ts: TextStudio, fn, *args, **kwargs):
@@ -189,10 +217,7 @@ def compare(ts: TextStudio, keys, prompt: str, methods, granularity: str, gate: 
     keys, methods = list(keys or []), list(methods or [])
     if not methods:
         raise gr.Error("Tick at least one method to compare.")
-    if not (prompt or "").strip():
-        raise gr.Error("Type an input, e.g. 'reverse: planet'.")
-    if len(prompt) > 200:
-        raise gr.Error(f"The input is {len(prompt)} characters long; at most 200 here.")
+    _check_input(ts, prompt, "Type an input, e.g. 'reverse: planet'.")
     mixes = []
     for m in methods:
         if m.startswith("single:") or m == "base":
@@ -210,22 +235,34 @@ def compare(ts: TextStudio, keys, prompt: str, methods, granularity: str, gate: 
     return results_table(results, expected_answer(prompt.strip())), mole_view(mole), heat, state
 
 
+def _check_input(ts: TextStudio, prompt, empty: str) -> None:
+    """gr.Error for an Input that is empty, over the box's cap, or longer than the model's positions."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error(empty)
+    if len(prompt) > MAX_INPUT_CHARS:
+        raise gr.Error(f"The input is {len(prompt)} characters long; at most {MAX_INPUT_CHARS} here.")
+    _human(ts, ts.engine.check_prompt, prompt.strip(), "The input")
+
+
+def toggle_caption(on: int, total: int, answer: str, expected: str | None) -> str:
+    """'1 of 2 experts on: **answer** ✓' with the answer shown as plain text (never as markup)."""
+    verdict = "" if expected is None else (" ✓" if answer == expected else f" ✗ (expected {plain_markdown(expected)})")
+    return f"{on} of {total} experts on: **{plain_markdown(answer) if answer else '(empty)'}**{verdict}"
+
+
 def toggle(ts: TextStudio, keys, prompt: str, on: list[str], granularity: str, gate: str, state: dict):
     """MoLE's answer with the unticked experts off (the others renormalised)."""
     keys = list(keys or [])
     if len(keys) < 2:
         raise gr.Error("Choose at least two LoRAs to switch experts on and off.")
-    if not (prompt or "").strip():
-        raise gr.Error("Type an input on the Compare tab first.")
+    _check_input(ts, prompt, "Type an input on the Compare tab first.")
     mask = {k: k in (on or []) for k in keys}
     if not any(mask.values()):
         mix = Mix("base")
     else:
         mix = _mole_mix(state, keys, granularity, gate, mask)
     result = _human(ts, ts.engine.generate, mix, prompt.strip())
-    expected = expected_answer(prompt.strip())
-    verdict = "" if expected is None else (" ✓" if result.text == expected else f" ✗ (expected {expected})")
-    caption = f"{len([k for k in keys if mask[k]])} of {len(keys)} experts on: **{result.text or '(empty)'}**{verdict}"
+    caption = toggle_caption(sum(mask.values()), len(keys), result.text, expected_answer(prompt.strip()))
     return caption, mole_view(result) if result.method == "mole" else "<p>Every expert off: the base model.</p>", state
 
 
@@ -241,11 +278,13 @@ def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, s
         raise gr.Error(f"Steps, learning rate and α must be numbers: {err}") from err
     _human(ts, ts.engine.check_train, keys, mole, config)
     state["cancel"] = False
+    losses = []
     worker = StepWorker(lambda on_step: ts.engine.train(keys, mole, config, on_step=on_step,
                                                         should_stop=lambda: state["cancel"]))
     try:
         for step, loss, gates in worker:
             progress((step, config.steps), desc=f"training step {step}/{config.steps}")
+            losses.append(float(loss["task"]))
             yield state, (f"Step {step}/{config.steps} · task loss {loss['task']:.4f} · mean gates "
                           + " / ".join(f"{k} {float(g):.2f}" for k, g in zip(keys, gates)))
     except ValueError as err:
@@ -258,7 +297,8 @@ def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, s
     yield state, (f"**{verb} after {mixture.meta.get('steps', 0)} steps** ({mixture.meta.get('seconds', 0):.1f} s) on "
                   f"the manifests' example pairs · last loss {final.get('loss', float('nan')):.4f} · mean gates "
                   + " / ".join(f"{k} {g:.2f}" for k, g in zip(keys, mixture.meta.get("mean_gates", [])))
-                  + ". Compare again to use them.")
+                  + ". Compare again to use them." + (f"\n\n**Warning:** {note}" if (note := divergence_note(
+                      losses, config.lr)) else ""))
 
 
 def cancel(state: dict) -> str:
@@ -269,7 +309,7 @@ def cancel(state: dict) -> str:
 # ---- layout -----------------------------------------------------------------------------------
 def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = None, long: dict | None = None) -> None:
     """Lay the Text mode out inside the current Blocks and wire its events (fast / long: the queues' settings)."""
-    fast = fast or dict(concurrency_id="model", concurrency_limit=1)
+    fast = fast or dict(concurrency_id=TEXT_QUEUE, concurrency_limit=1)
     long = long or dict(concurrency_id="long", concurrency_limit=1)
     engine = ts.engine
     start = starting_keys(engine)
@@ -302,7 +342,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
             with gr.Row():
                 granularity = gr.Dropdown(list(GRANULARITIES), value="block", label="MoLE granularity (untrained)")
                 gate = gr.Radio(list(TEXT_GATES), value="sample", label="MoLE gate (untrained)")
-                rank = gr.Number(value=0, precision=0, label="SVD/TIES/DARE rank (0: the LoRAs' own)", minimum=0,
+                rank = FieldNumber(value=0, precision=0, label="SVD/TIES/DARE rank (0: the LoRAs' own)", minimum=0,
                                  maximum=1024)
                 density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="TIES/DARE density")
             note = gr.Markdown("MoLE's gates are untrained (equal weights) until you train them (the Train gates tab here).")
@@ -316,10 +356,10 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
             with gr.Row():
                 t_gran = gr.Dropdown(list(GRANULARITIES), value="block", label="Granularity")
                 t_gate = gr.Radio(list(TEXT_GATES), value="sample", label="Gate")
-                steps = gr.Number(value=TEXT_TRAIN.steps, precision=0, minimum=1, maximum=engine.limits.train_steps,
+                steps = FieldNumber(value=TEXT_TRAIN.steps, precision=0, minimum=1, maximum=engine.limits.train_steps,
                                   label="Steps")
-                lr = gr.Number(value=TEXT_TRAIN.lr, minimum=1e-6, maximum=10, label="Learning rate")
-                alpha = gr.Number(value=0.5, minimum=0, maximum=100, label="Balance α")
+                lr = FieldNumber(value=TEXT_TRAIN.lr, minimum=1e-6, maximum=10, label="Learning rate")
+                alpha = FieldNumber(value=0.5, minimum=0, maximum=100, label="Balance α")
             with gr.Row():
                 train_btn = gr.Button("Train gates", variant="primary", elem_id="text-train")
                 cancel_btn = gr.Button("Cancel", elem_id="text-cancel")

@@ -24,6 +24,7 @@ karpathy/minGPT `mingpt/trainer.py` (a flat loop with a callback).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,25 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # every step's losses
     seconds: float = 0.0                                # wall time of the loop
     stopped: bool = False                               # should_stop() ended it early
+
+
+def divergence_note(losses: list[float], lr: float) -> str:
+    """One plain sentence when a training's loss ended far above where it had been (it diverged), else ''.
+
+    `losses`: the task loss of every step, in order. Each step sees another batch, so the losses are compared
+    as running means over w = max(3, steps / 10) steps: diverged when the last w average above both twice
+    the lowest running mean and the first w."""
+    finite = [x for x in losses if math.isfinite(x)]
+    w = max(3, len(finite) // 10)
+    if len(finite) < 3 * w:
+        return ""
+    means = [sum(finite[i:i + w]) / w for i in range(len(finite) - w + 1)]
+    best = min(means)
+    if means[-1] <= max(2 * best, means[0]):
+        return ""
+    return (f"the task loss ended at {means[-1]:.3g} (mean of the last {w} steps), up from {best:.3g} around step "
+            f"{means.index(best) + w} (it started at {means[0]:.3g}): the training diverged. Train again with a "
+            f"lower learning rate (e.g. {lr / 5:.2g}) or fewer steps.")
 
 
 def train_gates(handle: MoleHandle, task, config: TrainConfig | None = None, on_step=None,
