@@ -397,7 +397,8 @@ class TextEngine:
         if len(prompt) > 64 * limit:                  # no tokenizer writes fewer than one token per 64 characters
             raise ValueError(f"{field} is {len(prompt)} characters long; {self.model_name} reads at most {limit} "
                              f"tokens.")
-        n = len(self.tokenizer(prompt, verbose=False).input_ids)
+        with self._lock:                              # a fast tokenizer is not to be shared between threads
+            n = len(self.tokenizer(prompt, verbose=False).input_ids)
         if n > limit:
             after = "" if getattr(self.model.config, "is_encoder_decoder", False) else \
                 f" and writes {self.max_new_tokens} more"

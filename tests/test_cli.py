@@ -285,3 +285,85 @@ def test_startup_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-m", "mole_core", "train-gates", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "torchvision" not in result.stderr, result.stderr
+
+
+# ---- a hostile visitor's CLI cases (issue 25: C7, C8, C11, C12, S4; the 2 GB file) -------------------
+@pytest.fixture(scope="module")
+def text_world(tmp_path_factory):
+    from tests.tiny import make_text_world
+    return make_text_world(tmp_path_factory.mktemp("textcli"))
+
+
+def text_generate(text_world, out, *extra, prompt="alpha: abc"):
+    return cli.main(["generate", "--model", str(text_world[0]), "--bank", str(text_world[1]), "--method", "linear",
+                     "--lora", "alpha", "--lora", "beta", "--prompt", prompt, "--out", str(out), *extra])
+
+
+def test_text_prompt_longer_than_the_models_positions_is_one_sentence(text_world, tmp_path, capsys):
+    """C7: was an IndexError traceback from BART's position table."""
+    assert text_generate(text_world, tmp_path / "a.txt", prompt="alpha: " + "z" * 80) == 1
+    assert "error: --prompt is 88 tokens long (87 characters); text-model reads at most 64 tokens" in capsys.readouterr().err
+    assert text_generate(text_world, tmp_path / "a.txt", prompt="z" * 100_000) == 1
+    assert "--prompt is 100000 characters long" in capsys.readouterr().err
+    assert not (tmp_path / "a.txt").exists()
+    assert text_generate(text_world, tmp_path / "a.txt") == 0 and (tmp_path / "a.txt").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--height", "2048"], "--height: for image pipelines only"),
+    (["--guidance", "7", "--negative", "bad", "--steps", "50"], "--guidance, --negative, --steps: for image pipelines"),
+    (["--cpu-offload"], "--cpu-offload: for image pipelines only")])
+def test_image_only_flags_on_a_text_model_are_refused(text_world, tmp_path, capsys, flags, named):
+    """C11/C12: were silently ignored."""
+    assert text_generate(text_world, tmp_path / "a.txt", *flags) == 1
+    err = capsys.readouterr().err
+    assert named in err and "text model 'text-model'" in err and not (tmp_path / "a.txt").exists()
+    assert cli.main(["train-gates", "--model", str(text_world[0]), "--bank", str(text_world[1]), "--lora", "alpha",
+                     "--lora", "beta", "--steps", "1", "--cpu-offload", "--out", str(tmp_path / "m.safetensors")]) == 1
+    assert "--cpu-offload: for image pipelines only" in capsys.readouterr().err
+
+
+def test_a_bad_model_is_named_never_the_bank(text_world, tmp_path, capsys):
+    """C8: every one of these blamed the bank ("'kind' must be one of ('subject', 'style'), found 'text'")."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{not json")
+    (tmp_path / "etc").symlink_to("/etc")
+    cases = {str(tmp_path / "missing"): "no such folder", str(ROOT / "app.py"): "is a file",
+             str(tmp_path / "broken"): "its model_index.json is not readable", "/etc": "is neither a diffusers",
+             str(tmp_path / "etc"): "is neither a diffusers",
+             "someorg/some-model": "is not a transformers text model folder (config.json), but the bank"}
+    for model, words in cases.items():
+        out = tmp_path / "a.txt"
+        assert cli.main(["generate", "--model", model, "--bank", str(text_world[1]), "--method", "linear", "--lora",
+                         "alpha", "--lora", "beta", "--prompt", "x", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"--model '{model}'" in err and words in err and "kind" not in err, err
+        assert not out.exists()
+
+
+def test_app_refuses_a_missing_model_at_start(tmp_path, capsys):
+    """S4: `python app.py --model <missing>` served and failed on first use."""
+    import app
+    with pytest.raises(SystemExit) as stop:
+        app.main(["--model", str(tmp_path / "nonexistent")])
+    assert stop.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_a_2gb_text_lora_is_refused_from_its_header(text_world, tmp_path, capsys):
+    """A sparse 2 GB file named .safetensors whose header declares one 2 GB factor: refused before any of it is
+    read (was read whole: 6 GB resident, 50 s); a file that is not safetensors at all is one sentence too."""
+    import json
+    import struct
+    header = json.dumps({"model.encoder.layers.0.self_attn.k_proj.lora_A.weight": {
+        "dtype": "F32", "shape": [2**29], "data_offsets": [0, 2**31]}}).encode()
+    header += b" " * (-len(header) % 8)
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2**31)
+    assert cli.main(["inspect", str(big), "--model", str(text_world[0])]) == 1
+    assert "has only one of its two LoRA factors" in capsys.readouterr().err
+    html = tmp_path / "page.safetensors"
+    html.write_text("<html><script>alert(1)</script></html>")
+    assert cli.main(["inspect", str(html), "--model", str(text_world[0])]) == 1
+    assert "not a readable .safetensors file" in capsys.readouterr().err

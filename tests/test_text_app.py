@@ -49,9 +49,9 @@ def test_toggle_one_expert_on_is_that_lora_alone(ts, engine):
     state = text_ui.new_text_session()
     caption, view, _ = text_ui.toggle(ts, ["alpha", "beta"], "alpha: abcd", ["alpha"], "block", "sample", state)
     alone = engine.generate(Mix("single:alpha"), "alpha: abcd").text
-    assert caption.startswith("1 of 2 experts on") and f"**{alone or '(empty)'}**" in caption
+    assert caption.startswith("1 of 2 experts on") and f"**{text_ui.plain_markdown(alone) or '(empty)'}**" in caption
     caption, view, _ = text_ui.toggle(ts, ["alpha", "beta"], "alpha: abcd", [], "block", "sample", state)
-    assert f"**{engine.generate(Mix('base'), 'alpha: abcd').text or '(empty)'}**" in caption
+    assert f"**{text_ui.plain_markdown(engine.generate(Mix('base'), 'alpha: abcd').text) or '(empty)'}**" in caption
     assert "base model" in view
 
 
@@ -207,3 +207,79 @@ def test_hostile_compare_values_are_refused_by_field(ts, tmp_path):
     small = text_ui.TextStudio(TextEngine(model_dir, bank, limits=Limits()))
     with pytest.raises(Exception, match="At most 8 LoRAs"):
         text_ui.compare(small, [f"k{i}" for i in range(9)], "k0: abc", ["linear"], "block", "sample", 0, 0.5, state)
+
+
+# ---- a hostile visitor (issue 25; tests/test_hardening.py holds the image tabs') ---------------------
+def test_inputs_longer_than_the_models_positions_are_refused_by_field(ts, engine):
+    """T2/T3: under the box's 200 characters but over the model's 64 positions, on Compare and on Toggle;
+    Toggle also has the box's cap. The limit is the model's own (its config), never a server path."""
+    state = text_ui.new_text_session()
+    limit = engine.model.config.max_position_embeddings
+    assert engine.prompt_limit() == limit
+    long = "alpha: " + "z" * limit                                   # under 200 characters, over 64 tokens
+    with pytest.raises(Exception, match=f"The input is .* tokens long .*reads at most {limit} tokens") as err:
+        text_ui.compare(ts, ["alpha", "beta"], long, ["mole", "base"], "block", "sample", 0, 0.5, state)
+    assert "/" not in str(err.value)
+    with pytest.raises(Exception, match=f"reads at most {limit} tokens"):
+        text_ui.toggle(ts, ["alpha", "beta"], long, ["alpha"], "block", "sample", state)
+    with pytest.raises(Exception, match="100000 characters long; at most 200"):
+        text_ui.toggle(ts, ["alpha", "beta"], "q" * 100_000, ["alpha"], "block", "sample", state)
+    fits = "alpha: " + "z" * (limit - 9)                             # what fits is answered
+    assert text_ui.toggle(ts, ["alpha", "beta"], fits, ["alpha"], "block", "sample", state)[0].startswith("1 of 2")
+
+
+def test_the_toggle_caption_shows_the_answer_as_text():
+    """T17/X3: a model's answer (a user's own model may write markup) is shown as itself, never rendered."""
+    answer = "<img src=x onerror=alert(1)> [click](javascript:alert(2)) **bold** `code` # head"
+    caption = text_ui.toggle_caption(1, 2, answer, "<b>x</b>")
+    assert "<img" not in caption and "<b>" not in caption and "](" not in caption and "**bold**" not in caption
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in caption and "\\[click\\]" in caption
+    assert caption.startswith("1 of 2 experts on: **") and "✗ (expected &lt;b&gt;x&lt;/b&gt;)" in caption
+
+
+def test_text_events_have_their_own_queue(engine, world_engine):
+    """T19: a text compare waiting for a text training (the text engine's lock) holds the Text tab's queue, not
+    the image tabs' "model" queue; training shares the one long queue."""
+    demo = app.build_demo(app.Studio(world_engine, text=engine))
+    queue = {fn.api_name: fn.concurrency_id for fn in demo.fns.values() if getattr(fn, "api_name", None)}
+    assert queue["text_compare"] == queue["text_toggle"] == text_ui.TEXT_QUEUE != queue["compare"] == app.MODEL_QUEUE
+    assert queue["text_train"] == queue["train"] == app.LONG_QUEUE
+
+
+def test_nan_and_text_in_number_fields_over_raw_http_get_a_message(engine):
+    """T6/T13: raw HTTP (curl) can send NaN, Infinity or text where the page sends numbers; each is refused with
+    the field's label (Gradio's own preprocess answered {"error": null})."""
+    import json
+    import urllib.request
+    demo = text_ui.build_text_demo(engine)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+
+    def call(api, data: str) -> str:
+        request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=data.encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        event = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
+        return urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=120).read().decode()
+
+    try:
+        for api, data, field in (
+                ("compare", '["alpha","beta"], "alpha: abc", ["svd"], "block", "sample", NaN, 0.5', "rank (0: the LoRAs' own)"),
+                ("train", '["alpha","beta"], "block", "sample", NaN, 0.005, 0.5', "Steps"),
+                ("train", '["alpha","beta"], "block", "sample", "5; rm -rf /", 0.005, 0.5', "Steps"),
+                ("train", '["alpha","beta"], "block", "sample", 5, Infinity, 0.5', "Learning rate")):
+            reply = call(api, '{"data": [' + data + ']}')
+            assert "event: error" in reply and f"{field} must be a finite number" in reply, reply
+        assert "Trained after 2 steps" in call("train", '{"data": [["alpha","beta"], "block", "sample", 2, 0.005, 0.5]}')
+    finally:
+        demo.close()
+
+
+def test_a_diverging_training_says_so():
+    """T22: a loss that ends far above its best gets one plain sentence; a noisy loss that does not (the
+    text world's real losses at lr 0.3, one batch per step) gets none."""
+    from mole_core.train import divergence_note
+    blown = [1.7] * 5 + [1.69] * 15 + [5.0, 8.0, 12.0, 12.3, 12.2]           # the shape of T22's 500 steps
+    assert "diverged" in divergence_note(blown, 5e-3) and "lower learning rate (e.g. 0.001)" in divergence_note(blown, 5e-3)
+    noisy = [2.6, 4.18, 1.73, 3.37, 3.11, 2.25, 2.99, 2.7, 1.35, 2.61, 1.62, 3.75, 3.2, 2.73, 2.72, 5.45, 4.49,
+             2.29, 2.69, 2.97, 5.09, 2.69, 3.28, 3.01, 2.34, 1.86, 3.43, 3.97, 2.63, 3.16]
+    assert divergence_note(noisy, 0.3) == "" and divergence_note([3.0, 2.0, 1.0], 1.0) == ""

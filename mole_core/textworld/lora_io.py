@@ -29,6 +29,37 @@ from mole_core.lora import MAX_ABS, Lora, LoraFileError, LoraWeights, lora_probl
 PEFT_PREFIX = "base_model.model."
 
 
+MAX_RANK, MAX_SIDE = 4096, 2**20        # header bounds: above them a file is refused before it is read
+
+
+def _check_layout(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """LoraFileError for tensor names, pairs or shapes a text LoRA cannot have, read from the header alone (a
+    crafted file declaring gigabytes is refused before a byte of it is read)."""
+    A, B = {}, {}
+    for key, shape in shapes.items():
+        stem = key.removeprefix(PEFT_PREFIX)
+        if stem.endswith(".lora_A.weight"):
+            A[stem.removesuffix(".lora_A.weight")] = shape
+        elif stem.endswith(".lora_B.weight"):
+            B[stem.removesuffix(".lora_B.weight")] = shape
+        else:
+            raise LoraFileError(f"{path}: unexpected tensor '{key}' (a text LoRA holds '<module>.lora_A.weight' "
+                                f"and '<module>.lora_B.weight' only).")
+    unpaired = sorted(A.keys() ^ B.keys())
+    if unpaired:
+        raise LoraFileError(f"{path}: module '{unpaired[0]}' has only one of its two LoRA factors.")
+    if not A:
+        raise LoraFileError(f"{path}: the file holds no LoRA factors.")
+    for key in sorted(A):
+        a, b = A[key], B[key]
+        if len(a) != 2 or len(b) != 2 or b[1] != a[0]:
+            raise LoraFileError(f"{path}: module '{key}': A {a} and B {b} do not chain (Linear LoRAs only: "
+                                f"A (r, d_in), B (d_out, r)).")
+        if a[0] > MAX_RANK or max(a[1], b[0]) > MAX_SIDE:
+            raise LoraFileError(f"{path}: module '{key}': A {a}, B {b}: a rank above {MAX_RANK} or a side above "
+                                f"{MAX_SIDE} is no LoRA of a language model.")
+
+
 def load_text_lora(path: str | Path, name: str | None = None) -> Lora:
     """Read a text LoRA file (.safetensors) into canonical form; LoraFileError names what is wrong."""
     path = Path(path)
@@ -37,33 +68,22 @@ def load_text_lora(path: str | Path, name: str | None = None) -> Lora:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            _check_layout(path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})   # before any tensor
+            state = {k: f.get_tensor(k) for k in f.keys()}                                 # is read
+    except LoraFileError:
+        raise
     except Exception as e:
         raise LoraFileError(f"{path}: not a readable .safetensors file: {e}") from e
     A, B = {}, {}
     for key, t in state.items():
         stem = key.removeprefix(PEFT_PREFIX)
-        if stem.endswith(".lora_A.weight"):
-            A[stem.removesuffix(".lora_A.weight")] = t
-        elif stem.endswith(".lora_B.weight"):
-            B[stem.removesuffix(".lora_B.weight")] = t
-        else:
-            raise LoraFileError(f"{path}: unexpected tensor '{key}' (a text LoRA holds '<module>.lora_A.weight' "
-                                f"and '<module>.lora_B.weight' only).")
+        (A if stem.endswith(".lora_A.weight") else B)[stem.rsplit(".", 2)[0]] = t
         if not torch.isfinite(t).all() or t.abs().max().item() > MAX_ABS:
             raise LoraFileError(f"{path}: tensor '{key}' holds non-finite values or values above {MAX_ABS:g}.")
-    unpaired = sorted(A.keys() ^ B.keys())
-    if unpaired:
-        raise LoraFileError(f"{path}: module '{unpaired[0]}' has only one of its two LoRA factors.")
-    if not A:
-        raise LoraFileError(f"{path}: the file holds no LoRA factors.")
     alpha = metadata.get("lora_alpha")
     modules = {}
     for key in sorted(A):
         a, b = A[key], B[key]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise LoraFileError(f"{path}: module '{key}': A {tuple(a.shape)} and B {tuple(b.shape)} do not chain "
-                                f"(Linear LoRAs only: A (r, d_in), B (d_out, r)).")
         scale = float(alpha) / a.shape[0] if alpha is not None else 1.0
         if not math.isfinite(scale):
             raise LoraFileError(f"{path}: lora_alpha {alpha!r} is not a finite number.")
