@@ -18,9 +18,9 @@ import importlib
 # public name -> the module of the package that defines it
 _EXPORTS = {
     "MoleConfig": "attach", "MoleHandle": "attach", "attach": "attach",
-    "Bank": "bank",
-    "Engine": "engine", "GenerateRequest": "engine", "Mix": "mix",
-    "compositing": "peers", "switching": "peers",
+    "Bank": "image.bank", "TextEngine": "text.engine",
+    "Engine": "image.engine", "GenerateRequest": "image.engine", "Mix": "mix",
+    "compositing": "image.peers", "switching": "image.peers",
     "Lora": "lora", "LoraWeights": "lora", "delta_weight": "lora", "load_lora": "lora",
     "pipeline_components": "lora", "save_lora": "lora", "validate_lora": "lora",
     "linear_factors": "merge", "merge_loras": "merge", "merged_weights": "merge", "svd_factors": "merge",

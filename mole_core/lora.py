@@ -5,8 +5,8 @@ Keys are "<component>.<module path>", e.g. "unet.down_blocks.0.attentions.0.tran
 "transformer.single_transformer_blocks.0.attn.to_q" or "text_encoder.encoder.layers.0.self_attn.q_proj"
 (transformers 5 has no `.text_model` level in CLIPTextModel; files that carry it are read without it), so that
 `components.get_submodule(key)` finds the module (components = nn.ModuleDict of the pipeline's models, see
-`mole_core.families.components`). A `Lora` also knows its family ("sd", "sdxl", "sd3", "flux";
-mole_core.families), told from the file's keys.
+`mole_core.image.families.components`). A `Lora` also knows its family ("sd", "sdxl", "sd3", "flux";
+mole_core.image.families), told from the file's keys.
 
 Files: `load_lora` reads diffusers/PEFT and kohya/A1111 .safetensors of SD 1.x/2.x, SDXL, SD3 and FLUX through
 the key conversion of that family's own diffusers pipeline class (`lora_state_dict`); `validate_lora` /
@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole_core.atomic import atomic_path
-from mole_core.families import FAMILIES, Family, family_of_lora, lora_families, lora_root, pipeline_class
+from mole_core.image.families import FAMILIES, Family, family_of_lora, lora_families, lora_root, pipeline_class
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Lora:
     path: str | None = None                     # file it came from, if any
     format: str = "diffusers"                   # "diffusers" | "kohya" (as read from disk)
     metadata: dict = field(default_factory=dict)
-    family: str | None = None                   # "sd" | "sdxl" | "sd3" | "flux" (mole_core.families); None: unknown
+    family: str | None = None                   # "sd" | "sdxl" | "sd3" | "flux" (mole_core.image.families); None: unknown
     fits: tuple = ()                            # every family the file's keys fit (family is one); () = (family,)
 
 
@@ -268,7 +268,7 @@ def load_lora(path: str | Path, name: str | None = None, family: Family | str | 
     Accepts diffusers/PEFT keys (`unet.…lora_A/lora_B`, `transformer.…`, `…lora.down/up`,
     `…processor.to_q_lora…`) and kohya/A1111 keys (`lora_unet_…lora_down/lora_up` + `.alpha`, `lora_te_`,
     `lora_te1_/te2_`, FLUX's `lora_unet_double_blocks_/single_blocks_`); the family is told from the keys
-    (mole_core.families.lora_families) and the key conversion is that family's diffusers pipeline class's own
+    (mole_core.image.families.lora_families) and the key conversion is that family's diffusers pipeline class's own
     (`lora_state_dict`). `family` (the loaded model's) settles files whose keys fit several families; it does
     not force a family the keys do not fit (see `check_family` for that refusal). Scale per module =
     alpha / rank, alpha from the file's `.alpha` tensors or its diffusers metadata; absent -> 1 (the
@@ -332,7 +332,7 @@ def load_lora(path: str | Path, name: str | None = None, family: Family | str | 
 
 def pipeline_components(pipe) -> nn.ModuleDict:
     """The pipeline's models a LoRA can target, addressable by canonical key via `get_submodule` (text encoders
-    through `families.lora_root`). `mole_core.families.components` is the same, limited to what the family's
+    through `families.lora_root`). `mole_core.image.families.components` is the same, limited to what the family's
     own LoRA loader targets (never FLUX's T5)."""
     return nn.ModuleDict({c: lora_root(getattr(pipe, c)) for c in COMPONENTS if getattr(pipe, c, None) is not None})
 

@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 
 import app
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from tests.helpers import SETTINGS, bank_digest, distinct_copy, pixels, world_paths
 
 
@@ -420,7 +420,7 @@ def test_study_refuses_counts_above_the_servers_limits(studio, keys):
 
 @pytest.mark.slow
 def test_study_scores_every_method(studio, keys):
-    pytest.importorskip("matplotlib")  # mole_core.evaluate draws its chart with matplotlib
+    pytest.importorskip("matplotlib")  # mole_core.studies.evaluate draws its chart with matplotlib
     *_, (text, table, chart) = app.study(studio, keys, 1, 1, 2, app.new_session(), progress=lambda *a, **k: None)
     assert "###" in text and len(table) >= 4 + len(keys)
     assert isinstance(chart, PIL.Image.Image)

@@ -11,8 +11,8 @@ import PIL.Image
 import pytest
 import torch
 
-from mole_core.engine import Engine, GenerateRequest, Mix
-from mole_core.families import FAMILIES, components, load_pipeline
+from mole_core.image.engine import Engine, GenerateRequest, Mix
+from mole_core.image.families import FAMILIES, components, load_pipeline
 from mole_core.lora import Lora, LoraWeights, save_lora
 from mole_core.train import TrainConfig
 from mole_core.attach import MoleConfig

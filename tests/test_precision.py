@@ -12,8 +12,8 @@ import torch
 
 from mole_core import cli
 from mole_core.attach import MoleConfig
-from mole_core.engine import DTYPES, Engine, GenerateRequest, Mix
-from mole_core.families import prepare
+from mole_core.image.engine import DTYPES, Engine, GenerateRequest, Mix
+from mole_core.image.families import prepare
 from mole_core.train import TrainConfig
 from tests.test_engine_families import make_bank
 from tests.tiny_families import SIDE, build_flux, make_family_dir

@@ -168,7 +168,7 @@ def test_precision_can_change_between_trainings_in_one_process():
 
 
 def test_examples_from_bank(tmp_path):
-    from mole_core.bank import Bank
+    from mole_core.image.bank import Bank
     from mole_core.lora import Lora, save_lora
     from mole_core.train import examples_from_bank
 

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mole_core.attach import MoleConfig, attach                      # noqa: E402
-from mole_core.engine import Engine, GenerateRequest, _file_stamp    # noqa: E402
+from mole_core.image.engine import Engine, GenerateRequest, _file_stamp    # noqa: E402
 from mole_core.mix import Mix                                        # noqa: E402
-from mole_core.study import targets_from_bank                         # noqa: E402
+from mole_core.studies.image import targets_from_bank                         # noqa: E402
 from mole_core.train import TrainConfig                               # noqa: E402
-from mole_core.world.scoring import WorldScorer, shipped_oracle, world_plain_prompts, world_prompts  # noqa: E402
+from mole_core.world.pixel.scoring import WorldScorer, shipped_oracle, world_plain_prompts, world_prompts  # noqa: E402
 
 
 class DevEngine(Engine):

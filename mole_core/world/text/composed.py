@@ -1,7 +1,7 @@
 """The composed-task measurement (the BBH analogue): held-out items of "outer inner: x" = outer(inner(x)),
 a skill pair no training item ever showed, answered by every way of combining the two LoRAs.
 
-    python -m mole_core.textworld composed [--pairs reverse+upper,...] [--items 50] [--out FILE]
+    python -m mole_core.world.text composed [--pairs reverse+upper,...] [--items 50] [--out FILE]
 
 Per pair: the base alone, each LoRA alone, the linear and SVD merges, untrained MoLE (== linear), and MoLE with
 per-sample and per-token gates trained (mole_core.train.TokenTask, TextEngine.train) on (a) 5 training-word
@@ -20,8 +20,8 @@ import torch
 
 from mole_core.attach import MoleConfig
 from mole_core.mix import Mix
-from mole_core.textworld.config import log
-from mole_core.textworld.tasks import COMPOSED_PAIRS, composed, sample_items, wilson
+from mole_core.world.text.config import log
+from mole_core.world.text.tasks import COMPOSED_PAIRS, composed, sample_items, wilson
 from mole_core.train import TrainConfig
 
 GATE_TRAIN = TrainConfig(steps=100, lr=5e-3, batch_size=4, seed=0)   # gate training of the measurement

@@ -1,7 +1,7 @@
 """What the world's build and its quality bars share: the build's settings, the bank's LoRAs, the build's
 random streams, its log and the way the built pipeline is loaded.
 
-`mole_core.world.build` trains the world with these and `mole_core.world.quality` measures it with them;
+`mole_core.world.pixel.build` trains the world with these and `mole_core.world.pixel.quality` measures it with them;
 neither imports the other's module-level code (build calls quality's `stage_eval` as its last stage).
 
 References: diffusers `StableDiffusionPipeline.from_pretrained`; DreamBooth (Ruiz et al., 2023) for the
@@ -17,9 +17,9 @@ import numpy as np
 from diffusers import StableDiffusionPipeline
 
 from mole_core.defaults import DEFAULT_GUIDANCE
-from mole_core.world import render as world
+from mole_core.world.pixel import render as world
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 # P(1, 2, 3 objects) in a LoRA's scenes as the eval bar and the examples draw them: a style is asked for
 # with more three-object scenes, where its trigger lands at late text positions (see render.caption)
 SCENE_OBJECTS_P = {"subject": (0.45, 0.4, 0.15), "style": (0.3, 0.3, 0.4)}
@@ -115,8 +115,8 @@ def rng_for(cfg: BuildConfig, stage: str) -> np.random.Generator:
 
 def load_pipeline(model_dir: Path) -> StableDiffusionPipeline:
     """The built world as a plain diffusers pipeline (no safety checker, no progress bars, frozen): the
-    project's one pipeline loader, `mole_core.families.load_pipeline`."""
-    from mole_core.families import load_pipeline as load
+    project's one pipeline loader, `mole_core.image.families.load_pipeline`."""
+    from mole_core.image.families import load_pipeline as load
     return load(str(model_dir))
 
 

@@ -17,7 +17,7 @@ TEXT_COMMANDS = ("inspect", "merge", "train-gates", "generate", "evaluate")
 
 def wants_text(args) -> bool:
     """True when the command's --model is a transformers text model folder."""
-    from mole_core.text_engine import is_text_model
+    from mole_core.text.engine import is_text_model
     model = getattr(args, "model", None)
     return args.command in TEXT_COMMANDS and bool(model) and is_text_model(model)
 
@@ -26,7 +26,7 @@ def _engine(args):
     import torch
 
     from mole_core.cli import quiet_libraries
-    from mole_core.text_engine import TextEngine
+    from mole_core.text.engine import TextEngine
     quiet_libraries()
     torch.set_num_threads(max(1, int(getattr(args, "threads", None) or 1)))
     bank = getattr(args, "bank", None)
@@ -35,8 +35,8 @@ def _engine(args):
 
 def _read_lora(path: str, engine):
     """A text LoRA from a .safetensors file or a PEFT adapter folder, checked against the engine's model."""
-    from mole_core.text_engine import read_text_lora
-    from mole_core.textworld.lora_io import validate_text_lora
+    from mole_core.text.engine import read_text_lora
+    from mole_core.text.lora_io import validate_text_lora
     lora = read_text_lora(path, engine.model)
     validate_text_lora(lora, engine.model)
     return lora
@@ -63,7 +63,7 @@ def cmd_merge(args) -> int:
     from mole_core.cli import check_merge, parse_lora_arg
     from mole_core.merge import merge_loras
     from mole_core.mix import MAX_WEIGHT
-    from mole_core.textworld.lora_io import save_text_lora
+    from mole_core.text.lora_io import save_text_lora
 
     if args.format != "diffusers":
         raise ValueError("--format: text LoRAs are written with PEFT keys; 'kohya' is an image-LoRA layout.")
@@ -131,8 +131,8 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Part A (multi-task) over the chosen LoRAs and Part B for the composed pairs among them, into --out."""
-    from mole_core.text_study import TextStudyConfig, config_dict, markdown, part_a, part_b, save
-    from mole_core.textworld.tasks import COMPOSED_PAIRS
+    from mole_core.studies.text import TextStudyConfig, config_dict, markdown, part_a, part_b, save
+    from mole_core.world.text.tasks import COMPOSED_PAIRS
     from mole_core.train import TrainConfig
 
     engine = _engine(args)

@@ -30,7 +30,7 @@ from mole_core.atomic import write_text
 from mole_core.attach import MoleConfig
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
-from mole_core.textworld.tasks import TASKS, composed, sample_items, wilson
+from mole_core.world.text.tasks import TASKS, composed, sample_items, wilson
 from mole_core.train import TokenTask, TrainConfig
 
 

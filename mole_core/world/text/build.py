@@ -12,13 +12,13 @@ Stages (`STAGES`, in this order), each with a fixed seed, each skipped when its 
   loras  one LoRA per bank task (tasks.BANK_TASKS: 5 main, 11 distractors) on the frozen base with peft's
          `LoraConfig` (rank 8 on every attention and MLP Linear), batches with a share of base-task items
          (prior preservation), each for its task's share of `lora_steps`; saved as text_bank/<key>.safetensors
-         (mole_core.textworld.lora_io) + a manifest text_bank/<key>.json with held-in example pairs
+         (mole_core.text.lora_io) + a manifest text_bank/<key>.json with held-in example pairs
          (gate-training data) and its role ("main" or "distractor").
-  eval   the bars (mole_core.textworld.quality): each LoRA alone and the base alone on held-out items.
+  eval   the bars (mole_core.world.text.quality): each LoRA alone and the base alone on held-out items.
 Every stage records its figures and seconds in assets/text-world/build_report.json.
 
 References: FLAN (Chung et al., 2022) task mixtures; peft `get_peft_model` + `LoraConfig`; MoLE (Wu et al.,
-ICLR 2024) §4.2 (Flan-T5 task LoRAs); mole_core.world.build (the image world this one mirrors).
+ICLR 2024) §4.2 (Flan-T5 task LoRAs); mole_core.world.pixel.build (the image world this one mirrors).
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import BartForConditionalGeneration
 
 from mole_core.atomic import write_text
-from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig, load_model, log, rng_for
-from mole_core.textworld.lora_io import lora_from_peft, save_text_lora
-from mole_core.textworld.quality import stage_eval
-from mole_core.textworld.tasks import BANK_TASKS, BASE_TASKS, TextTask, role, sample_items
-from mole_core.textworld.tokenizer import build_tokenizer
+from mole_core.world.text.config import LORA_TARGETS, TextBuildConfig, load_model, log, rng_for
+from mole_core.text.lora_io import lora_from_peft, save_text_lora
+from mole_core.world.text.quality import stage_eval
+from mole_core.world.text.tasks import BANK_TASKS, BASE_TASKS, TextTask, role, sample_items
+from mole_core.world.text.tokenizer import build_tokenizer
 
 STAGES = ("base", "loras", "eval")
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from mole_core.attach import MoleHandle
-from mole_core.families import denoiser
+from mole_core.image.families import denoiser
 
 
 def _one_hot(n: int, i: int) -> list[float]:

@@ -7,8 +7,8 @@ row per other method), draws every caption with every seed for every cell, so th
 from the same noise, and scores the images. `train_mixture` and `score_cells` are its two halves, for
 callers that build their own cells (bench/study.py).
 
-Nothing here knows a particular model: captions and scorers come in a `Suite` (mole_core.evaluate
-builds the pixel world's from mole_core.world.scoring; a scorer has `name`, `score` and `preservation`,
+Nothing here knows a particular model: captions and scorers come in a `Suite` (mole_core.studies.evaluate
+builds the pixel world's from mole_core.world.pixel.scoring; a scorer has `name`, `score` and `preservation`,
 see mole_core.metrics). A run counts its work in its real units, images drawn and gate-training steps
 taken, each at its own rate; `plan_evaluation` counts them before anything runs and `estimate_seconds`
 turns the counts into an expected duration. `on_progress(Tally)` hears of every unit, and `should_stop()`
@@ -31,7 +31,7 @@ import numpy as np
 from mole_core.attach import MoleConfig
 from mole_core.defaults import (DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, TRAIN_BATCH, TRAIN_LR,
                                 TRAIN_STEPS)
-from mole_core.engine import GenerateRequest
+from mole_core.image.engine import GenerateRequest
 from mole_core.metrics import Target, mean_ci, plateau_step
 from mole_core.mix import METHODS, Mix, mole_config_for
 from mole_core.train import TrainConfig

@@ -7,14 +7,14 @@ Stages (`STAGES`, in this order), each with a fixed seed, each skipped when its 
            styles), x0-prediction (prediction_type="sample"), 10% empty captions for guidance. Saved
            with the tokenizer and DDIM scheduler as an ordinary StableDiffusionPipeline folder.
   base2, base3  two more cosine cycles of the same training at a half and a quarter of the learning rate.
-  oracle   the small CNN that reads images (mole_core.world.oracle).
+  oracle   the small CNN that reads images (mole_core.world.pixel.oracle).
   loras    one DreamBooth-style LoRA per subject and per style on the frozen base (peft via
            `unet.add_adapter`), saved with `StableDiffusionPipeline.save_lora_weights`; one is
            converted to kohya keys. Manifests + rendered example images.
-  eval     the bars (mole_core.world.quality): oracle accuracy on clean renders, base accuracy on generated
+  eval     the bars (mole_core.world.pixel.quality): oracle accuracy on clean renders, base accuracy on generated
            one- and two-object captions, each LoRA's subject/style rate and base preservation.
 Every stage records its figures and seconds in assets/pixel-world/build_report.json. The settings, the
-bank's LoRA specs and the random streams are in mole_core.world.config.
+bank's LoRA specs and the random streams are in mole_core.world.pixel.config.
 
 References: diffusers `train_text_to_image.py` and `train_dreambooth_lora.py` (the loops followed here);
 DreamBooth (Ruiz et al., 2023) for rare-token triggers and prior preservation.
@@ -39,10 +39,10 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffus
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from mole_core.atomic import atomic_path, write_text
-from mole_core.world import render as world
-from mole_core.world.config import STREAMS, BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
-from mole_core.world.quality import stage_eval
-from mole_core.world.tokenizer import build_tokenizer
+from mole_core.world.pixel import render as world
+from mole_core.world.pixel.config import STREAMS, BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
+from mole_core.world.pixel.quality import stage_eval
+from mole_core.world.pixel.tokenizer import build_tokenizer
 
 STAGES = ("vae", "decoder", "base", "base2", "base3", "oracle", "loras", "eval")
 KOHYA_LORAS = ("heart",)            # LoRAs shipped in kohya format (the rest: diffusers format)
@@ -331,7 +331,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, model_dir: Path, keep=()) -> No
 # 3. Oracle
 
 def stage_oracle(cfg: BuildConfig) -> dict:
-    from mole_core.world import oracle as oracle_mod
+    from mole_core.world.pixel import oracle as oracle_mod
     torch.manual_seed(cfg.seed + 3)
     net = oracle_mod.train_oracle(rng_for(cfg, "oracle"), steps=cfg.oracle_steps, batch=cfg.oracle_batch,
                                   log=log)

@@ -19,7 +19,7 @@ import PIL.Image
 
 from mole_core.atomic import atomic_path, write_text
 from mole_core.mix import NEEDS_SELECTION
-from mole_core.study import Evaluation
+from mole_core.studies.image import Evaluation
 
 METRIC_NAMES = {  # column -> header, in the order shown
     "caption_fidelity": "caption fidelity",

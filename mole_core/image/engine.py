@@ -43,11 +43,11 @@ from torch import nn
 
 from mole_core.atomic import atomic_path
 from mole_core.attach import MoleConfig, attach, write_gates_csv
-from mole_core.bank import Bank, BankEntry
+from mole_core.image.bank import Bank, BankEntry
 from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
-from mole_core.families import components as components_of
-from mole_core.families import default_size, family_of, latent_shape, latents_for, load_pipeline
+from mole_core.image.families import components as components_of
+from mole_core.image.families import default_size, family_of, latent_shape, latents_for, load_pipeline
 from mole_core.lora import Lora, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training
@@ -103,7 +103,7 @@ class Engine:
     def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
                  dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
-        self._family = None                      # mole_core.families.Family (the `family` property loads it)
+        self._family = None                      # mole_core.image.families.Family (the `family` property loads it)
         self.bank = bank if isinstance(bank, Bank) else Bank(bank)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or torch.float32
@@ -127,7 +127,7 @@ class Engine:
     # ---- the pipeline ---------------------------------------------------------------------------
     @property
     def pipe(self):
-        """The shared pipeline (any supported family: mole_core.families), loaded on first use."""
+        """The shared pipeline (any supported family: mole_core.image.families), loaded on first use."""
         with self._load_lock:
             if self._pipe is None:
                 self._pipe = self._prepare(self.model_id)
@@ -135,7 +135,7 @@ class Engine:
 
     @property
     def family(self):
-        """The pipeline's mole_core.families.Family (loads the pipeline on first use)."""
+        """The pipeline's mole_core.image.families.Family (loads the pipeline on first use)."""
         if self._family is None:
             self.pipe
         return self._family
@@ -431,14 +431,14 @@ class Engine:
         return image, None, label
 
     def _run_switch(self, mix: Mix, request, latents, bank: Bank):
-        from mole_core.peers import switching
+        from mole_core.image.peers import switching
         handle = self._attached(mix.keys, MoleConfig(), bank)
         with switching(self.pipe, handle, every=mix.switch_every):
             image = self._call_pipe(request, latents)
         return image, None, f"LoRA Switch (every {mix.switch_every} steps)"
 
     def _run_composite(self, mix: Mix, request, latents, bank: Bank):
-        from mole_core.peers import compositing
+        from mole_core.image.peers import compositing
         handle = self._attached(mix.keys, MoleConfig(), bank)
         with compositing(self.pipe, handle):
             image = self._call_pipe(request, latents)
@@ -498,7 +498,7 @@ class Engine:
         engine = "Engine()" if embedded else \
             f"Engine({Path(self.model_id or 'PATH/TO/MODEL').name!r}, {self.bank.folder.name!r})"
         lines = ["# pip install -e <the MoLE Studio repository>   (or run from its folder)",
-                 "from mole_core.engine import Engine, GenerateRequest, Mix",
+                 "from mole_core.image.engine import Engine, GenerateRequest, Mix",
                  "from mole_core.mixture import load_mixture",
                  "", f"engine = {engine}", f"request = {request!r}", "mixes = ["]
         lines += [f"    {mix.to_python(mixture_file)}," for mix in mixes]

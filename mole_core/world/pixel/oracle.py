@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mole_core.atomic import atomic_path, write_text
-from mole_core.world import render as world
+from mole_core.world.pixel import render as world
 
 IDENTITY_CLASSES = ("empty",) + world.IDENTITIES      # what stands at a position
 COLOUR_CLASSES = tuple(world.COLOURS)                  # colour of a base shape

@@ -32,7 +32,7 @@ from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GAT
 # Defaults of TrainConfig / MoleConfig / Mix, repeated here so that --help shows numbers without importing
 # torch; tests/test_cli.py checks that they are still the dataclasses' own.
 TRAIN_ALPHA, TRAIN_SEED = 0.5, 0
-DTYPE_NAMES = ("float32", "float16", "bfloat16")     # mole_core.engine.DTYPES' keys
+DTYPE_NAMES = ("float32", "float16", "bfloat16")     # mole_core.image.engine.DTYPES' keys
 MIX_DENSITY, MIX_SWITCH_EVERY = 0.5, 5
 
 
@@ -64,7 +64,7 @@ class Choices:
 
 class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser. `arguments(parser)`, when given, adds its flags on first use: evaluate's
-    flags live in mole_core.evaluate, which imports torch, and `python -m mole_core --help` must not."""
+    flags live in mole_core.studies.evaluate, which imports torch, and `python -m mole_core --help` must not."""
 
     def __init__(self, *args, arguments=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -106,14 +106,14 @@ def quiet_libraries() -> None:
 
 def local_engine(args):
     """The engine for --model/--bank with the limits of a private machine."""
-    from mole_core.engine import Engine
+    from mole_core.image.engine import Engine
 
     return Engine(args.model, args.bank, limits=Limits.local(), **engine_precision(args))
 
 
 def engine_precision(args) -> dict:
     """Engine keyword arguments from --dtype / --cpu-offload (absent flags: the engine's defaults)."""
-    from mole_core.engine import DTYPES
+    from mole_core.image.engine import DTYPES
 
     dtype = getattr(args, "dtype", None)
     return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
@@ -173,7 +173,7 @@ def check_merge(args, weights, max_weight: float) -> None:
 def load_components(model_dir: str):
     """A diffusers pipeline folder of any supported family, offline, as (pipeline, components ModuleDict)."""
     quiet_libraries()
-    from mole_core.families import components, load_pipeline
+    from mole_core.image.families import components, load_pipeline
 
     pipe = load_pipeline(model_dir)
     return pipe, components(pipe)
@@ -181,7 +181,7 @@ def load_components(model_dir: str):
 
 def cmd_inspect(args) -> int:
     """Print what a LoRA file holds and whether it fits the model."""
-    from mole_core.families import family_of
+    from mole_core.image.families import family_of
     from mole_core.lora import inspect_lora
 
     pipe, components = load_components(args.model) if args.model else (None, None)
@@ -227,7 +227,7 @@ def cmd_merge(args) -> int:
 def cmd_evaluate(args) -> int:
     """Train (or load) the mixture and score MoLE, linear, SVD, each LoRA and the base on the same prompts."""
     quiet_libraries()
-    from mole_core.evaluate import cli_evaluate
+    from mole_core.studies.evaluate import cli_evaluate
 
     return cli_evaluate(args)
 
@@ -277,8 +277,8 @@ def step_bar(steps: int):
 def cmd_generate(args) -> int:
     """Render one image with one Mix (MoLE, a merge, a peer, the base or a single LoRA)."""
     quiet_libraries()
-    from mole_core.engine import GenerateRequest, save_image, write_gates_csv
-    from mole_core.families import default_guidance
+    from mole_core.image.engine import GenerateRequest, save_image, write_gates_csv
+    from mole_core.image.families import default_guidance
     from mole_core.mix import Mix
     from mole_core.mixture import load_mixture
 
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evaluate", help="score MoLE vs the merges vs each LoRA vs base on the same prompts and seeds",
-                       arguments=lambda p: importlib.import_module("mole_core.evaluate").add_arguments(p))
+                       arguments=lambda p: importlib.import_module("mole_core.studies.evaluate").add_arguments(p))
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train-gates", help="train MoLE gates over bank LoRAs and write a mixture file")
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
     args = build_parser().parse_args(argv)
     try:
-        from mole_core.text_cli import run as run_text, wants_text
+        from mole_core.cli.text import run as run_text, wants_text
         if wants_text(args):              # a transformers text model: the same verbs on text (text_cli.py)
             return run_text(args)
         if getattr(args, "gate", False) is None:

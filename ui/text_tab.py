@@ -17,9 +17,9 @@ import gradio as gr
 from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.mix import MERGES, Mix
 from mole_core.plots import gate_heatmap
-from mole_core.text_engine import TextEngine
+from mole_core.text.engine import TextEngine
 from mole_core.train import TrainConfig
-from mole_core.worker import StepWorker
+from ui.worker import StepWorker
 
 TEXT_GATES = ("sample", "token", "static")
 TEXT_TRAIN = TrainConfig(steps=100, lr=5e-3, batch_size=8, seed=0)        # the text study's gate training
@@ -47,7 +47,7 @@ def _human(ts: TextStudio, fn, *args, **kwargs):
 
 def expected_answer(prompt: str) -> str | None:
     """The text world's answer to 'task: word' or 'outer inner: word' (None when it is not one of its tasks)."""
-    from mole_core.textworld.tasks import TASKS, composed
+    from mole_core.world.text.tasks import TASKS, composed
     head, sep, word = prompt.partition(": ")
     if not sep or not word or not word.isalpha() or len(word) > 20:
         return None
@@ -98,7 +98,7 @@ def prompt_examples(engine: TextEngine) -> list[str]:
     keys = ordered_keys(engine)
     start = starting_keys(engine)
     out = [f"{k}: planet" for k in dict.fromkeys([*start, *keys[:3]])][:3]
-    from mole_core.textworld.tasks import COMPOSED_PAIRS
+    from mole_core.world.text.tasks import COMPOSED_PAIRS
     out += [f"{a} {b}: garden" for a, b in COMPOSED_PAIRS if a in keys and b in keys][:3]
     return out
 

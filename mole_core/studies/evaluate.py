@@ -1,8 +1,8 @@
 """The evaluation as the CLI and the app run it: `python -m mole_core evaluate` and the app's small study.
 
-Both hand an `EvalConfig` and a `Suite` to the generic harness (mole_core.study) and show what comes back
-with mole_core.report. This module decides what a model is scored with (`suite_for`): the pixel world's
-oracle and captions (mole_core.world.scoring) when the model ships an oracle and the LoRAs are the
+Both hand an `EvalConfig` and a `Suite` to the generic harness (mole_core.studies.image) and show what comes back
+with mole_core.studies.report. This module decides what a model is scored with (`suite_for`): the pixel world's
+oracle and captions (mole_core.world.pixel.scoring) when the model ships an oracle and the LoRAs are the
 world's, CLIP when a local CLIP model is given.
 
     python -m mole_core evaluate --lora face --lora ring --gate sample --gate token --out results/
@@ -20,14 +20,14 @@ import sys
 from mole_core.attach import GRANULARITIES
 from mole_core.mix import GATES
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, TRAIN_LR, TRAIN_STEPS, Limits
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from mole_core.metrics import ClipScorer
 from mole_core.mix import METHODS, Mix
 from mole_core.mixture import load_mixture
-from mole_core.report import plot, tidy_table, to_markdown, write_outputs
-from mole_core.study import (SINGLES, EvalConfig, Stopped, Suite, engine_costs, estimate_seconds, evaluate,
+from mole_core.studies.report import plot, tidy_table, to_markdown, write_outputs
+from mole_core.studies.image import (SINGLES, EvalConfig, Stopped, Suite, engine_costs, estimate_seconds, evaluate,
                              plan_evaluation, read_templates, targets_from_bank)
-from mole_core.world.scoring import WorldScorer, shipped_oracle, speaks_world, world_plain_prompts, world_prompts
+from mole_core.world.pixel.scoring import WorldScorer, shipped_oracle, speaks_world, world_plain_prompts, world_prompts
 
 NO_SCORER = ("No scores: this model has no oracle and no CLIP model was given "
              "(pass --clip PATH to a local CLIP model folder). Only timings are shown.")

@@ -3,7 +3,7 @@ held-out words (never seen by any training item of any task).
 
   each LoRA   alone, on 100 held-out items of its task (bar >= 0.90), main LoRAs and distractors alike (the
               bar records its role); loaded from the shipped bank file
-              (mole_core.textworld.lora_io.load_text_lora) and applied with mole_core.merge.merged_weights
+              (mole_core.text.lora_io.load_text_lora) and applied with mole_core.merge.merged_weights
   base        alone on every task: the bank's tasks (what the LoRAs add: should be far below the bar) and
               its own tasks
   main LoRAs  also on the other main LoRAs' tasks (a LoRA should not answer another one's instruction)
@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 
 from mole_core.merge import merged_weights
-from mole_core.textworld.config import TextBuildConfig, load_model, log, rng_for
-from mole_core.textworld.decode import greedy
-from mole_core.textworld.lora_io import load_text_lora
-from mole_core.textworld.tasks import (BANK_TASKS, BASE_TASKS, LORA_TASKS, exact_match, sample_items, wilson,
+from mole_core.world.text.config import TextBuildConfig, load_model, log, rng_for
+from mole_core.text.decode import greedy
+from mole_core.text.lora_io import load_text_lora
+from mole_core.world.text.tasks import (BANK_TASKS, BASE_TASKS, LORA_TASKS, exact_match, sample_items, wilson,
                                       role as task_role)
 
 BARS = {"lora": 0.90}                       # the least each LoRA alone must reach on its task

@@ -1,7 +1,7 @@
 """The text engine: the text world's model, its text-LoRA bank, and every way of combining text LoRAs.
 
 `TextEngine` is the image `Engine`'s twin for a transformers language model: any seq2seq or causal LM folder
-(`load_text_model`; the embedded text world is a tiny BartForConditionalGeneration, mole_core.textworld), with
+(`load_text_model`; the embedded text world is a tiny BartForConditionalGeneration, mole_core.world.text), with
 a bank of text LoRAs (`TextBank`: bare .safetensors with PEFT keys, or PEFT adapter folders read by PEFT itself,
 `load_peft_adapter`). It answers a prompt with a `Mix` (mole_core.mix: the method and all its parameters,
 passed whole), greedily:
@@ -12,7 +12,7 @@ passed whole), greedily:
     mixture = engine.train(("reverse", "upper"), MoleConfig(gate="token"), TrainConfig(steps=100, lr=1e-2))
 
 Methods: mole, linear, svd, ties, dare, base, single:KEY (switch and composite are denoising-step methods:
-refused). A LoRA key is a bank entry: text_bank/<key>.safetensors (mole_core.textworld.lora_io) + <key>.json.
+refused). A LoRA key is a bank entry: text_bank/<key>.safetensors (mole_core.text.lora_io) + <key>.json.
 
 Contract (as the image engine's):
 - Greedy decoding: the same prompt and Mix give the same text on every run.
@@ -20,11 +20,11 @@ Contract (as the image engine's):
   MoLE through one kept attachment (keyed by keys, granularity, gate kind) whose experts are all masked off
   while another method runs, which is the base model exactly.
 - A lock serialises every call that uses the model.
-- Per-sample gates pool over each sample's tokens in each forward pass; decoding (mole_core.textworld.decode)
+- Per-sample gates pool over each sample's tokens in each forward pass; decoding (mole_core.text.decode)
   runs one full pass per generated token and never pads a batch, so a batched answer == the answer alone;
   gate training (TokenTask) batches prompts of one length for the same reason.
 
-References: MoLE (Wu et al., ICLR 2024) §4.2 (Flan-T5 LoRAs, NLP); mole_core.engine (the image engine).
+References: MoLE (Wu et al., ICLR 2024) §4.2 (Flan-T5 LoRAs, NLP); mole_core.image.engine (the image engine).
 """
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
-from mole_core.textworld.config import load_model as load_text_model
-from mole_core.textworld.decode import decode
-from mole_core.textworld.lora_io import load_text_lora, lora_from_peft, validate_text_lora
+from mole_core.world.text.config import load_model as load_text_model
+from mole_core.text.decode import decode
+from mole_core.text.lora_io import load_text_lora, lora_from_peft, validate_text_lora
 from mole_core.train import TokenTask, TrainConfig, TrainResult, train_gates
 
 DEFAULT_TEXT_MODEL = str(PACKAGE_ROOT / "assets" / "text-world")   # the embedded text default

@@ -1,16 +1,16 @@
-"""`python -m mole_core.textworld build [--out DIR] [--seed S] [--quick] [--stage base,loras,eval] [--force] [--lora KEYS]`
-and `python -m mole_core.textworld composed [--pairs reverse+upper,...] [--items 50] [--out FILE]`."""
+"""`python -m mole_core.world.text build [--out DIR] [--seed S] [--quick] [--stage base,loras,eval] [--force] [--lora KEYS]`
+and `python -m mole_core.world.text composed [--pairs reverse+upper,...] [--items 50] [--out FILE]`."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from mole_core.textworld.build import STAGES, run_build
-from mole_core.textworld.config import REPO_ROOT, TextBuildConfig
+from mole_core.world.text.build import STAGES, run_build
+from mole_core.world.text.config import REPO_ROOT, TextBuildConfig
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mole_core.textworld",
+    parser = argparse.ArgumentParser(prog="python -m mole_core.world.text",
                                      description="Regenerate the text world (tiny encoder-decoder, tokenizer, text LoRA bank).")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="train and evaluate everything with fixed seeds")
@@ -32,9 +32,9 @@ def main(argv=None) -> None:
     if args.command == "composed":
         import torch
 
-        from mole_core.text_engine import TextEngine
-        from mole_core.textworld.composed import measure
-        from mole_core.textworld.tasks import COMPOSED_PAIRS
+        from mole_core.text.engine import TextEngine
+        from mole_core.world.text.composed import measure
+        from mole_core.world.text.tasks import COMPOSED_PAIRS
         torch.set_num_threads(1)
         pairs = [tuple(p.split("+")) for p in args.pairs.split(",") if p] or COMPOSED_PAIRS
         measure(TextEngine(args.model, args.bank), pairs, args.items, args.out)

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from mole_core.atomic import write_text
-from mole_core.world.render import WORDS
+from mole_core.world.pixel.render import WORDS
 
 MODEL_MAX_LENGTH = 28   # BOS + the longest caption (3 objects + style = 24 words) + EOS, with room
 

@@ -1,8 +1,8 @@
 """The pixel world as an evaluation suite: captions that ask for the bank's subjects and styles, and the
-oracle's scores of the images (the offline stand-ins for CLIP). `mole_core.evaluate` hands these to the
-generic study harness (`mole_core.study`) when the model is the world.
+oracle's scores of the images (the offline stand-ins for CLIP). `mole_core.studies.evaluate` hands these to the
+generic study harness (`mole_core.studies.image`) when the model is the world.
 
-Scores (read by the world's oracle, `mole_core.world.oracle`), per image so a table can show a mean and
+Scores (read by the world's oracle, `mole_core.world.pixel.oracle`), per image so a table can show a mean and
 its uncertainty:
 - caption fidelity   the fraction of caption items the oracle finds satisfied (≈ CLIP text-alignment);
 - subject fidelity   per subject: the probability it is present and recognisable where the caption puts
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from mole_core.metrics import Target, mentions
-from mole_core.world import oracle as world_oracle
-from mole_core.world import render as world
+from mole_core.world.pixel import oracle as world_oracle
+from mole_core.world.pixel import render as world
 
 
 def shipped_oracle(model_dir) -> Path | None:
@@ -95,7 +95,7 @@ def reading_items(reading) -> dict[str, tuple]:
 class WorldScorer:
     """Caption fidelity, subject fidelity and base preservation, read by the world's oracle.
 
-    A scorer of `mole_core.study` (`name`, `score`, `preservation`); the columns it gives are
+    A scorer of `mole_core.studies.image` (`name`, `score`, `preservation`); the columns it gives are
     "caption_fidelity" and "subject:<key>" per target (NaN where the caption does not ask for it).
     """
 

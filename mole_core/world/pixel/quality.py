@@ -9,7 +9,7 @@ from held-out seeds.
               the trigger, with the LoRA loaded vs without (caption fidelity both ways, agreement)
 
 The LoRAs are loaded from the shipped bank files with the plain diffusers call `load_lora_weights`.
-The figures and the bars go into build_report.json under stages.eval (mole_core.world.build writes it).
+The figures and the bars go into build_report.json under stages.eval (mole_core.world.pixel.build writes it).
 
 References: MoLE (Wu et al., ICLR 2024) §4: CLIP text-/image-alignment, which the oracle stands in for.
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mole_core.world import render as world
-from mole_core.world.config import BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
-from mole_core.world.oracle import Oracle, accuracy_on_renders, caption_fidelity
+from mole_core.world.pixel import render as world
+from mole_core.world.pixel.config import BuildConfig, LoraSpec, load_pipeline, log, lora_specs, rng_for
+from mole_core.world.pixel.oracle import Oracle, accuracy_on_renders, caption_fidelity
 
 BARS = {"oracle": 0.98, "base": 0.90, "lora": 0.90}     # the least each figure must reach
 
