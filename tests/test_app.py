@@ -296,7 +296,7 @@ def test_a_bad_mixture_is_refused_at_load_with_its_name(studio, tmp_path, bad, m
 # ---- export, snippet, upload ----------------------------------------------------------------------
 @pytest.mark.parametrize("method, fmt", [("linear", "diffusers"), ("svd", "kohya"), ("ties", "diffusers")])
 def test_export_writes_a_lora_the_model_accepts(studio, world, keys, method, fmt):
-    from mole_core.lora import load_lora, validate_lora
+    from mole_core.image.lora_files import load_lora, validate_lora
     path, _ = app.export(studio, keys, method, fmt, None, 2, True, 0.5, app.new_session())
     lora = load_lora(path)
     validate_lora(lora, Engine(*world).components)  # a fresh model: no MoLE wrappers attached

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mole_core.attach import MoleConfig, attach
-from mole_core.lora import save_lora
+from mole_core.image.lora_files import save_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mixture import MixtureError, apply_mixture, load_mixture, save_mixture
 from mole_core.image.peers import compositing, switching

@@ -139,7 +139,7 @@ def test_bad_adapter_folders_are_refused_by_name(tmp_path, world):
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{not json")
     (bad / "adapter_model.safetensors").write_bytes(b"\0" * 16)
-    from mole_core.text.engine import load_peft_adapter
+    from mole_core.text.lora_io import load_peft_adapter
     with pytest.raises(LoraFileError, match="broken"):
         load_peft_adapter(bad, engine.model)
     assert str(tmp_path) not in str(pytest.raises(LoraFileError, load_peft_adapter, bad, engine.model).value)

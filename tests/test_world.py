@@ -165,7 +165,7 @@ def test_shipped_loras_fit_the_shipped_pipeline_in_both_formats():
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from mole_core.lora import load_lora, pipeline_components, validate_lora
+    from mole_core.image.lora_files import load_lora, pipeline_components, validate_lora
     pipe = StableDiffusionPipeline.from_pretrained(MODEL)
     components = pipeline_components(pipe)
     formats = set()

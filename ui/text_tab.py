@@ -15,7 +15,7 @@ from functools import partial
 import gradio as gr
 
 from mole_core.attach import GRANULARITIES, MoleConfig
-from mole_core.mix import MERGES, Mix
+from mole_core.mix import MERGES, NAMES, Mix
 from mole_core.plots import gate_heatmap
 from mole_core.text.engine import TextEngine
 from mole_core.train import TrainConfig
@@ -24,8 +24,6 @@ from ui.worker import StepWorker
 TEXT_GATES = ("sample", "token", "static")
 TEXT_TRAIN = TrainConfig(steps=100, lr=5e-3, batch_size=8, seed=0)        # the text study's gate training
 EXPERT_COLOURS = ("#e4572e", "#2e86ab", "#76b041", "#f3a712", "#a23b72", "#3b1f2b", "#17bebb", "#8d6a9f")
-METHOD_LABELS = {"mole": "MoLE", "linear": "Linear merge", "svd": "SVD merge", "ties": "TIES", "dare": "DARE",
-                 "base": "Base model"}
 
 
 @dataclass
@@ -160,7 +158,7 @@ def results_table(results, expected: str | None) -> str:
 
 # ---- handlers ---------------------------------------------------------------------------------
 def method_choices(engine: TextEngine, keys: list[str]) -> list[tuple[str, str]]:
-    out = [(METHOD_LABELS[m], m) for m in ("mole", *MERGES, "base")]
+    out = [(NAMES[m], m) for m in ("mole", *MERGES, "base")]
     out += [(f"{engine.bank.get(k).name} alone", f"single:{k}") for k in keys if k in engine.bank.keys()]
     return out
 
@@ -198,7 +196,7 @@ def compare(ts: TextStudio, keys, prompt: str, methods, granularity: str, gate: 
         if m.startswith("single:") or m == "base":
             mixes.append(Mix(m))
         elif not keys:
-            raise gr.Error(f"'{METHOD_LABELS.get(m, m)}' combines LoRAs: choose some above.")
+            raise gr.Error(f"'{NAMES.get(m, m)}' combines LoRAs: choose some above.")
         elif m == "mole":
             mixes.append(_mole_mix(state, keys, granularity, gate))
         else:

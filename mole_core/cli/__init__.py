@@ -182,7 +182,7 @@ def load_components(model_dir: str):
 def cmd_inspect(args) -> int:
     """Print what a LoRA file holds and whether it fits the model."""
     from mole_core.image.families import family_of
-    from mole_core.lora import inspect_lora
+    from mole_core.image.lora_files import inspect_lora
 
     pipe, components = load_components(args.model) if args.model else (None, None)
     info = inspect_lora(args.file, components, family=family_of(pipe).name if pipe is not None else None)
@@ -198,7 +198,8 @@ def cmd_inspect(args) -> int:
 def cmd_merge(args) -> int:
     """Merge LoRA files (linear / svd / ties / dare) and write one LoRA file that diffusers loads."""
     # 1. the numbers, then every input file against the model
-    from mole_core.lora import MAX_ABS, load_lora, save_lora, validate_lora
+    from mole_core.lora import MAX_ABS
+    from mole_core.image.lora_files import load_lora, save_lora, validate_lora
     from mole_core.merge import merge_loras
     from mole_core.mix import MAX_WEIGHT
 

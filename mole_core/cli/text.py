@@ -35,7 +35,7 @@ def _engine(args):
 
 def _read_lora(path: str, engine):
     """A text LoRA from a .safetensors file or a PEFT adapter folder, checked against the engine's model."""
-    from mole_core.text.engine import read_text_lora
+    from mole_core.text.lora_io import read_text_lora
     from mole_core.text.lora_io import validate_text_lora
     lora = read_text_lora(path, engine.model)
     validate_text_lora(lora, engine.model)

@@ -24,7 +24,8 @@ from PIL import Image
 from torch import nn
 
 from mole_core.atomic import atomic_path, write_text
-from mole_core.lora import Lora, load_lora, validate_lora
+from mole_core.lora import Lora
+from mole_core.image.lora_files import load_lora, validate_lora
 
 KINDS = ("subject", "style")
 MAX_KEY = 64                                    # characters of a bank key (file names stay short)

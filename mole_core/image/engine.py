@@ -26,10 +26,8 @@ References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); diffusers `StableDiff
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import tempfile
 import threading
 import time
@@ -42,17 +40,20 @@ import torch
 from torch import nn
 
 from mole_core.atomic import atomic_path
-from mole_core.attach import MoleConfig, attach, write_gates_csv
+from mole_core.attach import KeptAttachment, MoleConfig, attach, file_stamp, write_gates_csv
 from mole_core.image.bank import Bank, BankEntry
+from mole_core.locks import FairLock
 from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
 from mole_core.image.families import components as components_of
 from mole_core.image.families import default_size, family_of, latent_shape, latents_for, load_pipeline
-from mole_core.lora import Lora, save_lora, validate_lora
+from mole_core.lora import Lora
+from mole_core.image.lora_files import save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
-from mole_core.train import DiffusionTask, TrainConfig, TrainResult, examples_from_bank, train_gates
+from mole_core.train import TrainConfig, TrainResult, train_gates
+from mole_core.image.task import DiffusionTask, examples_from_bank
 
 # The dtypes a model may run in, by the names the CLI and the app take (--dtype).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,12 +116,9 @@ class Engine:
                              f"none here (device {self.device}). Leave it off on this machine.")
         self.limits = limits or Limits()
         self._pipe = None if self.model_id else self._prepare(model)
-        self._handle = None                      # the MoLE attachment, or None
-        self._handle_key: tuple = ()             # ... what it was attached for: (LoRA files, granularity, gate)
+        self._kept = KeptAttachment()            # the MoLE attachment kept between calls
         self._fits: set[str] = set()             # LoRA files (path, mtime) already validated against the model
-        self._checked_mixtures: set[tuple] = set()
         self._lock = FairLock()                  # one model call at a time, in arrival order
-        self._training = None                    # the attachment being trained, while it is
         self.costs = dict(COSTS)                 # seconds per denoising step / training step, kept measured
         self._load_lock = threading.Lock()       # one lazy load
 
@@ -246,18 +244,14 @@ class Engine:
                                  f"{', '.join(sorted(k for k, e in known.items() if not e.error)) or 'no LoRAs'}.")
             if known[key].error:
                 raise ValueError(f"The LoRA {key!r} of the bank cannot be used: {known[key].error}")
-            stamp = _file_stamp(known[key].lora_path)
+            stamp = file_stamp(known[key].lora_path)
             if stamp not in self._fits:   # once per file: neither the file nor the model changes
                 validate_lora(bank.load(key), self.components, self.family.name)
                 self._fits.add(stamp)
 
     def _check_mixture(self, mixture: Mixture, bank: Bank) -> None:
         """The mixture was trained for exactly these LoRA files (names, order, sha256) on this model."""
-        files = [(k, bank.get(k).lora_path) for k in mixture.names]
-        stamp = (tuple(mixture.sha256s), tuple(_file_stamp(p) for _, p in files), mixture.meta.get("model_id"))
-        if stamp not in self._checked_mixtures:   # hashing big LoRA files once, not on every toggle
-            mixture.check(files, self.model_name)
-            self._checked_mixtures.add(stamp)
+        self._kept.check_mixture(mixture, [(k, bank.get(k).lora_path) for k in mixture.names], self.model_name)
 
     def check_train(self, keys, mole: MoleConfig, train: TrainConfig, bank: Bank | None = None) -> None:
         """ValueError naming the field for gate-training input that cannot run (the app calls this first)."""
@@ -270,25 +264,12 @@ class Engine:
     # ---- MoLE attachment and merges -------------------------------------------------------------
     def _attached(self, keys, mole: MoleConfig, bank: Bank):
         """The MoLE attachment for exactly these LoRA files and gate layout, re-attaching when they change."""
-        wanted = (tuple((k, _file_stamp(bank.get(k).lora_path)) for k in keys), dataclasses.astuple(mole))
-        if self._handle is not None and (wanted != self._handle_key or self._handle is self._training):
-            self._detach()
-        if self._handle is None:
-            self._handle = attach(self.components, [bank.load(k) for k in keys], mole)
-            self._handle.set_triggers(self.pipe.tokenizer, {k: bank.get(k).trigger for k in keys})
-            self._handle_key = wanted
-        return self._handle
+        return self._kept.get({k: bank.get(k).lora_path for k in keys}, mole, lambda: self._attach(keys, mole, bank))
 
-    def _detach(self) -> None:
-        if self._handle is not None:
-            self._handle.detach()
-        self._handle, self._handle_key = None, ()
-
-    def _experts_off(self):
-        """While MoLE stays attached: every expert off, which is the base model exactly."""
-        if self._handle is None:
-            return contextlib.nullcontext()
-        return self._handle.settings(mask=[False] * len(self._handle.expert_names))
+    def _attach(self, keys, mole: MoleConfig, bank: Bank):
+        handle = attach(self.components, [bank.load(k) for k in keys], mole)
+        handle.set_triggers(self.pipe.tokenizer, {k: bank.get(k).trigger for k in keys})
+        return handle
 
     def _merged(self, lora: Lora):
         """Context: W + ΔW of `lora` on the pristine weights, restored bit-identically on exit."""
@@ -316,39 +297,19 @@ class Engine:
         """
         keys, bank = list(keys), bank or self.bank
         self.check_train(keys, mole, train, bank)
-        with self._lock:
-            # 1. fresh, untrained gates and the training data
-            self._detach()
-            handle = self._attached(keys, mole, bank)
-            key, self._training = self._handle_key, handle
+        files = {k: bank.get(k).lora_path for k in keys}
+        if torch.device(self.device).type == "cpu" and not train.cpu:
+            train = dataclasses.replace(train, cpu=True)   # train where the model is (several processes: gloo)
+        with self._lock, self._kept.training(files, mole, lambda: self._attach(keys, mole, bank), self._lock,
+                                             should_stop) as (handle, between_steps):
+            # 1. fresh, untrained gates (zero logits: equal weights) and the training data
             task = DiffusionTask(self.pipe, examples_from_bank(bank, keys), self.default_size()[0])
-            if torch.device(self.device).type == "cpu" and not train.cpu:
-                train = dataclasses.replace(train, cpu=True)   # train where the model is (several processes: gloo)
-
-            def between_steps() -> bool:
-                """Let whoever waits for the model go first (one image, then training goes on), then
-                put this attachment back if they attached another; True ends the training."""
-                if self._lock.yield_to_waiters() and self._handle is not handle:
-                    self._detach()
-                    handle.reattach()
-                    self._handle, self._handle_key = handle, key
-                return should_stop is not None and bool(should_stop())
-
-            # 2. train (the gates start at zero logits: equal weights)
-            try:
-                result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
-            except BaseException:
-                self._detach()   # half-trained gates must not leak into the next untrained MoLE call
-                raise
-            finally:
-                self._training = None
+            # 2. train; between steps, whoever waits for the model goes first
+            result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
             if result.steps:
                 kind = "train_step_token" if mole.gate == "token" else "train_step_sample"
                 self._measured(kind, result.seconds / result.steps / _batch_cost(train.batch_size))
-            if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
-                self._detach()
-                raise ValueError("Gate training diverged (the gates are not finite numbers): lower the "
-                                 "learning rate or α.")
+            self._kept.check_finite(handle)
             # 3. the mixture: gates + names and hashes of the LoRA files
             return self._save_mixture(handle, keys, mole, train, result, out_path, bank)
 
@@ -414,20 +375,19 @@ class Engine:
         return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained})"
 
     def _run_base(self, mix: Mix, request, latents, bank: Bank):
-        with self._experts_off():
+        with self._kept.experts_off():
             return self._call_pipe(request, latents), None, "Base model"
 
     def _run_single(self, mix: Mix, request, latents, bank: Bank):
-        with self._experts_off(), self._merged(bank.load(mix.single)):
+        with self._kept.experts_off(), self._merged(bank.load(mix.single)):
             return self._call_pipe(request, latents), None, f"Single: {bank.get(mix.single).name}"
 
     def _run_merge(self, mix: Mix, request, latents, bank: Bank):
         merged = self.merge(mix, bank)
-        with self._experts_off(), self._merged(merged):
+        with self._kept.experts_off(), self._merged(merged):
             image = self._call_pipe(request, latents)
         r = max(w.rank for w in merged.modules.values())
-        label = {"linear": "Linear merge", "svd": f"SVD r={r}", "ties": f"TIES d={mix.density:g} r={r}",
-                 "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
+        label = mix.merge_label(r)
         return image, None, label
 
     def _run_switch(self, mix: Mix, request, latents, bank: Bank):
@@ -508,62 +468,6 @@ class Engine:
         return "\n".join(lines) + "\n"
 
 
-class FairLock:
-    """A reentrant lock handed over in arrival order (a ticket lock).
-
-    `yield_to_waiters()` lets a long job (gate training) step aside between steps: everyone who asked for
-    the lock before gets it first, then the job goes on. Python's own locks promise no order, so a thread
-    that releases and re-acquires would usually win again.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._owner, self._depth = None, 0
-        self._next, self._serving = 0, 0          # tickets handed out / the ticket being served
-
-    def acquire(self) -> bool:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:
-                self._depth += 1
-                return True
-            ticket, self._next = self._next, self._next + 1
-            self._cond.wait_for(lambda: self._owner is None and self._serving == ticket)
-            self._owner, self._depth = me, 1
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            if self._owner != threading.get_ident():
-                raise RuntimeError("FairLock released by a thread that does not hold it.")
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner, self._serving = None, self._serving + 1
-                self._cond.notify_all()
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def waiting(self) -> int:
-        """Threads queued for the lock."""
-        with self._cond:
-            return self._next - self._serving - (self._owner is not None)
-
-    def yield_to_waiters(self) -> bool:
-        """Held by this thread: if anyone waits, release fully, queue again, and return True once back."""
-        if not self.waiting():
-            return False
-        with self._cond:
-            depth, self._depth = self._depth, 1
-        self.release()
-        self.acquire()
-        with self._cond:
-            self._depth = depth
-        return True
-
-
 def _batch_cost(batch_size: int) -> float:
     """Cost of a training step at this batch size relative to batch 4 (measured: batch 2 costs 0.65×)."""
     return 0.3 + 0.7 * batch_size / 4
@@ -571,10 +475,6 @@ def _batch_cost(batch_size: int) -> float:
 
 def _mask(mix: Mix) -> dict[str, bool] | None:
     return None if mix.mask is None else {k: bool(mix.mask.get(k, True)) for k in mix.keys}
-
-
-def _file_stamp(path) -> tuple[str, int]:
-    return str(path), os.stat(path).st_mtime_ns
 
 
 def _whole(value) -> bool:

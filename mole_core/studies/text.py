@@ -31,7 +31,8 @@ from mole_core.attach import MoleConfig
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
 from mole_core.world.text.tasks import TASKS, composed, sample_items, wilson
-from mole_core.train import TokenTask, TrainConfig
+from mole_core.train import TrainConfig
+from mole_core.text.task import TokenTask
 
 
 @dataclass

@@ -28,12 +28,8 @@ References: MoLE (Wu et al., ICLR 2024) §4.2 (Flan-T5 LoRAs, NLP); mole_core.im
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import math
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,20 +37,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mole_core.attach import MoleConfig, attach
+from mole_core.attach import KeptAttachment, MoleConfig, attach
 from mole_core.defaults import PACKAGE_ROOT, Limits
-from mole_core.lora import MAX_ABS, Lora, LoraFileError
+from mole_core.locks import FairLock
+from mole_core.lora import Lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
-from mole_core.world.text.config import load_model as load_text_model
+from mole_core.text.models import load_model as load_text_model
 from mole_core.text.decode import decode
-from mole_core.text.lora_io import load_text_lora, lora_from_peft, validate_text_lora
-from mole_core.train import TokenTask, TrainConfig, TrainResult, train_gates
+from mole_core.text.bank import TextBank
+from mole_core.text.lora_io import validate_text_lora
+from mole_core.train import TrainConfig, TrainResult, train_gates
+from mole_core.text.task import TokenTask
 
 DEFAULT_TEXT_MODEL = str(PACKAGE_ROOT / "assets" / "text-world")   # the embedded text default
 DEFAULT_TEXT_BANK = str(PACKAGE_ROOT / "text_bank")                 # its LoRA bank
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
 TEXT_METHODS = ("mole", *MERGES, "base")                            # + "single:<key>"
 
 
@@ -68,63 +66,6 @@ def is_text_model(folder: str | Path) -> bool:
     """True for a transformers model folder (config.json, no diffusers model_index.json)."""
     folder = Path(folder)
     return (folder / "config.json").is_file() and not (folder / "model_index.json").exists()
-
-
-def load_peft_adapter(folder: str | Path, model: nn.Module, name: str | None = None) -> Lora:
-    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) in canonical form, read by
-    PEFT itself: `PeftModel.from_pretrained` (its key handling, rank / alpha patterns, rsLoRA scaling) on
-    `model`, the A, B and scale of every LoRA layer taken, then `unload()` (the model is left as found)."""
-    from peft import PeftConfig, PeftModel
-    folder = Path(folder)
-    shown = folder.name
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except Exception as e:
-        raise LoraFileError(f"{shown}: not a readable PEFT adapter folder ({e}).") from e
-    if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
-        raise LoraFileError(f"{shown}: a {getattr(config.peft_type, 'value', config.peft_type)} adapter; only "
-                            f"LoRA adapters can be experts.")
-    if getattr(config, "use_dora", False):
-        raise LoraFileError(f"{shown}: a DoRA adapter (its magnitude vectors are not a low-rank delta).")
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name="mole_import")
-    except Exception as e:
-        raise LoraFileError(f"{shown}: PEFT cannot load this adapter on the model: {e}") from e
-    try:
-        lora = lora_from_peft(peft_model, name or folder.name, adapter="mole_import")
-    finally:
-        peft_model.unload()
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in model.__dict__:
-                delattr(model, attr)
-    if not lora.modules:
-        raise LoraFileError(f"{shown}: the adapter has no LoRA layer this engine can use (Linear layers only).")
-    for w in lora.modules.values():
-        if not (torch.isfinite(w.A).all() and torch.isfinite(w.B).all()) or max(
-                w.A.abs().max().item(), w.B.abs().max().item()) > MAX_ABS or not math.isfinite(w.scale):
-            raise LoraFileError(f"{shown}: the adapter holds non-finite values or values above {MAX_ABS:g}.")
-    return dataclasses.replace(lora, path=str(folder / ADAPTER_FILES[1]), format="peft")
-
-
-def adapter_folder(path: str | Path) -> Path | None:
-    """The PEFT adapter folder `path` is (or whose adapter_model.safetensors it is), else None."""
-    path = Path(path)
-    folder = path.parent if path.name == ADAPTER_FILES[1] else path
-    return folder if all((folder / f).is_file() for f in ADAPTER_FILES) else None
-
-
-def read_text_lora(path: str | Path, model: nn.Module | None = None, name: str | None = None) -> Lora:
-    """A text LoRA in canonical form from a .safetensors file with PEFT keys (`load_text_lora`) or from a PEFT
-    adapter folder (read onto `model` by PEFT: `load_peft_adapter`)."""
-    path = Path(path)
-    folder = adapter_folder(path)
-    if folder is not None:
-        if model is None:
-            raise ValueError(f"{folder.name} is a PEFT adapter folder: it is read onto the model.")
-        return load_peft_adapter(folder, model, name=name)
-    if path.is_dir():
-        raise ValueError(f"{path.name}: a folder without {' and '.join(ADAPTER_FILES)} (not a PEFT adapter).")
-    return load_text_lora(path, name=name)
 
 
 @dataclass
@@ -143,132 +84,6 @@ class TextResult:
     experts: list[str] = field(default_factory=list)       # the order of the weights above
 
 
-@dataclass
-class TextEntry:
-    """One LoRA of the text bank, as its manifest describes it."""
-    key: str                                    # file stem, the expert name
-    name: str
-    task: str                                   # the task family it was trained on
-    trigger: str                                # the instruction word that asks for it
-    description: str
-    examples: list[tuple[str, str]] = field(default_factory=list)   # (input, output): gate-training data
-    default_weight: float = 1.0
-    lora_path: Path | None = None
-    error: str | None = None                    # why the entry cannot be used; None when fine
-    role: str = "main"                          # "main" or "distractor" (the text world's study pools)
-
-
-def parse_text_manifest(manifest: dict, key: str) -> dict:
-    """The TextEntry fields a manifest gives; ValueError naming the bad field."""
-    where = f"{key}.json"
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{where}: the manifest must be a JSON object, found {type(manifest).__name__}.")
-    if manifest.get("kind", "text") != "text":
-        raise ValueError(f"{where}: 'kind' must be 'text', found {manifest.get('kind')!r}.")
-    for name in ("name", "task", "trigger", "description"):
-        if not isinstance(manifest.get(name, ""), str):
-            raise ValueError(f"{where}: '{name}' must be a string, found {manifest.get(name)!r}.")
-    examples = manifest.get("examples", [])
-    if not isinstance(examples, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("input"), str) and isinstance(e.get("output"), str)
-            for e in examples):
-        raise ValueError(f"{where}: 'examples' must be a list of {{\"input\": str, \"output\": str}}.")
-    weight = manifest.get("default_weight", 1.0)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-        raise ValueError(f"{where}: 'default_weight' must be a number, found {weight!r}.")
-    return {"name": manifest.get("name") or key, "task": manifest.get("task", key),
-            "trigger": manifest.get("trigger", key), "description": manifest.get("description", ""),
-            "examples": [(e["input"], e["output"]) for e in examples], "default_weight": float(weight),
-            "role": str(manifest.get("role", "main"))}
-
-
-class TextBank:
-    """A folder of text LoRAs: `<key>.safetensors` + its manifest `<key>.json`, or a PEFT adapter folder
-    `<key>/` (adapter_config.json + adapter_model.safetensors; its manifest `<key>.json` is optional)."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self._cache: dict[str, tuple[tuple, Lora]] = {}
-        self._entries: list[TextEntry] | None = None      # read once (`rescan` reads the folder again)
-
-    def rescan(self) -> None:
-        self._entries = None
-
-    def entries(self) -> list[TextEntry]:
-        """Every entry, usable or not (an unusable one carries its `error`)."""
-        if self._entries is None:
-            self._entries = self._scan()
-        return self._entries
-
-    def _scan(self) -> list[TextEntry]:
-        if not self.folder.is_dir():
-            return []
-        adapters = {p.name for p in self.folder.iterdir() if p.is_dir() and adapter_folder(p) is not None}
-        stems = sorted({p.stem for p in self.folder.glob("*.json")} | {p.stem for p in self.folder.glob("*.safetensors")}
-                       | adapters)
-        out = []
-        for key in stems:
-            manifest = self.folder / f"{key}.json"
-            lora_path = (self.folder / key / ADAPTER_FILES[1]) if key in adapters else self.folder / f"{key}.safetensors"
-            try:
-                if not manifest.exists() and key not in adapters:
-                    raise ValueError(f"{key}.safetensors has no manifest {key}.json.")
-                if not lora_path.exists():
-                    raise ValueError(f"{key}.json has no LoRA file {key}.safetensors (or adapter folder {key}/).")
-                fields = (parse_text_manifest(json.loads(manifest.read_text()), key) if manifest.exists()
-                          else parse_text_manifest({"name": key, "description": "a PEFT adapter"}, key))
-                out.append(TextEntry(key=key, lora_path=lora_path, **fields))
-            except (ValueError, OSError) as e:
-                out.append(TextEntry(key=key, name=key, task="", trigger="", description="", error=str(e)))
-        return out
-
-    def keys(self) -> list[str]:
-        return [e.key for e in self.entries() if e.error is None]
-
-    def get(self, key: str) -> TextEntry:
-        for entry in self.entries():
-            if entry.key == key:
-                if entry.error:
-                    raise ValueError(f"Text LoRA '{key}' cannot be used: {entry.error}")
-                return entry
-        raise ValueError(f"No text LoRA '{key}' in the bank '{self.folder.name}'; it has "
-                         f"{', '.join(self.keys()) or 'none'}.")
-
-    @staticmethod
-    def _stamp(path: Path) -> tuple:
-        return path.stat().st_mtime_ns, path.stat().st_size
-
-    def needs_model(self, key: str) -> bool:
-        """True when `load(key)` will read a PEFT adapter onto the model (not yet cached)."""
-        path = self.get(key).lora_path
-        return adapter_folder(path) is not None and (key not in self._cache or self._cache[key][0] != self._stamp(path))
-
-    def load(self, key: str, model: nn.Module | None = None) -> Lora:
-        """The entry's LoRA in canonical form (cached while the file is unchanged), named by its key
-        (`read_text_lora`: a PEFT adapter folder is read onto `model`)."""
-        path = self.get(key).lora_path
-        stamp = self._stamp(path)
-        if key not in self._cache or self._cache[key][0] != stamp:
-            self._cache[key] = (stamp, read_text_lora(path, model, name=key))
-        return self._cache[key][1]
-
-
-def attach_text(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None):
-    """`mole_core.attach.attach` for a transformers text model, plus `.weight` on every wrapped Linear.
-
-    transformers' T5 (T5DenseActDense / T5DenseGatedActDense.forward) reads `self.wo.weight.dtype`; a
-    MoleLinear has no `weight` (peft's LoRA layers forward it to their base layer). Until mole_core.layers
-    gives `_MoleBase` that property, each wrapped layer gets a plain (unregistered) reference to its base
-    layer's weight: nothing is added to parameters() or state_dict(), and `merged_weights` (which swaps
-    `weight.data`) still reaches the very same tensor. Detach hands back the base modules as always.
-    """
-    handle = attach(model, loras, config)
-    for layer in handle.layers.values():
-        if "weight" not in dir(layer):
-            object.__setattr__(layer, "weight", layer.base.weight)
-    return handle
-
-
 class TextEngine:
     """A transformers text-to-text model + a text-LoRA bank; answers, compares, trains gates, merges.
 
@@ -284,10 +99,9 @@ class TextEngine:
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.limits = limits or Limits.local()
-        self._handle = None
-        self._handle_key: tuple = ()
+        self._kept = KeptAttachment()            # the MoLE attachment kept between calls
         self._fits: set[tuple] = set()
-        self._lock = threading.RLock()
+        self._lock = FairLock()                  # one model call at a time, in arrival order
 
     # ---- the model ------------------------------------------------------------------------------
     @property
@@ -324,8 +138,8 @@ class TextEngine:
     def lora(self, key: str) -> Lora:
         """The bank's LoRA `key`, checked once (per file state) against the model."""
         with self._lock:
-            if self._handle is not None and self.bank.needs_model(key):
-                self._detach()                            # PEFT reads an adapter onto the bare model
+            if self._kept.handle is not None and self.bank.needs_model(key):
+                self._kept.detach()                       # PEFT reads an adapter onto the bare model
             lora = self.bank.load(key, self.model)
         stamp = (lora.path, Path(lora.path).stat().st_mtime_ns)
         if stamp not in self._fits:
@@ -345,31 +159,20 @@ class TextEngine:
 
     def _attached(self, keys, mole: MoleConfig):
         """The MoLE attachment for exactly these LoRA files and gate layout, re-attaching when they change."""
+        return self._kept.get({k: self.bank.get(k).lora_path for k in keys}, mole, lambda: self._attach(keys, mole))
+
+    def _attach(self, keys, mole: MoleConfig):
         loras = [self.lora(k) for k in keys]
-        wanted = (tuple((k, l.path, Path(l.path).stat().st_mtime_ns) for k, l in zip(keys, loras)),
-                  mole.granularity, mole.gate)
-        if self._handle is not None and wanted != self._handle_key:
-            self._detach()
-        if self._handle is None:
-            self._handle = attach_text(self.model, loras, mole)
-            self._handle_key = wanted
-        return self._handle
+        return attach(self.model, loras, mole)
 
     def release(self) -> None:
         """Detach the kept MoLE attachment (if any): the model is the bare base model again."""
         with self._lock:
-            self._detach()
-
-    def _detach(self) -> None:
-        if self._handle is not None:
-            self._handle.detach()
-        self._handle, self._handle_key = None, ()
+            self._kept.detach()
 
     def experts_off(self):
         """While MoLE stays attached: every expert off, which is the base model exactly (a context)."""
-        if self._handle is None:
-            return contextlib.nullcontext()
-        return self._handle.settings(mask=[False] * len(self._handle.expert_names))
+        return self._kept.experts_off()
 
     # ---- answering ------------------------------------------------------------------------------
     def generate(self, mix: Mix, prompt: str) -> TextResult:
@@ -444,7 +247,8 @@ class TextEngine:
                 mole = mix.mole_config
                 handle = self._attached(mix.keys, mole)
                 if mix.mixture is not None:
-                    apply_mixture(handle, mix.mixture, [(k, self.bank.get(k).lora_path) for k in mix.keys])
+                    self._kept.check_mixture(mix.mixture, [(k, self.bank.get(k).lora_path) for k in mix.keys])
+                    apply_mixture(handle, mix.mixture)
                 else:
                     handle.reset_gates()                 # untrained: equal weights
                 mask = {k: bool(v) for k, v in mix.mask.items()} if mix.mask else None
@@ -462,8 +266,7 @@ class TextEngine:
             with self.experts_off(), merged_weights(model, merged):
                 ids = run()
             r = max(w.rank for w in merged.modules.values())
-            label = {"linear": "Linear merge", "svd": f"SVD r={r}", "ties": f"TIES d={mix.density:g} r={r}",
-                     "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
+            label = mix.merge_label(r)
             return ids, None, label
 
     # ---- gate training --------------------------------------------------------------------------
@@ -483,18 +286,13 @@ class TextEngine:
         pairs = list(pairs) if pairs is not None else [p for k in keys for p in self.bank.get(k).examples]
         if not pairs:
             raise ValueError(f"No training pairs: the manifests of {', '.join(keys)} have no examples.")
-        with self._lock:
-            self._detach()                                # fresh, untrained gates
-            handle = self._attached(keys, mole)
+        files = {k: self.bank.get(k).lora_path for k in keys}
+        with self._lock, self._kept.training(files, mole, lambda: self._attach(keys, mole), self._lock,
+                                             should_stop) as (handle, between_steps):
+            # fresh, untrained gates; between steps, whoever waits for the model goes first
             task = TokenTask(self.model, self.tokenizer, pairs)
-            try:
-                result = train_gates(handle, task, train, on_step=on_step, should_stop=should_stop)
-            except BaseException:
-                self._detach()
-                raise
-            if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
-                self._detach()
-                raise ValueError("Gate training diverged (the gates are not finite): lower the learning rate or α.")
+            result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
+            self._kept.check_finite(handle)
             return self._save_mixture(handle, keys, mole, train, result, out_path)
 
     def _save_mixture(self, handle, keys, mole: MoleConfig, config: TrainConfig, result: TrainResult,

@@ -1,6 +1,6 @@
 """Text LoRA files: PEFT keys of a bare transformers model, read into mole_core.lora's canonical form.
 
-`mole_core.lora.load_lora` reads pipeline LoRAs only: its keys must start with a pipeline component
+`mole_core.image.lora_files.load_lora` reads pipeline LoRAs only: its keys must start with a pipeline component
 ('unet.', 'text_encoder.', ...) and it tells an SD/SDXL/SD3/FLUX family from them, so it refuses a LoRA of a
 bare transformers model. A text LoRA file here holds, for every adapted module of the model,
 
@@ -15,6 +15,7 @@ References: peft `get_peft_model_state_dict` / `set_peft_model_state_dict` (key 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole_core.atomic import atomic_path
-from mole_core.lora import MAX_ABS, Lora, LoraFileError, LoraWeights, lora_problems
+from mole_core.lora import MAX_ABS, Lora, LoraFileError, LoraWeights, fit_problems
+
 
 PEFT_PREFIX = "base_model.model."
 
@@ -90,7 +92,7 @@ def save_text_lora(lora: Lora, path: str | Path, extra: dict[str, str] | None = 
 
 def validate_text_lora(lora: Lora, model: nn.Module) -> None:
     """LoraFileError unless every module of `lora` is an nn.Linear of `model` of fitting shape."""
-    problems = lora_problems(lora, model)
+    problems = fit_problems(lora, model)
     if problems:
         raise LoraFileError(f"{Path(lora.path).name if lora.path else lora.name}: {len(problems)} of "
                             f"{len(lora.modules)} module(s) do not fit this model:\n  " + "\n  ".join(problems[:5]))
@@ -106,3 +108,63 @@ def lora_from_peft(peft_model, name: str, adapter: str = "default") -> Lora:
                                        B=module.lora_B[adapter].weight.detach().float().clone(),
                                        scale=float(module.scaling[adapter]))
     return Lora(name=name, modules=modules, format="peft")
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
+
+
+def load_peft_adapter(folder: str | Path, model: nn.Module, name: str | None = None) -> Lora:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) in canonical form, read by
+    PEFT itself: `PeftModel.from_pretrained` (its key handling, rank / alpha patterns, rsLoRA scaling) on
+    `model`, the A, B and scale of every LoRA layer taken, then `unload()` (the model is left as found)."""
+    from peft import PeftConfig, PeftModel
+    folder = Path(folder)
+    shown = folder.name
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise LoraFileError(f"{shown}: not a readable PEFT adapter folder ({e}).") from e
+    if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
+        raise LoraFileError(f"{shown}: a {getattr(config.peft_type, 'value', config.peft_type)} adapter; only "
+                            f"LoRA adapters can be experts.")
+    if getattr(config, "use_dora", False):
+        raise LoraFileError(f"{shown}: a DoRA adapter (its magnitude vectors are not a low-rank delta).")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name="mole_import")
+    except Exception as e:
+        raise LoraFileError(f"{shown}: PEFT cannot load this adapter on the model: {e}") from e
+    try:
+        lora = lora_from_peft(peft_model, name or folder.name, adapter="mole_import")
+    finally:
+        peft_model.unload()
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in model.__dict__:
+                delattr(model, attr)
+    if not lora.modules:
+        raise LoraFileError(f"{shown}: the adapter has no LoRA layer this engine can use (Linear layers only).")
+    for w in lora.modules.values():
+        if not (torch.isfinite(w.A).all() and torch.isfinite(w.B).all()) or max(
+                w.A.abs().max().item(), w.B.abs().max().item()) > MAX_ABS or not math.isfinite(w.scale):
+            raise LoraFileError(f"{shown}: the adapter holds non-finite values or values above {MAX_ABS:g}.")
+    return dataclasses.replace(lora, path=str(folder / ADAPTER_FILES[1]), format="peft")
+
+
+def adapter_folder(path: str | Path) -> Path | None:
+    """The PEFT adapter folder `path` is (or whose adapter_model.safetensors it is), else None."""
+    path = Path(path)
+    folder = path.parent if path.name == ADAPTER_FILES[1] else path
+    return folder if all((folder / f).is_file() for f in ADAPTER_FILES) else None
+
+
+def read_text_lora(path: str | Path, model: nn.Module | None = None, name: str | None = None) -> Lora:
+    """A text LoRA in canonical form from a .safetensors file with PEFT keys (`load_text_lora`) or from a PEFT
+    adapter folder (read onto `model` by PEFT: `load_peft_adapter`)."""
+    path = Path(path)
+    folder = adapter_folder(path)
+    if folder is not None:
+        if model is None:
+            raise ValueError(f"{folder.name} is a PEFT adapter folder: it is read onto the model.")
+        return load_peft_adapter(folder, model, name=name)
+    if path.is_dir():
+        raise ValueError(f"{path.name}: a folder without {' and '.join(ADAPTER_FILES)} (not a PEFT adapter).")
+    return load_text_lora(path, name=name)

@@ -400,7 +400,7 @@ def train_lora(cfg: BuildConfig, spec: LoraSpec, rng: np.random.Generator) -> tu
 
 def save_kohya(diffusers_file: Path, path: Path) -> None:
     """A diffusers-format LoRA file -> the same LoRA with kohya keys at `path` (mole_core.lora, atomic)."""
-    from mole_core.lora import load_lora, save_lora
+    from mole_core.image.lora_files import load_lora, save_lora
     save_lora(load_lora(str(diffusers_file)), str(path), format="kohya")
 
 

@@ -10,7 +10,8 @@ mole_core.lora's canonical form), `build` (the stages), `quality` (the bars, the
 
 Rebuild everything: `python -m mole_core.world.text build [--out DIR] [--seed S] [--quick]`.
 """
-from mole_core.world.text.config import TextBuildConfig, load_model
+from mole_core.text.models import load_model
+from mole_core.world.text.config import TextBuildConfig
 from mole_core.text.decode import greedy
 from mole_core.text.lora_io import load_text_lora, save_text_lora
 from mole_core.world.text.tasks import (BANK_TASKS, BASE_TASKS, COMPOSED_PAIRS, DISTRACTOR_TASKS, LORA_TASKS, TASKS,

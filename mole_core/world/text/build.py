@@ -38,7 +38,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import BartForConditionalGeneration
 
 from mole_core.atomic import write_text
-from mole_core.world.text.config import LORA_TARGETS, TextBuildConfig, load_model, log, rng_for
+from mole_core.text.models import load_model
+from mole_core.world.text.config import LORA_TARGETS, TextBuildConfig, log, rng_for
 from mole_core.text.lora_io import lora_from_peft, save_text_lora
 from mole_core.world.text.quality import stage_eval
 from mole_core.world.text.tasks import BANK_TASKS, BASE_TASKS, TextTask, role, sample_items

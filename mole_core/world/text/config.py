@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig
+from transformers import BartConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]   # attention (self + cross) and MLP Linears
@@ -79,24 +79,6 @@ _T0 = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[textworld {time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
-
-
-def load_model(model_dir: str | Path, device: str = "cpu"):
-    """(model, tokenizer) of any transformers seq2seq or causal LM folder (the built world is a seq2seq one),
-    with plain `from_pretrained` calls; a ValueError names the folder."""
-    name = Path(model_dir).name
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"'{name}' is not a transformers model folder (no readable config.json).") from e
-    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    try:
-        model = cls.from_pretrained(str(model_dir)).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"'{name}': cannot load a {cls.__name__.removeprefix('AutoModelFor')} model and its "
-                         f"tokenizer: {e}") from e
-    return model, tokenizer
 
 
 def set_threads(n: int) -> None:

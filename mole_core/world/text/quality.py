@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from mole_core.merge import merged_weights
-from mole_core.world.text.config import TextBuildConfig, load_model, log, rng_for
+from mole_core.text.models import load_model
+from mole_core.world.text.config import TextBuildConfig, log, rng_for
 from mole_core.text.decode import greedy
 from mole_core.text.lora_io import load_text_lora
 from mole_core.world.text.tasks import (BANK_TASKS, BASE_TASKS, LORA_TASKS, exact_match, sample_items, wilson,
