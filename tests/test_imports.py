@@ -139,6 +139,20 @@ def test_no_import_cycle_between_package_modules():
     assert find_cycle() is None, f"import cycle: {' -> '.join(find_cycle())}"
 
 
+def test_no_import_cycle_counting_function_level_imports():
+    cycle = find_cycle(DEEP)
+    assert cycle is None, f"import cycle through function-level imports: {' -> '.join(cycle)}"
+
+
+def test_the_core_imports_no_wing():
+    """The core (the package's top-level modules) knows neither images nor text: no import of image/, text/,
+    world/, studies/ or cli/ from it, function-level imports included."""
+    wings = ("image", "text", "world", "studies", "cli")
+    core = [name for name in MODULES if name.count(".") == 1 and name.split(".")[1] not in (*wings, "__main__")]
+    found = {name: sorted(m for m in DEEP[name] if m.split(".")[1:2] and m.split(".")[1] in wings) for name in core}
+    assert {name: ms for name, ms in found.items() if ms} == {}
+
+
 def test_the_engine_package_never_imports_gradio():
     users = [str(path.relative_to(ROOT)) for path in MODULES.values()
              if any(isinstance(node, (ast.Import, ast.ImportFrom))

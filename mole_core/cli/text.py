@@ -25,7 +25,7 @@ def wants_text(args) -> bool:
 def _engine(args):
     import torch
 
-    from mole_core.cli import quiet_libraries
+    from mole_core.cli.common import quiet_libraries
     from mole_core.text.engine import TextEngine
     quiet_libraries()
     torch.set_num_threads(max(1, int(getattr(args, "threads", None) or 1)))
@@ -60,7 +60,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from mole_core.cli import check_merge, parse_lora_arg
+    from mole_core.cli.common import check_merge, parse_lora_arg
     from mole_core.merge import merge_loras
     from mole_core.mix import MAX_WEIGHT
     from mole_core.text.lora_io import save_text_lora
@@ -82,7 +82,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_train_gates(args) -> int:
-    from mole_core.cli import TRAIN_ALPHA, step_bar
+    from mole_core.cli.common import TRAIN_ALPHA, step_bar
     from mole_core.mix import mole_config_for
     from mole_core.train import TrainConfig
 
@@ -106,7 +106,7 @@ def cmd_train_gates(args) -> int:
 def cmd_generate(args) -> int:
     from mole_core.atomic import write_text
     from mole_core.attach import write_gates_csv
-    from mole_core.cli import parse_key_values
+    from mole_core.cli.common import parse_key_values
     from mole_core.mix import Mix
     from mole_core.mixture import load_mixture
 
