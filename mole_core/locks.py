@@ -1,9 +1,7 @@
-"""The model lock both engines share: one model call at a time, handed over in arrival order.
+"""The lock that orders an engine's callers (image and text engines alike).
 
-A long job (gate training, a study) holds it and steps aside between its steps (`yield_to_waiters`), so a
-visitor's short call waits at most one step.
-
-References: a ticket lock (Mellor-Crummey & Scott, 1991); Python's threading.Condition.
+`FairLock` hands the engine to its callers in arrival order; a long job (gate training) calls
+`yield_to_waiters()` between steps, so a visitor's compare waits at most one training step.
 """
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ class FairLock:
     the lock before gets it first, then the job goes on. Python's own locks promise no order, so a thread
     that releases and re-acquires would usually win again.
     """
-
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
         self._owner, self._depth = None, 0
@@ -64,3 +61,5 @@ class FairLock:
         with self._cond:
             self._depth = depth
         return True
+
+

@@ -10,7 +10,7 @@ import time
 import torch
 
 from mole_core.attach import MoleConfig
-from mole_core.engine import GenerateRequest, Mix
+from mole_core.image.engine import GenerateRequest, Mix
 from mole_core.train import TrainConfig
 
 CONFIG = TrainConfig(steps=30, lr=1e-2, batch_size=1)
@@ -39,7 +39,7 @@ def test_a_text_answer_during_text_training(tmp_path):
     """A MoLE answer over the very LoRAs and gate layout being trained is served between two training steps
     with untrained gates (never the half-trained ones), and the training still ends with the gates it reaches
     alone."""
-    from mole_core.text_engine import TextEngine
+    from mole_core.text.engine import TextEngine
     from tests.tiny import make_text_world
     engine = TextEngine(*make_text_world(tmp_path))
     keys, mole, config = ["alpha", "beta"], MoleConfig(gate="token"), TrainConfig(steps=200, lr=5e-3, batch_size=2)
