@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import app
+from ui import session
 from ui import text_tab as text_ui
 from mole_core.mix import Mix
 from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
@@ -115,7 +116,7 @@ def test_text_endpoints_through_gradio_client(engine):
 
 
 def test_the_image_app_has_a_text_tab(engine, world_engine):
-    demo = app.build_demo(app.Studio(world_engine, text=engine))
+    demo = app.build_demo(session.Studio(world_engine, text=engine))
     names = {fn.api_name for fn in demo.fns.values() if getattr(fn, "api_name", None)}
     assert {"text_train", "text_cancel", "text_compare", "text_toggle", "train", "compare", "toggle"} <= names
 

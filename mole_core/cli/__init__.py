@@ -68,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a LoRA file's format, targets, ranks, alphas and validity")
     p.add_argument("file", help="a .safetensors LoRA file")
-    p.add_argument("--model", help="a diffusers Stable Diffusion folder to validate against")
+    p.add_argument("--model", help="a diffusers pipeline folder (SD 1.x, SDXL, SD3, FLUX) or text model folder to validate against")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="merge LoRA files into one LoRA file (linear: exact; svd/ties/dare: rank r)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="the diffusers Stable Diffusion folder the LoRAs are for (default: the embedded model)")
+                   help="the diffusers pipeline folder the LoRAs are for (default: the embedded model)")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file and its weight (default 1); repeat for each LoRA")
     p.add_argument("--method", choices=Choices("mole_core.mix", "MERGES"), default="linear", metavar="METHOD",
