@@ -47,6 +47,8 @@ from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
+from mole_core.text_gate import (attach_prompt_gate, decode_with_weights, load_prompt_state, prompt_weights,
+                                 split_state, train_prompt_gate)
 from mole_core.textworld.config import load_model as load_text_model
 from mole_core.textworld.decode import decode
 from mole_core.textworld.lora_io import load_text_lora, lora_from_peft, validate_text_lora
@@ -443,11 +445,13 @@ class TextEngine:
             if mix.method == "mole":
                 mole = mix.mole_config
                 handle = self._attached(mix.keys, mole)
-                if mix.mixture is not None:
-                    apply_mixture(handle, mix.mixture, [(k, self.bank.get(k).lora_path) for k in mix.keys])
-                else:
-                    handle.reset_gates()                 # untrained: equal weights
+                prompt_gate = self._load_gates(handle, mix)
                 mask = {k: bool(v) for k, v in mix.mask.items()} if mix.mask else None
+                if prompt_gate is not None:               # decided before the recording: its pass is no step
+                    G = prompt_weights(handle, prompt_gate, model, tok, list(prompts))        # (B, N)
+
+                    def run():
+                        return decode_with_weights(handle, G, model, tok, list(prompts), self.max_new_tokens)
                 with handle.settings(mask=mask, strengths=mix.strengths), handle.recording(tokens) as rec:
                     ids = run()
                 untrained = "" if mix.mixture is not None else ", untrained"
@@ -465,6 +469,23 @@ class TextEngine:
             label = {"linear": "Linear merge", "svd": f"SVD r={r}", "ties": f"TIES d={mix.density:g} r={r}",
                      "dare": f"DARE d={mix.density:g} r={r}"}[mix.method]
             return ids, None, label
+
+    def _load_gates(self, handle, mix: Mix):
+        """The mixture's gates into `handle` (none: untrained, equal weights); the prompt gate when the
+        attachment has one (gate="prompt", mole_core.text_gate), else None."""
+        files = [(k, self.bank.get(k).lora_path) for k in mix.keys]
+        prompt_gate = attach_prompt_gate(handle) if handle.config.gate == "prompt" else None
+        if mix.mixture is None:
+            handle.reset_gates()                          # untrained: equal weights
+            if prompt_gate is not None:
+                prompt_gate.reset()
+            return prompt_gate
+        groups, prompt = split_state(mix.mixture.gate_state)
+        apply_mixture(handle, dataclasses.replace(mix.mixture, gate_state=groups), files)
+        if prompt_gate is not None:
+            where = Path(mix.mixture.path).name if mix.mixture.path else "the mixture"
+            load_prompt_state(prompt_gate, prompt, where)
+        return prompt_gate
 
     # ---- gate training --------------------------------------------------------------------------
     def check_train(self, keys, mole: MoleConfig, train: TrainConfig) -> None:
@@ -486,13 +507,18 @@ class TextEngine:
         with self._lock:
             self._detach()                                # fresh, untrained gates
             handle = self._attached(keys, mole)
-            task = TokenTask(self.model, self.tokenizer, pairs)
             try:
-                result = train_gates(handle, task, train, on_step=on_step, should_stop=should_stop)
+                if mole.gate == "prompt":                 # one decision per sample from the prompt (text_gate)
+                    alpha = mole.balance_alpha if train.balance_alpha is None else train.balance_alpha
+                    result = train_prompt_gate(handle, attach_prompt_gate(handle), self.model, self.tokenizer,
+                                               pairs, train, alpha, on_step=on_step, should_stop=should_stop)
+                else:
+                    task = TokenTask(self.model, self.tokenizer, pairs)
+                    result = train_gates(handle, task, train, on_step=on_step, should_stop=should_stop)
             except BaseException:
                 self._detach()
                 raise
-            if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
+            if not all(torch.isfinite(p).all() for p in handle.gates.parameters()):
                 self._detach()
                 raise ValueError("Gate training diverged (the gates are not finite): lower the learning rate or α.")
             return self._save_mixture(handle, keys, mole, train, result, out_path)
