@@ -11,7 +11,7 @@ passed whole), greedily:
     engine.compare([Mix("mole", keys, mixture=m), Mix("linear", keys), Mix("base")], "reverse upper: abc")
     mixture = engine.train(("reverse", "upper"), MoleConfig(gate="token"), TrainConfig(steps=100, lr=1e-2))
 
-Methods: mole, linear, svd, ties, dare, base, single:KEY (switch and composite are denoising-step methods:
+Methods: mole, linear, svd, ties, dare, arrow (PEFT's, mole_core.text_arrow), base, single:KEY (switch and composite are denoising-step methods:
 refused). A LoRA key is a bank entry: text_bank/<key>.safetensors (mole_core.textworld.lora_io) + <key>.json.
 
 Contract (as the image engine's):
@@ -47,6 +47,7 @@ from mole_core.lora import MAX_ABS, Lora, LoraFileError
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
+from mole_core.text_arrow import arrow_attached
 from mole_core.text_gate import (attach_prompt_gate, decode_with_weights, load_prompt_state, prompt_weights,
                                  split_state, train_prompt_gate)
 from mole_core.textworld.config import load_model as load_text_model
@@ -57,7 +58,7 @@ from mole_core.train import TokenTask, TrainConfig, TrainResult, train_gates
 DEFAULT_TEXT_MODEL = str(PACKAGE_ROOT / "assets" / "text-world")   # the embedded text default
 DEFAULT_TEXT_BANK = str(PACKAGE_ROOT / "text_bank")                 # its LoRA bank
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
-TEXT_METHODS = ("mole", *MERGES, "base")                            # + "single:<key>"
+TEXT_METHODS = ("mole", *MERGES, "arrow", "base")                            # + "single:<key>"
 
 
 def _refuse_routing(mole: MoleConfig) -> None:
@@ -459,6 +460,11 @@ class TextEngine:
             if mix.method == "base":
                 with self.experts_off():
                     return run(), None, "Base model"
+            if mix.method == "arrow":                     # PEFT wraps the bare Linears: MoLE steps aside
+                loras = [self.lora(k) for k in mix.keys]
+                self._detach()
+                with arrow_attached(model, loras):
+                    return run(), None, f"Arrow ({len(mix.keys)} LoRAs, training-free)"
             if mix.single:
                 with self.experts_off(), merged_weights(model, self.lora(mix.single)):
                     return run(), None, f"Single: {self.bank.get(mix.single).name}"
