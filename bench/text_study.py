@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", default="A,B,C")
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--steps", type=int, default=TextStudyConfig().train.steps, help="gate-training steps")
+    parser.add_argument("--granularities", default="block,layer,matrix,network",
+                        help="Part A: the paper's gate at these granularities (per sample and per token)")
     parser.add_argument("--pools", default="8,16")
     parser.add_argument("--c-pairs", default="", help="Part C': composed pairs with pools of 4 / 8 / 16, e.g. "
                                                      "reverse+upper,double+upper")
@@ -57,7 +59,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     engine = TextEngine(args.model, args.bank)
-    cfg = with_train(TextStudyConfig(items=args.items), steps=args.steps)
+    cfg = with_train(TextStudyConfig(items=args.items, granularities=tuple(args.granularities.split(","))),
+                     steps=args.steps)
     entries = {e.key: e for e in engine.bank.entries() if e.error is None}
     roles = {k: json.loads((Path(args.bank) / f"{k}.json").read_text()).get("role", "main") for k in entries}
     main_keys = [k for k in entries if roles[k] == "main"]

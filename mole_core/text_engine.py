@@ -529,6 +529,29 @@ class TextEngine:
                 raise ValueError("Gate training diverged (the gates are not finite): lower the learning rate or α.")
             return self._save_mixture(handle, keys, mole, train, result, out_path)
 
+    def train_estimate(self, keys, mole: MoleConfig, train: TrainConfig) -> float:
+        """Seconds `train` is expected to take here, from one measured forward pass of the model on the keys'
+        example pairs: the prompt gate runs N passes over the pairs once (text_gate.expert_losses), then steps
+        that never run the model; the other kinds run a forward and a backward (about 3 passes, the experts
+        included) per step."""
+        keys = list(keys)
+        self.check_train(keys, mole, train)
+        pairs = [p for k in keys for p in self.bank.get(k).examples]
+        if not pairs:
+            raise ValueError(f"No training pairs: the manifests of {', '.join(keys)} have no examples.")
+        with self._lock, self.experts_off(), torch.no_grad():
+            task = TokenTask(self.model, self.tokenizer, pairs)
+            batch = task.buckets[max(task.buckets, key=lambda n: len(task.buckets[n]))][:16]
+            ids, labels = zip(*(task.items[i] for i in batch))
+            start = time.perf_counter()
+            self.model(input_ids=torch.tensor(ids, device=self.model.device),
+                       labels=torch.tensor([list(y) + [-100] * (max(map(len, labels)) - len(y)) for y in labels],
+                                           device=self.model.device))
+            per_pass = (time.perf_counter() - start) / len(batch)          # seconds per pair and forward pass
+        if mole.gate == "prompt":
+            return len(pairs) * (len(keys) + 1) * per_pass * 2.5 + train.steps * 0.002
+        return train.steps * train.batch_size * per_pass * 3 * 2.0
+
     def _save_mixture(self, handle, keys, mole: MoleConfig, config: TrainConfig, result: TrainResult,
                       out_path) -> Mixture:
         files = [(k, self.bank.get(k).lora_path) for k in keys]
