@@ -176,6 +176,7 @@ def train_prompt_gate(handle, gate: PromptGate, model, tokenizer, pairs: list[tu
     "balance"}, mean_gates) after every step; should_stop() polled before each.
     """
     # 1. data: z of every prompt and L of every pair under every expert alone, once
+    start = time.perf_counter()                      # the seconds reported include this pass
     task = TokenTask(model, tokenizer, pairs)
     seq2seq = is_seq2seq(model)
     h_all, m_all = prompt_states(handle, model, [prompt_ids(tokenizer, p, seq2seq) for p, _ in task.pairs])
@@ -190,7 +191,7 @@ def train_prompt_gate(handle, gate: PromptGate, model, tokenizer, pairs: list[tu
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    history, stopped, start, mean = [], False, time.perf_counter(), []
+    history, stopped, mean = [], False, []
     posterior = torch.softmax(-nll, dim=-1)                                         # (P, N): who wrote y
     # 3. the loop
     for step in range(1, config.steps + 1):
