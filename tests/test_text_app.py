@@ -178,8 +178,22 @@ def test_text_mode_in_a_browser(engine, tmp_path):
             assert page.locator("#text-view span.tok").count() > 0
             page.screenshot(path=str(artifacts / "text_compare.png"), full_page=True)
             page.get_by_role("tab", name="Train gates").click()
+            page.wait_for_function("() => document.querySelector('#text-estimate').innerText.includes('Expected duration')")
             page.locator("#text-train").click()
             page.wait_for_function("() => document.querySelector('#text-status').innerText.includes('Trained after')")
+            page.wait_for_function("() => document.querySelector('#text-mixture a') !== null")   # the download
+            if text is not engine:         # the shipped world, defaults: MoLE right, the merges wrong
+                assert text_ui.starting_keys(text) == ["chop", "double", "drop", "reverse", "upper"]
+                page.get_by_role("tab", name="Compare").click()
+                page.locator("#text-compare").click()
+                page.wait_for_function("() => [...document.querySelectorAll('#text-results tr')].some("
+                                       "r => r.innerText.startsWith('MoLE (prompt') && !r.innerText.includes('untrained'))")
+                rows = page.locator("#text-results tr").all_inner_texts()
+                mole = next(r for r in rows if r.startswith("MoLE"))
+                linear = next(r for r in rows if r.startswith("Linear merge"))
+                assert "✓" in mole and "✗" in linear, rows
+                assert page.locator("#text-view span.tok").count() > 0
+                page.screenshot(path=str(artifacts / "text_trained.png"), full_page=True)
             page.get_by_role("tab", name="Toggle experts").click()
             page.locator("#text-toggle").click()
             page.wait_for_function("() => document.querySelector('#text-caption').innerText.includes('experts on')")
