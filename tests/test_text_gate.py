@@ -9,7 +9,7 @@ import torch
 from mole_core.attach import MoleConfig, attach
 from mole_core.merge import merged_weights
 from mole_core.mix import Mix
-from mole_core.mixture import load_mixture, save_mixture
+from mole_core.mixture import load_mixture
 from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
 from mole_core.text_gate import PREFIX, load_prompt_state, split_state
 from mole_core.train import TrainConfig
@@ -127,3 +127,24 @@ def test_the_shipped_world_routes_each_instruction_to_its_lora():
         prompts = [p for p, _ in items]
         assert engine.answer(mix, prompts)[0] == engine.answer(Mix(f"single:{key}"), prompts)[0]
     assert engine.answer(Mix("linear", keys), ["reverse: planet"])[0] != ["tenalp"]
+
+
+def test_the_text_cli_defaults_to_the_prompt_gate(tmp_path, capsys):
+    """train-gates on a text model without --gate writes a prompt-gate mixture; generate answers with it; a
+    mixture-free generate without --gate is the untrained prompt gate (the linear merge)."""
+    from mole_core import cli
+    model_dir, bank = make_text_world(tmp_path)
+    paths = ["--model", str(model_dir), "--bank", str(bank)]
+    out = tmp_path / "m.safetensors"
+    assert cli.main(["train-gates", *paths, "--lora", "alpha", "--lora", "beta", "--steps", "3",
+                     "--out", str(out)]) == 0
+    assert load_mixture(out).gate == "prompt" and "prompt gates" in capsys.readouterr().out
+    answer = tmp_path / "a.txt"
+    assert cli.main(["generate", *paths, "--method", "mole", "--mixture", str(out), "--prompt", "alpha: abc",
+                     "--out", str(answer)]) == 0
+    engine = TextEngine(model_dir, bank)
+    want = engine.generate(Mix("mole", ("alpha", "beta"), mixture=load_mixture(out)), "alpha: abc").text
+    assert answer.read_text() == want + "\n"
+    assert cli.main(["generate", *paths, "--method", "mole", "--lora", "alpha", "--lora", "beta",
+                     "--prompt", "alpha: abc", "--out", str(answer)]) == 0
+    assert "MoLE (prompt, 2 experts, untrained)" in capsys.readouterr().out
