@@ -23,6 +23,9 @@ Contract (as the image engine's):
 - Per-sample gates pool over each sample's tokens in each forward pass; decoding (mole_core.textworld.decode)
   runs one full pass per generated token and never pads a batch, so a batched answer == the answer alone;
   gate training (TokenTask) batches prompts of one length for the same reason.
+- Prompt gates (gate="prompt", the text default; mole_core.text_gate): one decision per prompt from the base
+  model's prompt states, taken before decoding and kept for every answer token; trained as an answer-level
+  mixture of experts on the pairs (`train_prompt_gate`), its tensors in the mixture as 'prompt.*'.
 
 References: MoLE (Wu et al., ICLR 2024) §4.2 (Flan-T5 LoRAs, NLP); mole_core.engine (the image engine).
 """
@@ -64,7 +67,7 @@ TEXT_METHODS = ("mole", *MERGES, "arrow", "base")                            # +
 def _refuse_routing(mole: MoleConfig) -> None:
     if mole.route != "none":
         raise ValueError("Trigger routing works on a pipeline's cross-attention; a text model takes the gate "
-                         "kinds sample, token or static.")
+                         "kinds prompt, sample, token or static.")
 
 
 def is_text_model(folder: str | Path) -> bool:
@@ -448,13 +451,12 @@ class TextEngine:
                 handle = self._attached(mix.keys, mole)
                 prompt_gate = self._load_gates(handle, mix)
                 mask = {k: bool(v) for k, v in mix.mask.items()} if mix.mask else None
-                if prompt_gate is not None:               # decided before the recording: its pass is no step
+                G = None                                  # the prompt gate decides before the recording
+                if prompt_gate is not None:               # (its adapter-free pass is no recorded step)
                     G = prompt_weights(handle, prompt_gate, model, tok, list(prompts))        # (B, N)
-
-                    def run():
-                        return decode_with_weights(handle, G, model, tok, list(prompts), self.max_new_tokens)
                 with handle.settings(mask=mask, strengths=mix.strengths), handle.recording(tokens) as rec:
-                    ids = run()
+                    ids = run() if G is None else decode_with_weights(handle, G, model, tok, list(prompts),
+                                                                      self.max_new_tokens)
                 untrained = "" if mix.mixture is not None else ", untrained"
                 return ids, rec, f"MoLE ({mole.describe}, {len(mix.keys)} experts{untrained})"
             if mix.method == "base":

@@ -3,7 +3,7 @@ merge, LoraHub and Arrow. Reads the mixture written by `python -m mole_core trai
 
     python bench/dev/new_items.py MIXTURE.safetensors [ITEMS]
 """
-import json, os, sys, time
+import json, os, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, ".")
 import numpy as np
@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 from mole_core.mix import Mix
 from mole_core.mixture import load_mixture
 from mole_core.text_engine import TextEngine
-from mole_core.text_study import TextStudyConfig, lorahub_weights, score
+from mole_core.text_study import lorahub_weights, score
 from mole_core.textworld.tasks import TASKS, sample_items, wilson
 
 mixture = load_mixture(sys.argv[1])
