@@ -34,6 +34,9 @@ METHODS = {
              "each layer's input to the LoRAs whose top singular vector it matches; text models only",
     "base": "the model without any LoRA",
 }
+# method -> its name on screens (the app's choices, result labels)
+NAMES = {"mole": "MoLE", "linear": "Linear merge", "svd": "SVD merge", "ties": "TIES", "dare": "DARE",
+         "switch": "LoRA Switch", "composite": "LoRA Composite", "arrow": "Arrow (PEFT)", "base": "Base model"}
 MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
 NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
@@ -68,6 +71,11 @@ class Mix:
 
     def replace(self, **changes) -> "Mix":
         return dataclasses.replace(self, **changes)
+
+    def merge_label(self, rank: int) -> str:
+        """A merge result's label: the method and the numbers that made it (`rank`: the merged LoRA's)."""
+        return {"linear": "Linear merge", "svd": f"SVD r={rank}", "ties": f"TIES d={self.density:g} r={rank}",
+                "dare": f"DARE d={self.density:g} r={rank}"}[self.method]
 
     @property
     def single(self) -> str | None:

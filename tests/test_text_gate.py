@@ -1,4 +1,4 @@
-"""The prompt gate (mole_core/text_gate.py) and Arrow through PEFT (mole_core/text_arrow.py), on the text world's
+"""The prompt gate (mole_core/text/gate.py) and Arrow through PEFT (mole_core/text/arrow.py), on the text world's
 BART (tiny, from config; and the shipped world when it is in the repo) and on a tiny Llama and T5 built from
 config (tests/test_text_models.py's worlds)."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from mole_core.attach import MoleConfig, attach
 from mole_core.merge import merged_weights
 from mole_core.mix import Mix
 from mole_core.mixture import load_mixture
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
-from mole_core.text_gate import PREFIX, load_prompt_state, split_state
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
+from mole_core.text.gate import PREFIX, load_prompt_state, split_state
 from mole_core.train import TrainConfig
-from mole_core.textworld.decode import decode
+from mole_core.text.decode import decode
 from tests.test_text_models import _save_world
 from tests.tiny import make_text_world
 
@@ -89,7 +89,7 @@ def test_prompt_state_is_checked_when_loaded(world, tmp_path):
     kind, engine, keys = world
     mixture = engine.train(keys, MoleConfig(gate="prompt"), TrainConfig(steps=2, lr=1e-2), pairs=PAIRS)
     _, prompt = split_state(mixture.gate_state)
-    from mole_core.text_gate import PromptGate
+    from mole_core.text.gate import PromptGate
     with pytest.raises(ValueError, match="prompt.query"):
         load_prompt_state(PromptGate(2), {k: v for k, v in prompt.items() if k != "query"})
     with pytest.raises(ValueError, match="3 experts"):
@@ -116,7 +116,7 @@ def test_the_shipped_world_routes_each_instruction_to_its_lora():
     each main task's held-out items as that task's LoRA alone does (the gate reads the instruction)."""
     import numpy as np
 
-    from mole_core.textworld.tasks import TASKS, sample_items
+    from mole_core.world.text.tasks import TASKS, sample_items
     torch.set_num_threads(1)
     engine = TextEngine(DEFAULT_TEXT_MODEL, DEFAULT_TEXT_BANK)
     keys = ("reverse", "upper", "double")

@@ -11,9 +11,9 @@ import torch
 torch.set_num_threads(1)
 from mole_core.mix import Mix
 from mole_core.mixture import load_mixture
-from mole_core.text_engine import TextEngine
-from mole_core.text_study import lorahub_weights, score
-from mole_core.textworld.tasks import TASKS, sample_items, wilson
+from mole_core.text.engine import TextEngine
+from mole_core.studies.text import lorahub_weights, score
+from mole_core.world.text.tasks import TASKS, sample_items, wilson
 
 mixture = load_mixture(sys.argv[1])
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 50

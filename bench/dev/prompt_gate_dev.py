@@ -6,8 +6,8 @@ torch.set_num_threads(1)
 sys.path.insert(0, ".")
 from mole_core.attach import MoleConfig
 from mole_core.mix import Mix
-from mole_core.text_engine import TextEngine
-from mole_core.text_study import task_items, score
+from mole_core.text.engine import TextEngine
+from mole_core.studies.text import task_items, score
 from mole_core.train import TrainConfig
 
 e = TextEngine()
