@@ -99,7 +99,7 @@ def test_prompt_state_is_checked_when_loaded(world, tmp_path):
 def test_pipelines_refuse_the_prompt_gate_and_arrow(world_engine):
     from torch import nn
 
-    from mole_core.engine import GenerateRequest
+    from mole_core.image.engine import GenerateRequest
     from mole_core.lora import Lora, LoraWeights
     net = nn.ModuleDict({"unet": nn.Sequential(nn.Linear(4, 4))})
     lora = Lora("x", {"unet.0": LoraWeights(A=torch.ones(1, 4), B=torch.ones(4, 1), scale=1.0)})
