@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="which modules share one gate: %(choices)s (default: %(default)s)")
     p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",
-                   help=f"%(choices)s (default: {DEFAULT_GATE}; text models: sample). sample: one gate decision per image (the paper); "
+                   help=f"%(choices)s (default: {DEFAULT_GATE}; text models: prompt, one decision per answer read from the instruction). sample: one gate decision per image (the paper); "
                         "token: per token / pixel; static: one learned weight per expert for every input; routed: per "
                         "token, each LoRA's trigger phrase routing its text tokens and pixels")
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps (default: %(default)s)")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="MoLE without --mixture: which modules share a gate, %(choices)s (default: %(default)s)")
     p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",
-                   help=f"MoLE without --mixture: gate kind, %(choices)s (default: {DEFAULT_GATE}; text models: sample)")
+                   help=f"MoLE without --mixture: gate kind, %(choices)s (default: {DEFAULT_GATE}; text models: prompt, one decision per answer read from the instruction)")
     p.add_argument("--weight", action="append", metavar="KEY=W",
                    help="merge weight of one LoRA (default: its manifest's default_weight)")
     p.add_argument("--raw-weights", action="store_true", help="use merge weights as given, not normalised to sum 1")

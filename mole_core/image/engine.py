@@ -184,6 +184,9 @@ class Engine:
             keys = []
             for mix in mixes:
                 mix.check()
+                if mix.method == "arrow":
+                    raise ValueError("Arrow routes a text model's layers (the text engine); an image pipeline takes "
+                                     "mole, the merges, switch, composite, base or single.")
                 keys += [*mix.keys, *([mix.single] if mix.single else [])]
             if len(set(keys)) > self.limits.experts:
                 raise ValueError(f"At most {self.limits.experts} LoRAs can be combined here; "
