@@ -241,7 +241,6 @@ def anchors(page: Path) -> set[str]:
 def test_every_relative_link_resolves(page):
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     links = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text)
-    assert links or page.name in ("MOLE.md", "PEERS.md")
     for link in links:
         if re.match(r"[a-z]+:", link):
             continue                                            # https:, mailto: — not a file of the repository
