@@ -320,7 +320,8 @@ def _train_config(studio: Studio, keys, granularity, steps, lr, alpha, seed, gat
 
 def check_train(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, state: dict) -> None:
     mole, train = _train_config(studio, keys, granularity, steps, lr, alpha, seed, gate)
-    _human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state))
+    for warning in _human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state)):
+        gr.Warning(warning)
 
 
 def train_estimate(studio: Studio, steps, gate) -> str:
@@ -488,8 +489,12 @@ def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guid
     state["gates"] = next((r.gates for r in results if r.method == "mole"), state["gates"])
     gallery = [(r.image, f"{r.label} · {r.seconds:.2f} s") for r in results]
     if "mole" in methods and _mixture_for(state, keys) is None:
-        warnings.append("MoLE uses untrained gates (equal weights, the same as the linear merge): train gates "
-                        "for this selection in the Train gates tab.")
+        mole = next(r for r in results if r.method == "mole")
+        routed = mole.mix.mole_config.route == "trigger" and "routing off" not in mole.label
+        warnings.append(("MoLE uses untrained gates: each LoRA acts where the prompt names its trigger, and a prompt "
+                         "without triggers is the base model" if routed else
+                         "MoLE uses untrained gates (equal weights, the same as the linear merge)") +
+                        ": train gates for this selection in the Train gates tab.")
     return gallery, request.seed, "\n".join(f"- {w}" for w in warnings), state
 
 
@@ -508,8 +513,9 @@ def toggle(studio: Studio, keys, prompt, negative, seed, steps, guidance, granul
                     bank_of(studio, state))
     state["gates"] = result.gates
     on = ", ".join(f"{k}{'' if strength[k] == 1 else f' ×{strength[k]:g}'}" for k in keys if mask[k]) or "none"
+    note = studio.engine.routing_note(mix, bank_of(studio, state))
     caption = (f"**{result.label} · {result.seconds:.2f} s** — experts on: {on} · prompt “{prompt}”, "
-               f"seed {int(seed)}")
+               f"seed {int(seed)}" + (f"\n\n{note}" if note else ""))
     return result.image, caption, state
 
 
