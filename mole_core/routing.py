@@ -287,7 +287,8 @@ class TriggerRouter:
         self.trigger_ids: dict[str, list[list[tuple[int, ...]]]] = {}   # encoder -> per expert, its id sequences
         self.special: dict[str, set[int]] = {}         # encoder -> its special token ids
         self.text_maps: dict[str, torch.Tensor] = {}   # encoder -> (B, L, N) of its current call
-        self.recorded: list[tuple[list[torch.Tensor], torch.Tensor]] = []   # ([outputs (B, L, d)], maps (B, L, N))
+        self.recorded: list[tuple[str, list[torch.Tensor], torch.Tensor]] = []   # (encoder, [outputs (B, L, d)],
+                                                                                  #  maps (B, L, N))
         self.denoiser_tokens: torch.Tensor | None = None   # (B, L, N) trigger positions of the denoiser's text
         self.columns: torch.Tensor | None = None       # (C,) text positions some expert owns in some row
         self.column_tokens: torch.Tensor | None = None  # (B, C, N) denoiser_tokens at those positions
@@ -393,7 +394,7 @@ class TriggerRouter:
         candidates = [h.detach() for h in (hidden, states[-2] if states and len(states) > 1 else None)
                       if torch.is_tensor(h) and h.dim() == 3]
         if candidates:
-            self.recorded.append((candidates, maps))
+            self.recorded.append((name, candidates, maps))
             self.recorded = self.recorded[-_KEEP:]
 
     def _denoiser_pre(self, module, args, kwargs):
@@ -423,10 +424,10 @@ class TriggerRouter:
         output found inside the row (any token / feature offset) lends its map to those tokens."""
         B, L, D = ehs.shape
         tokens, matched = torch.zeros(B, L, self.n), False
-        widths = {h.shape[-1] for candidates, _ in self.recorded for h in candidates}
+        widths = {h.shape[-1] for _, candidates, _ in self.recorded for h in candidates}
         for b in range(B):
             row, found = ehs[b], set()
-            for candidates, maps in reversed(self.recorded):
+            for _, candidates, maps in reversed(self.recorded):
                 for hidden in candidates:
                     place = _locate(row, hidden, widths)
                     if place is None or place[1:] in found:
