@@ -11,7 +11,7 @@ import pytest
 
 import app
 from mole_core.defaults import DEFAULT_GATE
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from tests.test_routing_families import NAMED, PLAIN, family_dir, make_bank
 from tests.tiny_families import SIDE
 

@@ -26,9 +26,10 @@ from transformers import T5TokenizerFast
 
 from mole_core.cli import main as cli
 from mole_core.defaults import DEFAULT_GATE
-from mole_core.engine import Engine, GenerateRequest, Mix
-from mole_core.families import components, load_pipeline, pipeline_encoders
-from mole_core.lora import Lora, LoraWeights, save_lora
+from mole_core.image.engine import Engine, GenerateRequest, Mix
+from mole_core.image.families import components, load_pipeline, pipeline_encoders
+from mole_core.lora import Lora, LoraWeights
+from mole_core.image.lora_files import save_lora
 from mole_core.routing import TriggerRouter, trigger_token_ids
 from tests import tiny_families
 from tests.tiny import WORDS
@@ -121,7 +122,7 @@ def test_every_encoder_splits_the_triggers_and_finds_them(setup):
         (a,), (b,) = trigger_token_ids(tokenizer, TRIGGERS, ["a", "b"])
         assert len(a) >= 3 and len(b) == 2, (name, tokenizer.convert_ids_to_tokens(list(a)))
     engine.generate(Mix("mole", ("a", "b"), gate=DEFAULT_GATE), ask(family, "a catdog and a sks style square"))
-    router = engine._handle.router
+    router = engine._kept.handle.router
     for name in encoders:                        # the prompt's encoding (the negative prompt's has no trigger)
         assert any(maps.amax((0, 1)).tolist() == [1.0, 1.0] for encoder, _, maps in router.recorded
                    if encoder == name), name
@@ -140,7 +141,7 @@ def test_default_gate_is_the_base_without_triggers_and_routes_with_one(setup):
     base_a, mole_a, mole_b = (engine.generate(m, ask(family, p)) for m, p in
                               ((Mix("base"), NAMED), (routed, NAMED), (routed, "a sks style on the left")))
     assert not np.array_equal(pixels(mole_a.image), pixels(base_a.image))
-    assert engine._handle.router.present[engine.family.denoiser].tolist() == [False, True]
+    assert engine._kept.handle.router.present[engine.family.denoiser].tolist() == [False, True]
     linear = engine.generate(Mix("linear", keys), ask(family, NAMED))
     assert not np.array_equal(pixels(mole_a.image), pixels(linear.image)), "routed is not the linear merge"
     assert not engine.check([routed], ask(family, NAMED)), "no warning where routing runs"
@@ -191,7 +192,7 @@ def test_a_lora_without_trigger_falls_back_visibly(tmp_path, capsys):
     """A LoRA without a trigger: the engine says so in one sentence, the image is the per-token gate's (its
     label says routing is off), the CLI prints the warning; an evaluation refuses the LoRA with a sentence."""
     from mole_core.defaults import Limits
-    from mole_core.study import EvalConfig, plan_evaluation
+    from mole_core.studies.image import EvalConfig, plan_evaluation
     model_dir = family_dir("flux", tmp_path)
     bank = make_bank(tmp_path / "bank", model_dir, "flux", triggers={"a": ["catdog"], "b": []})
     engine = Engine(str(model_dir), str(bank), limits=Limits.local())
