@@ -217,7 +217,8 @@ class JointRecordingProcessor:
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
-        query, key = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim))), attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))                  # (B, T, H, d)
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         if attn.added_kv_proj_dim is not None:
             encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
@@ -403,7 +404,8 @@ class TriggerRouter:
         if ehs is None:
             self.denoiser_tokens, self.masses = None, {}
             return
-        same = self._prev_text is not None and self._prev_text.shape == ehs.shape and torch.equal(self._prev_text, ehs.detach())
+        prev = self._prev_text
+        same = prev is not None and prev.shape == ehs.shape and torch.equal(prev, ehs.detach())
         if same and self.denoiser_tokens is not None:
             return                                      # the same text as the previous step: the same positions
         if not same:
