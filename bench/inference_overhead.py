@@ -17,6 +17,10 @@ Methods:
   base             the denoiser alone
   diffusers        `load_lora_adapter` ×3 + `set_adapters(weights=1/3 each)`: PEFT's unfused layers
   mole             `attach(..., MoleConfig("block"))`: one stacked rank-48 LoRA per module + block gates
+  routed           the default gate (`generate --method mole` with no --gate: mix.DEFAULT_GATE "routed"):
+                   per-token block gates, trigger-routed, untrained, on a text that names each LoRA's trigger
+                   (one phrase per LoRA); a stand-in text encoder hands the router the bench's text states, and
+                   one untimed forward before the timed one fills the attention masses (a later denoising step)
   linear merge     `merged_weights(merge_loras(...))`: ΔW added into W (the forward costs the base's: the
                    noise check)
 Timing: one warm-up round, then --rounds rounds of one forward per method; the methods are interleaved in
@@ -51,6 +55,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -62,12 +67,14 @@ from peft import LoraConfig  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mole_core.attach import MoleConfig, attach  # noqa: E402
+from mole_core.defaults import DEFAULT_GATE  # noqa: E402
 from mole_core.lora import Lora  # noqa: E402
+from mole_core.mix import mole_config_for  # noqa: E402
 from bench.common import RANK, random_loras, target_paths  # noqa: E402
 from mole_core.merge import merge_loras, merged_weights  # noqa: E402
 
 N_LORAS, BATCH = 3, 2
-METHODS = ("base", "diffusers", "mole", "linear")
+METHODS = ("base", "diffusers", "mole", "routed", "linear")
 FLUX_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                "ff_context.net.2")
@@ -167,6 +174,7 @@ class Setup:
     comps: nn.ModuleDict
     loras: list
     forward: Callable[[], torch.Tensor]
+    text: torch.Tensor | None = None       # the text states the denoiser reads (B, L, D)
 
 
 def on(device):
@@ -181,7 +189,7 @@ def unet_setup(args, device, dtype) -> Setup:
     paths = target_paths(unet)
     x = inputs(unet, device, dtype)
     return Setup(f"UNet {'small' if args.small else 'SD 1.5'}, batch {BATCH}, 64x64 latents, 77 text tokens",
-                 unet, nn.ModuleDict({"unet": unet}), random_loras(unet, paths, N_LORAS), lambda: unet(*x).sample)
+                 unet, nn.ModuleDict({"unet": unet}), random_loras(unet, paths, N_LORAS), lambda: unet(*x).sample, x[2])
 
 
 def flux_setup(args, device, dtype) -> Setup:
@@ -197,7 +205,8 @@ def flux_setup(args, device, dtype) -> Setup:
     return Setup(f"FLUX-shaped transformer, width 3072, {args.double_blocks} double + {args.single_blocks} single "
                  f"blocks ({n_params / 1e6:.0f} M parameters), batch 1, {args.image_side}x{args.image_side} = "
                  f"{args.image_side ** 2} image tokens, {args.text_tokens} text tokens",
-                 model, nn.ModuleDict({"transformer": model}), loras, lambda: model(**x).sample)
+                 model, nn.ModuleDict({"transformer": model}), loras, lambda: model(**x).sample,
+                 x["encoder_hidden_states"])
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
@@ -237,7 +246,8 @@ def run_inference(setup: Setup, args, device, dtype, log=print) -> dict:
             res["merge_apply"].append(time.perf_counter() - start)
             yield
 
-    settings = {"base": nullcontext, "diffusers": diffusers_adapters, "mole": mole, "linear": linear}
+    settings = {"base": nullcontext, "diffusers": diffusers_adapters, "mole": mole, "linear": linear,
+                "routed": lambda: default_gate(setup)}
     times = {m: [] for m in METHODS}
     walls = {m: [] for m in METHODS}
     outs = {}
@@ -263,7 +273,8 @@ def run_inference(setup: Setup, args, device, dtype, log=print) -> dict:
     res.update({m: spread(t) for m, t in times.items()})
     ratio = lambda a, b: [x / y for x, y in zip(times[a], times[b])]        # per round, paired
     res["ratios"] = {"mole/diffusers": spread(ratio("mole", "diffusers")), "mole/base": spread(ratio("mole", "base")),
-                     "diffusers/base": spread(ratio("diffusers", "base")), "linear/base": spread(ratio("linear", "base"))}
+                     "diffusers/base": spread(ratio("diffusers", "base")), "linear/base": spread(ratio("linear", "base")),
+                     **routed_ratios(ratio, spread)}
     scale = outs["base"].float().abs().mean()
     res["diff_mole_vs_diffusers"] = float((outs["mole"].float() - outs["diffusers"].float()).abs().max() / scale)
     res["diff_mole_vs_linear"] = float((outs["mole"].float() - outs["linear"].float()).abs().max() / scale)
@@ -280,9 +291,10 @@ def report_inference(r: dict, args, header: str) -> list[str]:
     fmt = lambda s: f"{s[0]:.3f} ({s[1]:.3f}–{s[2]:.3f})"
     ms = lambda s: f"{s[0] * 1e3:,.1f} ({s[1] * 1e3:,.1f}–{s[2] * 1e3:,.1f})"
     label = {"base": "base", "diffusers": f"diffusers unfused ×{N_LORAS} (`load_lora_adapter` + `set_adapters`)",
-             "mole": f"MoLE (block, {r['mole_gates']} gates)", "linear": "linear merge applied"}
+             "mole": f"MoLE (block, {r['mole_gates']} gates)", "linear": "linear merge applied",
+             "routed": "MoLE default gate (block, per-token, trigger-routed)"}
     vs_base = {"base": "1", "diffusers": fmt(rat["diffusers/base"]), "mole": fmt(rat["mole/base"]),
-               "linear": fmt(rat["linear/base"])}
+               "linear": fmt(rat["linear/base"]), "routed": fmt(rat["routed/base"])}
     lines = [header, "",
              f"{r['modules']} adapted modules, {N_LORAS} LoRAs of rank {RANK}; {args.rounds} timed rounds after one "
              f"warm-up, methods interleaved (order rotating per round). Clock: {clock_words}. Times: median "
@@ -291,11 +303,12 @@ def report_inference(r: dict, args, header: str) -> list[str]:
              "|---|---|---|---|---|"]
     for m in METHODS:
         lines.append(f"| {label[m]} | {ms(r[m])} | {vs_base[m]} | "
-                     f"{fmt(rat['mole/diffusers']) if m == 'mole' else ('1' if m == 'diffusers' else '')} | "
+                     f"{fmt(rat[m + '/diffusers']) if m in ('mole', 'routed') else ('1' if m == 'diffusers' else '')} | "
                      f"{ms(r['wall'][m])} |")
     lines += ["",
               f"- MoLE / diffusers unfused: {fmt(rat['mole/diffusers'])} (target ≤ 1.0)",
               f"- MoLE / base: {fmt(rat['mole/base'])} (target ≤ 1.10)",
+              *routed_lines(rat, fmt),
               f"- linear merge applied / base (the same work: the noise check): {fmt(rat['linear/base'])}",
               f"- untrained MoLE vs diffusers' equal-weight adapters: max |difference| = "
               f"{r['diff_mole_vs_diffusers']:.2e} of mean |base output| (the LoRAs themselves move the output by "
@@ -307,6 +320,61 @@ def report_inference(r: dict, args, header: str) -> list[str]:
         lines.append(f"| {i + 1} | " + " | ".join(f"{r['times'][m][i] * 1e3:,.1f} ({r['walls'][m][i] * 1e3:,.0f})"
                                                     for m in METHODS) + " |")
     return lines
+
+
+# ---- the default (routed) gate -------------------------------------------------------------------
+
+class WordTokenizer:
+    """Word-level ids for the stand-in text encoder (0 is end and padding)."""
+    bos_token_id, eos_token_id, pad_token_id = None, 0, 0
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        return SimpleNamespace(input_ids=[self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()])
+
+
+class StandInEncoder(nn.Module):
+    """Stands for the text encoder: returns the bench's text states, so the router finds the triggers' positions
+    in the denoiser's text as it does in a pipeline call (the encoder runs once per image, not per step)."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, input_ids):
+        return (self.states,)
+
+
+@contextmanager
+def default_gate(setup: Setup):
+    """The default gate attached as the engine attaches it (untrained), the text encoded once with each LoRA's
+    trigger at the start of a third of the text (phrases of L/3 tokens), and one untimed forward (the
+    previous denoising step: it records the attention masses the timed forward routes the pixels by)."""
+    handle = attach(setup.comps, setup.loras, mole_config_for("block", DEFAULT_GATE))
+    B, L, _ = setup.text.shape
+    tokenizer, encoder = WordTokenizer(), StandInEncoder(setup.text)
+    handle.set_triggers({"text_encoder": (encoder, tokenizer)}, {l.name: f"trigger-{l.name}" for l in setup.loras})
+    words = [f"w{j}" for j in range(L)]
+    for i, lora in enumerate(setup.loras):
+        words[1 + i * L // len(setup.loras)] = f"trigger-{lora.name}"
+    ids = torch.tensor([tokenizer(" ".join(words)).input_ids] * B)
+    encoder(ids)
+    setup.forward()
+    yield
+    handle.detach()
+
+
+def routed_ratios(ratio, spread) -> dict:
+    return {"routed/base": spread(ratio("routed", "base")), "routed/diffusers": spread(ratio("routed", "diffusers")),
+            "routed/mole": spread(ratio("routed", "mole"))}
+
+
+def routed_lines(rat: dict, fmt) -> list[str]:
+    return [f"- MoLE default gate / base: {fmt(rat['routed/base'])} (target ≤ 1.15)",
+            f"- MoLE default gate / diffusers unfused: {fmt(rat['routed/diffusers'])}; "
+            f"/ per-sample MoLE: {fmt(rat['routed/mole'])}"]
 
 
 # ---- training (one mode per subprocess) ----------------------------------------------------------

@@ -28,9 +28,10 @@ models: one decision per sample read from the prompt by mole_core.text.gate.Prom
 group as forced weights, `settings(gates=G)`; the groups' own gates are built as static ones and unused).
 
 Trigger routing (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): per-token gates pushed
-towards the expert whose trigger a text token belongs to / a pixel attends to; the handle needs each
-expert's trigger words (`handle.set_triggers(pipe.tokenizer, {name: words})`); detach removes its hooks
-and attention processors.
+towards the expert whose trigger a text token belongs to / a pixel or image token attends to (SD 1.x, SDXL,
+SD3, FLUX); the handle needs each expert's trigger words (`handle.set_triggers(pipeline_encoders(pipe),
+{name: words})`, or `handle.set_triggers(pipe.tokenizer, ...)` with one text encoder); detach removes its
+hooks and attention processors.
 
 Settings are per call (context managers that restore what was there), never modes stored in the model.
 
@@ -224,8 +225,11 @@ class MoleHandle:
         self.attached = True
 
     def set_triggers(self, tokenizer, triggers: dict) -> None:
-        """The trigger word(s) of each expert, {name: "zwx" | ["zwx", ...]}, tokenised with the pipeline's
-        tokenizer (used by route="trigger"; a no-op otherwise). An expert without one is never routed to."""
+        """The trigger word(s) of each expert, {name: "zwx" | ["zwx", "sks person", ...]}, tokenised by each text
+        encoder's own tokenizer (used by route="trigger"; a no-op otherwise). `tokenizer`: one tokenizer (every
+        text encoder of the attached model uses it: SD 1.x), or {encoder name: tokenizer | (encoder module,
+        tokenizer)} (image.families.pipeline_encoders(pipe) gives it for any pipeline; a module for encoders outside
+        the attachment, such as FLUX's and SD3's T5). An expert without one is never routed to."""
         unknown = [k for k in triggers if k not in self.expert_names]
         if unknown:
             raise ValueError(f"Triggers name unknown expert(s) {', '.join(unknown)}; the experts are "

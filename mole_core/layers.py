@@ -166,7 +166,7 @@ class Group:
         G = self.cache
         if G.shape[1] != T:
             G = G.mean(1, keepdim=True).expand(G.shape[0], T, G.shape[2])  # another token layout
-        G = self.router.apply(G, self.network, gate.route_beta)
+        G = self.router.apply(G, self.network, gate.route_beta, member.key)
         if leader:
             rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
         G = self._forced_and_masked(G)

@@ -1,14 +1,17 @@
 """Trigger routing for per-token MoLE gates (ours, not in the paper): MoleConfig(gate="token", route="trigger").
 
-Each expert i has trigger word(s) (a bank entry's `trigger`). The routing term tells every token / pixel
-which expert's subject it belongs to, from signals the model computes anyway:
+Each expert i has trigger word(s) (a bank entry's `trigger`; a word, several words, a phrase). The routing
+term tells every token / pixel which expert's subject it belongs to, from signals the model computes anyway:
 
-- text tokens (the text encoder's modules, and the UNet's cross-attention keys / values, which read the
-  text): r_i(j) = 1 when token j belongs to expert i's trigger, else 0;
-- pixels (every UNet module whose tokens are the latent pixels): r_i(p) = the cross-attention mass of
-  pixel p on expert i's trigger tokens, Σ_{j ∈ trig_i} softmax(q_p·k_j / √d), averaged over heads, taken
-  from the most recent cross-attention (attn2) at that resolution — in this forward pass when one ran
-  already, else from the previous UNet call on the same text (the previous denoising step).
+- text tokens (the text encoders' modules, the denoiser's modules that read the text: a UNet's cross-attention
+  keys / values, an SD3 / FLUX transformer's context stream and the text part of FLUX's single blocks):
+  r_i(j) = 1 when token j belongs to expert i's trigger, else 0;
+- pixels / image tokens (every other denoiser module reading the image): r_i(p) = the attention mass of
+  image token p on expert i's trigger tokens, Σ_{j ∈ trig_i} softmax_k(q_p·k_k / √d)_j, averaged over heads,
+  taken from the most recent attention that reads the text at that resolution — a UNet's cross-attention
+  (attn2; the softmax runs over the text tokens), an SD3 / FLUX joint attention (the softmax runs over the
+  whole joint sequence, text and image tokens) — in this forward pass when one ran already, else from the
+  previous denoiser call on the same text (the previous denoising step).
 
 The gate's weights become   G_i(p) ∝ G_i^gate(p) · (r_i(p) + ε)^β     (= softmax(logits/τ + β log(r + ε)))
 with β a per-gate Parameter (MoleConfig.route_beta at start; learnable unless route_learn_beta=False).
@@ -16,38 +19,79 @@ A token / pixel with the same r for every expert (no trigger in the prompt, a tr
 gate's weights exactly in proportion, so β = 0 or a prompt without triggers is the per-token gate.
 
 Which text tokens count as expert i's (MoleConfig.route_tokens):
-  "trigger"  only the trigger's own tokens (multi-token triggers: every token of the sequence);
+  "trigger"  only the trigger's own tokens (a trigger that the tokenizer splits into several pieces, CLIP's BPE
+             or T5's sentencepiece, or a phrase of several words: every piece of the sequence);
   "phrase"   from the trigger up to the next token of another expert's trigger (CLIP's text encoder is
              causal: "on the left" after "zwx" carries where the zwx goes); special tokens never count.
+Every text encoder finds the triggers with its own tokenizer (SDXL: both CLIPs; SD3: both CLIPs and T5; FLUX:
+CLIP and T5), so a trigger is found in each encoder's tokens however that encoder splits it.
 route_pixels=False routes only the text tokens (no attention maps are recorded, processors untouched).
 route_norm: "mass" uses r as above; "share" divides each pixel's masses by their sum over experts
 (r_i = m_i / (Σ_j m_j + ε)), so only which expert a pixel attends to counts, not how much; "spatial" first
 divides each expert's map by its mean over the image (m_i(p) / mean_q m_i(q)), then shares: on small models
 the text mentioned first takes most of the attention everywhere, and only the contrast between places says
 where a subject goes (as Prompt-to-Prompt normalises a token's map over the image).
+route_absent="off": an expert whose trigger is in no prompt of a network's call is switched off in that call;
+no trigger at all = the base model there, bit for bit (the attention processors then run the original code).
 
-How the trigger positions reach the UNet: a forward pre-hook on the text encoder reads its input ids (the
-pipeline's prompt and negative prompt, or a DiffusionTask's captions) and records, with a forward hook, the
-text encoder's output rows; a pre-hook on the UNet matches each row of its encoder_hidden_states to a
-recorded output (exact equality) and so knows each sample's trigger positions. Rows that match nothing
-(prompt_embeds passed directly) get r = 0: the per-token gate. The cross-attention masses are computed by
-`RecordingAttnProcessor`, installed on the UNet's cross-attention modules for the attachment's lifetime
-(the classic AttnProcessor computation: probs = softmax(QKᵀ/√d), out = probs V, equal to SDPA up to float
-rounding); detach restores the original processors.
+How the trigger positions reach the denoiser: a forward pre-hook on each text encoder (the attached networks'
+text encoders and those given to `set_triggers`, e.g. FLUX's and SD3's T5, which no LoRA adapts) reads its
+input ids and records, with a forward hook, the encoder's outputs (its last hidden state and the penultimate
+one, which SDXL and SD3 read). A pre-hook on the denoiser finds each recorded output inside each row of its
+`encoder_hidden_states` (exact equality, at any token offset and feature offset: SDXL concatenates its two
+encoders along the features, SD3 its CLIPs along the features and T5 after them along the tokens), and so
+knows each sample's trigger positions. Rows that match nothing (prompt_embeds passed directly, SDXL's zeroed
+empty negative prompt) get r = 0: the per-token gate. The attention masses are computed by recording
+processors installed on the denoiser's attention modules for the attachment's lifetime:
+`RecordingAttnProcessor` on a UNet's cross-attention (the classic AttnProcessor computation: probs =
+softmax(QKᵀ/√d), out = probs V, equal to SDPA up to float rounding), `JointRecordingProcessor` on SD3's /
+FLUX's joint attention (the fused attention kernel also returns each query's log-sum-exp, so the masses cost
+one product of the image queries with the few trigger keys: the softmax over all keys is never computed twice).
+Detach restores the original processors. Where routing cannot work, `route_problem` says why in one sentence.
 
 References: Prompt-to-Prompt (Hertz et al., 2022) for cross-attention maps as a subject's layout;
-MoLE (Wu et al., ICLR 2024) for the gates this term biases.
+MoLE (Wu et al., ICLR 2024) for the gates this term biases; diffusers `JointAttnProcessor2_0` (SD3) and
+`FluxAttnProcessor` (FLUX), whose computation the joint recording processor repeats.
 """
 from __future__ import annotations
 
+import math
+import re
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROUTES = ("none", "trigger")
 ROUTE_TOKENS = ("trigger", "phrase")
 ROUTE_NORMS = ("mass", "share", "spatial")
 ROUTE_ABSENT = ("keep", "off")
+DENOISERS = ("unet", "transformer")
 _KEEP = 16           # text-encoder outputs remembered for matching
+# Modules of an SD3 / FLUX transformer that read the text tokens (the context stream of the joint blocks).
+_TEXT_SIDE = re.compile(r"(^|\.)(context_embedder|add_[qkv]_proj|to_add_out|ff_context)(\.|$)")
+
+
+def untriggered(triggers: dict[str, list[str] | str]) -> list[str]:
+    """The experts of {expert: trigger words} that have no trigger word."""
+    return [name for name, words in triggers.items()
+            if not [w for w in ([words] if isinstance(words, str) else words or []) if w.strip()]]
+
+
+def route_problem(model: nn.Module | None, triggers: dict[str, list[str]] | None = None) -> str | None:
+    """One sentence saying why trigger routing cannot run on `model` with these triggers ({expert: words}),
+    or None when it can: it needs a pipeline's networks (a ModuleDict with a "unet" or a "transformer") and a
+    trigger word for every expert. model=None checks the triggers alone."""
+    if model is not None and (not isinstance(model, nn.ModuleDict) or not any(d in model for d in DENOISERS)):
+        return ("Trigger routing reads a diffusers pipeline's text encoders and its UNet's or transformer's "
+                "attention; this model has neither, so the gate is the per-token gate, unrouted.")
+    missing = untriggered(triggers or {})
+    if missing:
+        return (f"The LoRA{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
+                f"{'have' if len(missing) > 1 else 'has'} no trigger word (the manifest's \"trigger\"), so the "
+                f"routed gate cannot tell where {'they go' if len(missing) > 1 else 'it goes'}: this MoLE runs "
+                f"the per-token gate instead, unrouted.")
+    return None
 
 
 def trigger_token_ids(tokenizer, triggers: dict[str, list[str] | str], names: list[str]) -> list[list[tuple[int, ...]]]:
@@ -100,8 +144,8 @@ class RecordingAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        tokens, mask = self.router.unet_tokens, getattr(self.router.runtime, "mask", None)
-        if (mask is not None and not bool(mask.any())) or self.router.all_absent("unet"):   # the base model exactly
+        tokens, mask = self.router.denoiser_tokens, getattr(self.router.runtime, "mask", None)
+        if (mask is not None and not bool(mask.any())) or self.router.all_absent(self.router.denoiser):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if encoder_hidden_states is None or tokens is None or attn.spatial_norm is not None \
                 or attn.group_norm is not None or getattr(attn, "residual_connection", False):
@@ -129,142 +173,369 @@ class RecordingAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention (B, H, S, d) and each query's log Σ_k exp(q·k/√d) (B, H, S), from one
+    fused kernel where torch has one (CPU flash attention, CUDA memory-efficient attention), else in chunks."""
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+            return out, lse
+        if q.device.type == "cuda":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+            return out, lse[..., :q.shape[2]]
+    except (RuntimeError, NotImplementedError):
+        pass                                           # a layout or dtype the kernel refuses: the plain way
+    out = F.scaled_dot_product_attention(q, k, v)
+    scale = 1 / math.sqrt(q.shape[-1])
+    lse = torch.cat([(qc.float() @ k.float().transpose(-1, -2) * scale).logsumexp(-1)
+                     for qc in q.split(1024, dim=2)], dim=2)
+    return out, lse
+
+
+class JointRecordingProcessor:
+    """SD3's / FLUX's joint attention that also stores each image token's attention mass on every expert's
+    trigger tokens (the softmax over the whole joint sequence). `layout`: "flux" (diffusers FluxAttnProcessor:
+    text tokens first; single blocks carry text and image in one sequence) or "sd3" (JointAttnProcessor2_0:
+    image tokens first). Without triggers in the call (or any input it does not know) the original runs."""
+
+    def __init__(self, router: "TriggerRouter", original, layout: str):
+        self.router, self.original, self.layout = router, original, layout
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        router = self.router
+        if attention_mask is not None or not router.recording_active():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if self.layout == "flux":
+            return self._flux(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        if encoder_hidden_states is None:              # SD3.5's image-only second attention: no text to attend
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        return self._sd3(attn, hidden_states, encoder_hidden_states)
+
+    def _flux(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+        """diffusers FluxAttnProcessor.__call__, with the attention through `TriggerRouter.joint_attention`."""
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))                  # (B, T, H, d)
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        L = self.router.denoiser_tokens.shape[1]                          # text first: [text (L), image (T)]
+        out = self.router.joint_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                          text_start=0, image=slice(L, query.shape[1]))
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)   # (B, S, H·d)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states
+
+    def _sd3(self, attn, hidden_states, encoder_hidden_states):
+        """diffusers JointAttnProcessor2_0.__call__, with the attention through `TriggerRouter.joint_attention`."""
+        B, T = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x, norm=None):                                           # (B, S, H·d) -> (B, H, S, d)
+            x = x.view(B, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        query = heads(attn.to_q(hidden_states), attn.norm_q)
+        key = heads(attn.to_k(hidden_states), attn.norm_k)
+        value = heads(attn.to_v(hidden_states))
+        query = torch.cat([query, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+        key = torch.cat([key, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+        value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
+        out = self.router.joint_attention(query, key, value, text_start=T, image=slice(0, T))   # [image, text]
+        out = out.transpose(1, 2).reshape(B, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+        hidden_states, encoder_hidden_states = out[:, :T], out[:, T:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states, encoder_hidden_states
+
+
+def _joint_layout(processor) -> str | None:
+    """"flux" / "sd3" for the joint-attention processors JointRecordingProcessor repeats, else None."""
+    name = type(processor).__name__
+    return {"FluxAttnProcessor": "flux", "FluxAttnProcessor2_0": "flux", "JointAttnProcessor2_0": "sd3"}.get(name)
+
+
 class TriggerRouter:
     """The routing maps of one attachment and the hooks that fill them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, n_experts: int, tokens: str = "trigger", norm: str = "mass",
                  eps: float = 1e-3, pixels: bool = True, absent: str = "keep"):
-        if not isinstance(model, nn.ModuleDict) or "unet" not in model:
-            raise ValueError('route="trigger" needs a pipeline\'s networks (a ModuleDict with "unet" and '
-                             '"text_encoder", as pipeline_components gives).')
+        problem = route_problem(model)
+        if problem:
+            raise ValueError(f'route="trigger" needs a pipeline\'s networks (a ModuleDict with "unet" or '
+                             f'"transformer" and its text encoders, as families.components gives). {problem}')
         self.model, self.n, self.tokens, self.norm, self.eps = model, n_experts, tokens, norm, eps
+        self.denoiser = next(d for d in DENOISERS if d in model)   # "unet" | "transformer"
         self.pixels = pixels                           # route pixels by attention mass (else text tokens only)
         self.absent = absent                           # "off": experts whose trigger no prompt of the call has
+        self.encoders: dict[str, nn.Module] = {n: m for n, m in model.items() if n != self.denoiser}
         self.present: dict[str, torch.Tensor] = {}     # network -> (N,) bool of the current call (route_absent)
-        self.trigger_ids: list[list[tuple[int, ...]]] = [[] for _ in range(n_experts)]
-        self.special: set[int] = set()
-        self.text_map: torch.Tensor | None = None      # (B, L, N) of the text encoder's current call
-        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []   # (output rows (B, L, d), maps (B, L, N))
-        self.unet_tokens: torch.Tensor | None = None   # (B, L, N) trigger positions of the UNet's text
-        self.masses: dict[int, torch.Tensor] = {}      # pixels T -> (B, T, N) cross-attention masses
+        self.trigger_ids: dict[str, list[list[tuple[int, ...]]]] = {}   # encoder -> per expert, its id sequences
+        self.special: dict[str, set[int]] = {}         # encoder -> its special token ids
+        self.text_maps: dict[str, torch.Tensor] = {}   # encoder -> (B, L, N) of its current call
+        self.recorded: list[tuple[str, list[torch.Tensor], torch.Tensor]] = []   # (encoder, [outputs (B, L, d)],
+                                                                                  #  maps (B, L, N))
+        self.denoiser_tokens: torch.Tensor | None = None   # (B, L, N) trigger positions of the denoiser's text
+        self.columns: torch.Tensor | None = None       # (C,) text positions some expert owns in some row
+        self.column_tokens: torch.Tensor | None = None  # (B, C, N) denoiser_tokens at those positions
+        self.masses: dict[int, torch.Tensor] = {}      # image tokens T -> (B, T, N) attention masses
+        self.unknown_attention: list[str] = []         # joint attention modules whose processor is not known
         self._prev_text: torch.Tensor | None = None
+        self._roles: dict[str, str | None] = {}
         self._handles: list = []
         self._processors: dict[str, object] = {}
         self.runtime = None                            # layers.Runtime of the attachment (its mask)
 
+    @property
+    def unet_tokens(self) -> torch.Tensor | None:
+        """The denoiser's trigger positions (the name from when only UNets routed)."""
+        return self.denoiser_tokens
+
     # ---- triggers ------------------------------------------------------------------------------
-    def set_triggers(self, tokenizer, triggers: dict, names: list[str]) -> None:
-        self.trigger_ids = trigger_token_ids(tokenizer, triggers, names)
-        self.special = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                        if i is not None}
+    def set_triggers(self, tokenizers, triggers: dict, names: list[str]) -> None:
+        """tokenizers: one tokenizer (used for every text encoder of the attached model) or {encoder name:
+        tokenizer | (encoder module, tokenizer)}; a module is given for encoders outside the attached model
+        (FLUX's and SD3's T5) and is hooked too."""
+        if not isinstance(tokenizers, dict):
+            tokenizers = {name: tokenizers for name in self.encoders}
+        for name, value in tokenizers.items():
+            module, tokenizer = value if isinstance(value, tuple) else (self.encoders.get(name), value)
+            if module is None:
+                raise ValueError(f"No text encoder '{name}' in the attached model; pass (module, tokenizer) for it.")
+            if self.encoders.get(name) is not module:
+                self.encoders[name] = module
+                if self._handles:                      # installed already: hook the new encoder too
+                    self._hook_encoder(name, module)
+            self.trigger_ids[name] = trigger_token_ids(tokenizer, triggers, names)
+            self.special[name] = {i for i in (getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id,
+                                              tokenizer.pad_token_id) if i is not None}
+        self._prev_text = self.denoiser_tokens = None   # positions of the old triggers are stale
+
+    def _untriggered(self, device) -> torch.Tensor:
+        """(N,) bool: experts no encoder has trigger words for (they always count as present)."""
+        has = [any(seqs[i] for seqs in self.trigger_ids.values()) for i in range(self.n)]
+        return torch.tensor([not h for h in has], device=device)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def install(self) -> None:
         if self._handles:
             return
-        unet = self.model["unet"]
-        te = self.model["text_encoder"] if "text_encoder" in self.model else None
-        if te is not None:
-            self._handles.append(te.register_forward_pre_hook(self._text_pre, with_kwargs=True))
-            self._handles.append(te.register_forward_hook(self._text_post))
-        self._handles.append(unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
-        for name, module in unet.named_modules():
-            if self.pixels and getattr(module, "is_cross_attention", False) and hasattr(module, "set_processor"):
-                self._processors[name] = module.processor
-                module.processor = RecordingAttnProcessor(self, module.processor)
+        for name, module in self.encoders.items():
+            self._hook_encoder(name, module)
+        denoiser = self.model[self.denoiser]
+        self._handles.append(denoiser.register_forward_pre_hook(self._denoiser_pre, with_kwargs=True))
+        if not self.pixels:
+            return
+        self.unknown_attention = []
+        for name, module in denoiser.named_modules():
+            processor = getattr(module, "processor", None)
+            if processor is None or not hasattr(module, "set_processor"):
+                continue
+            if self.denoiser == "unet" and getattr(module, "is_cross_attention", False):
+                self._processors[name] = processor
+                module.processor = RecordingAttnProcessor(self, processor)
+            elif self.denoiser == "transformer" and _joint_layout(processor):
+                self._processors[name] = processor
+                module.processor = JointRecordingProcessor(self, processor, _joint_layout(processor))
+            elif self.denoiser == "transformer":
+                self.unknown_attention.append(f"{name} ({type(processor).__name__})")
+
+    def _hook_encoder(self, name: str, module: nn.Module) -> None:
+        self._handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: self._text_pre(name, args, kwargs), with_kwargs=True))
+        self._handles.append(module.register_forward_hook(
+            lambda m, args, output, name=name: self._text_post(name, output)))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        unet = self.model["unet"]
+        denoiser = self.model[self.denoiser]
         for name, proc in self._processors.items():
-            unet.get_submodule(name).processor = proc
+            denoiser.get_submodule(name).processor = proc
         self._processors = {}
         self.reset()
 
     def reset(self) -> None:
-        self.text_map, self.recorded, self.unet_tokens, self.masses, self._prev_text = None, [], None, {}, None
+        self.text_maps, self.recorded, self.denoiser_tokens, self.masses, self._prev_text = {}, [], None, {}, None
+        self.columns = self.column_tokens = None
         self.present = {}
 
-    def _text_pre(self, module, args, kwargs):
+    def _text_pre(self, name: str, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
-        self.text_map = None if ids is None else trigger_positions(ids, self.trigger_ids, self.tokens, self.special)
-        if self.text_map is None:
-            self.present.pop("text_encoder", None)
-        else:
-            self.present["text_encoder"] = self._present(self.text_map)
+        if ids is None or name not in self.trigger_ids:
+            self.text_maps.pop(name, None)
+            self.present.pop(name, None)
+            return
+        self.text_maps[name] = trigger_positions(ids, self.trigger_ids[name], self.tokens, self.special[name])
+        self.present[name] = self._present(self.text_maps[name])
 
-    def _text_post(self, module, args, output):
+    def _text_post(self, name: str, output):
+        """Record the encoder's last hidden state and (when asked for) its penultimate one: what pipelines read."""
+        maps = self.text_maps.get(name)
+        if maps is None:
+            return
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
-        if self.text_map is not None and torch.is_tensor(hidden):
-            self.recorded.append((hidden.detach(), self.text_map))
+        states = getattr(output, "hidden_states", None)
+        candidates = [h.detach() for h in (hidden, states[-2] if states and len(states) > 1 else None)
+                      if torch.is_tensor(h) and h.dim() == 3]
+        if candidates:
+            self.recorded.append((name, candidates, maps))
             self.recorded = self.recorded[-_KEEP:]
 
-    def _unet_pre(self, module, args, kwargs):
-        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    def _denoiser_pre(self, module, args, kwargs):
+        position = 2 if self.denoiser == "unet" else 1       # UNet(sample, t, ehs); transformers(x, ehs, ...)
+        ehs = kwargs.get("encoder_hidden_states", args[position] if len(args) > position else None)
         if ehs is None:
-            self.unet_tokens, self.masses = None, {}
+            self.denoiser_tokens, self.masses = None, {}
             return
-        B, L, _ = ehs.shape
-        tokens, matched = torch.zeros(B, L, self.n), False
-        for b in range(B):
-            row = ehs[b].detach()
-            for hidden, maps in reversed(self.recorded):
-                hit = next((k for k in range(hidden.shape[0]) if hidden.shape[1:] == row.shape
-                            and torch.equal(hidden[k].to(row.device, row.dtype), row)), None)
-                if hit is not None:
-                    tokens[b], matched = maps[hit], True
-                    break
-        if matched:
-            self.present["unet"] = self._present(tokens)
-        else:
-            self.present.pop("unet", None)             # text we did not see encoded: nothing is switched off
-        same = self._prev_text is not None and self._prev_text.shape == ehs.shape and torch.equal(self._prev_text, ehs.detach())
+        prev = self._prev_text
+        same = prev is not None and prev.shape == ehs.shape and torch.equal(prev, ehs.detach())
+        if same and self.denoiser_tokens is not None:
+            return                                      # the same text as the previous step: the same positions
         if not same:
             self.masses = {}                            # another text (training batch): no stale maps
         self._prev_text = ehs.detach()
-        self.unet_tokens = tokens.to(ehs.device)
+        tokens, matched = self._match(ehs.detach())
+        if matched:
+            self.present[self.denoiser] = self._present(tokens)
+        else:
+            self.present.pop(self.denoiser, None)       # text we did not see encoded: nothing is switched off
+        self.denoiser_tokens = tokens.to(ehs.device)
+        columns = tokens.amax((0, 2)).nonzero().flatten()   # on the CPU: no device sync
+        self.columns = columns.to(ehs.device)
+        self.column_tokens = tokens[:, columns].to(ehs.device)
+
+    def _match(self, ehs: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(B, L, N) trigger positions of each row of the denoiser's text (B, L, D): every recorded encoder
+        output found inside the row (any token / feature offset) lends its map to those tokens."""
+        B, L, D = ehs.shape
+        tokens, matched = torch.zeros(B, L, self.n), False
+        widths = {h.shape[-1] for _, candidates, _ in self.recorded for h in candidates}
+        for b in range(B):
+            row, found = ehs[b], set()
+            for _, candidates, maps in reversed(self.recorded):
+                for hidden in candidates:
+                    place = _locate(row, hidden, widths)
+                    if place is None or place[1:] in found:
+                        continue
+                    k, t0, f0 = place
+                    found.add((t0, f0))
+                    n = hidden.shape[1]
+                    tokens[b, t0:t0 + n] = torch.maximum(tokens[b, t0:t0 + n], maps[k])
+                    matched = True
+                    break
+        return tokens, matched
 
     def _present(self, maps: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the expert's trigger is in some prompt of the call; an expert without trigger words
         (none given, or set_triggers never called) always counts as present."""
-        untriggered = torch.tensor([not seqs for seqs in self.trigger_ids], device=maps.device)
-        return (maps.sum((0, 1)) > 0) | untriggered
+        return (maps.sum((0, 1)) > 0) | self._untriggered(maps.device)
 
     def all_absent(self, network: str) -> bool:
         p = self.present.get(network)
         return self.absent == "off" and p is not None and not bool(p.any())
 
+    def recording_active(self) -> bool:
+        """Joint attention records masses: the denoiser's text has trigger tokens, some expert is on."""
+        mask = getattr(self.runtime, "mask", None)
+        return (self.columns is not None and self.columns.numel() > 0 and not self.all_absent(self.denoiser)
+                and not (mask is not None and not bool(mask.any())))
+
     def store_mass(self, T: int, mass: torch.Tensor) -> None:
         self.masses[T] = mass.detach()
 
+    def joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_start: int,
+                        image: slice) -> torch.Tensor:
+        """Attention (B, H, S, d) over a joint sequence whose text tokens start at `text_start`; stores the
+        image queries' masses on the trigger tokens: exp(q·k_trig/√d − lse) summed per expert, mean over heads."""
+        out, lse = attention_lse(q, k, v)                                   # (B, H, S, d), (B, H, S)
+        if self.column_tokens.shape[0] == q.shape[0]:
+            q_img = q[:, :, image]                                          # (B, H, T, d)
+            k_trig = k[:, :, text_start + self.columns]                     # (B, H, C, d)
+            scores = (q_img @ k_trig.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+            probs = torch.exp(scores - lse[:, :, image, None].float()).mean(1)   # (B, T, C)
+            self.store_mass(probs.shape[1], probs @ self.column_tokens)        # (B, T, N)
+        return out
+
     # ---- the routing term ----------------------------------------------------------------------
-    def map_for(self, network: str, B: int, T: int) -> torch.Tensor | None:
-        """(B, T, N) r for a module of `network` reading T tokens, or None (no routing there)."""
-        if network == "text_encoder":
-            m = self.text_map
-        elif self.unet_tokens is not None and T == self.unet_tokens.shape[1]:
-            m = self.unet_tokens                       # cross-attention keys / values: text tokens
+    def role(self, key: str | None) -> str | None:
+        """What a transformer module's tokens are: "text" (the context stream), "joint" (FLUX's single
+        blocks: text then image) or "image"; None for UNet modules (told apart by their token count)."""
+        if key is None or self.denoiser != "transformer":
+            return None
+        if key not in self._roles:
+            path = key.split(".", 1)[1] if "." in key else key
+            self._roles[key] = "text" if _TEXT_SIDE.search(path) else \
+                "joint" if path.startswith("single_transformer_blocks.") else "image"
+        return self._roles[key]
+
+    def _pixels(self, T: int) -> torch.Tensor | None:
+        m = self.masses.get(T)
+        if m is not None and self.norm == "spatial":               # each expert's map over its own mean:
+            m = m / (m.mean(1, keepdim=True) + self.eps)              # where, not how much (mention order)
+        if m is not None and self.norm in ("share", "spatial"):
+            m = m / (m.sum(-1, keepdim=True) + self.eps)
+        return m
+
+    def map_for(self, network: str, B: int, T: int, key: str | None = None) -> torch.Tensor | None:
+        """(B, T, N) r for a module of `network` (key: its '<network>.<path>') reading T tokens, or None."""
+        text = self.denoiser_tokens
+        role = self.role(key) if network == self.denoiser else None
+        if network != self.denoiser:
+            m = self.text_maps.get(network)
+        elif role == "joint" and text is not None and T > text.shape[1]:
+            image = self._pixels(T - text.shape[1])
+            image = text.new_zeros(text.shape[0], T - text.shape[1], self.n) if image is None else image.to(text)
+            m = torch.cat([text, image], dim=1)                     # FLUX single blocks: [text, image]
+        elif role == "text" or (role is None and text is not None and T == text.shape[1]):
+            m = text                                                # the denoiser's text tokens
         else:
-            m = self.masses.get(T)
-            if m is not None and self.norm == "spatial":               # each expert's map over its own mean:
-                m = m / (m.mean(1, keepdim=True) + self.eps)              # where, not how much (mention order)
-            if m is not None and self.norm in ("share", "spatial"):
-                m = m / (m.sum(-1, keepdim=True) + self.eps)
+            m = self._pixels(T)
         if m is None or m.shape[0] != B or m.shape[1] != T:
             return None
         return m
 
-    def apply(self, G: torch.Tensor, network: str, beta: torch.Tensor) -> torch.Tensor:
+    def apply(self, G: torch.Tensor, network: str, beta: torch.Tensor, key: str | None = None) -> torch.Tensor:
         """G (B, T, N) softmax weights -> G ∝ G · (r + ε)^β where r is known, renormalised."""
         if self.absent == "off" and network in self.present:
             G = G * self.present[network].to(G.device, G.dtype)            # absent experts off, the rest renormalised
             G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)              # (all absent: zeros = the base model)
-        r = self.map_for(network, G.shape[0], G.shape[1])
+        r = self.map_for(network, G.shape[0], G.shape[1], key)
         if r is None:
             return G
         logr = torch.log(r.to(G.device, torch.float32) + self.eps)
         logr = logr - logr.max(-1, keepdim=True).values          # for stability; cancels in the softmax
         W = G.float() * torch.exp(beta.float() * logr)
         return (W / W.sum(-1, keepdim=True).clamp_min(1e-12)).to(G.dtype)
+
+
+def _locate(row: torch.Tensor, hidden: torch.Tensor, widths: set[int]) -> tuple[int, int, int] | None:
+    """(k, t0, f0) when sample k of `hidden` (B', L', D') sits in `row` (L, D) at token offset t0 ∈ {0, L − L'}
+    and feature offset f0 ∈ {0, D − D', another encoder's width}; None when it is nowhere there."""
+    (L, D), (_, Lh, Dh) = row.shape, hidden.shape
+    if Lh > L or Dh > D:
+        return None
+    hidden = hidden.to(row.device, row.dtype)
+    for t0 in dict.fromkeys((0, L - Lh)):
+        for f0 in dict.fromkeys((0, D - Dh, *sorted(w for w in widths if w + Dh <= D))):
+            block = row[t0:t0 + Lh, f0:f0 + Dh]
+            for k in range(hidden.shape[0]):
+                if torch.equal(block[0], hidden[k, 0]) and torch.equal(block, hidden[k]):
+                    return k, t0, f0
+    return None

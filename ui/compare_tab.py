@@ -133,8 +133,12 @@ def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guid
     state["gates"] = next((r.gates for r in results if r.method == "mole"), state["gates"])
     gallery = [(r.image, f"{r.label} · {r.seconds:.2f} s") for r in results]
     if "mole" in methods and mixture_for(state, keys) is None:
-        warnings.append("MoLE uses untrained gates (equal weights, the same as the linear merge): train gates "
-                        "for this selection in the Train gates tab.")
+        mole = next(r for r in results if r.method == "mole")
+        routed = mole.mix.mole_config.route == "trigger" and "routing off" not in mole.label
+        warnings.append(("MoLE uses untrained gates: each LoRA acts where the prompt names its trigger, and a prompt "
+                         "without triggers is the base model" if routed else
+                         "MoLE uses untrained gates (equal weights, the same as the linear merge)") +
+                        ": train gates for this selection in the Train gates tab.")
     return gallery, request.seed, "\n".join(f"- {w}" for w in warnings), state
 
 

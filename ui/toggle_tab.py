@@ -25,8 +25,9 @@ def toggle(studio: Studio, keys, prompt, negative, seed, steps, guidance, granul
                     bank_of(studio, state))
     state["gates"] = result.gates
     on = ", ".join(f"{k}{'' if strength[k] == 1 else f' ×{strength[k]:g}'}" for k in keys if mask[k]) or "none"
+    note = studio.engine.routing_note(mix, bank_of(studio, state))           # routing fell back: say so
     caption = (f"**{result.label} · {result.seconds:.2f} s** — experts on: {on} · prompt “{prompt}”, "
-               f"seed {int(seed)}")
+               f"seed {int(seed)}" + (f"\n\n{note}" if note else ""))
     return result.image, caption, state
 
 

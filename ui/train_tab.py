@@ -38,7 +38,8 @@ def train_configs(studio: Studio, keys, granularity, steps, lr, alpha, seed, gat
 
 def check_train(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, state: dict) -> None:
     mole, train = train_configs(studio, keys, granularity, steps, lr, alpha, seed, gate)
-    human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state))
+    for warning in human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state)):
+        gr.Warning(warning)                  # routed gates over a LoRA without a trigger: the per-token gate trains
 
 
 def train_estimate(studio: Studio, steps, gate) -> str:

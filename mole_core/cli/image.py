@@ -103,7 +103,8 @@ def cmd_train_gates(args) -> int:
         args.alpha = 0.0 if args.gate == "routed" else TRAIN_ALPHA
     config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=args.alpha, batch_size=args.batch_size,
                          seed=args.seed)
-    engine.check_train(args.lora, mole, config)
+    for warning in engine.check_train(args.lora, mole, config):
+        print(f"warning: {warning}", file=sys.stderr)
     # 2. train with a bar of training steps on stderr (tqdm's measured seconds per step), then report
     start = time.perf_counter()
     with step_bar(config.steps) as on_step:

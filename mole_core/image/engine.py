@@ -46,12 +46,14 @@ from mole_core.locks import FairLock
 from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
 from mole_core.image.families import components as components_of
-from mole_core.image.families import default_size, family_of, latent_shape, latents_for, load_pipeline
+from mole_core.image.families import (default_size, family_of, latent_shape, latents_for, load_pipeline,
+                                      pipeline_encoders)
 from mole_core.lora import Lora
 from mole_core.image.lora_files import save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
+from mole_core.routing import route_problem
 from mole_core.train import TrainConfig, TrainResult, train_gates
 from mole_core.image.task import DiffusionTask, examples_from_bank
 
@@ -196,7 +198,7 @@ class Engine:
                 if mix.mixture is not None:
                     self._check_mixture(mix.mixture, bank)
             self._check_request(request)
-            return self._prompt_warnings(request)
+            return self._prompt_warnings(request) + self._routing_warnings(mixes, bank)
 
     def _check_request(self, request: GenerateRequest) -> None:
         limits = self.limits
@@ -232,6 +234,28 @@ class Engine:
                                 f"and end); these words are cut: \"{cut}\".")
         return warnings
 
+    def routing_note(self, mix: Mix, bank: Bank | None = None) -> str | None:
+        """Why the routed gate cannot run for `mix` (one sentence), or None: routed MoLE needs a trigger word for
+        every LoRA. Untrained, such a Mix runs the per-token gate instead (`_routable`); a trained routed mixture
+        runs as trained, its LoRA without a trigger never routed to."""
+        if mix.method != "mole" or mix.mole_config.route != "trigger":
+            return None
+        bank = bank or self.bank
+        problem = route_problem(self.components, {k: bank.get(k).trigger for k in mix.keys})
+        if problem and mix.mixture is not None:
+            return problem.split(": this MoLE runs")[0] + ": the trained routed gates run, and it is never routed to."
+        return problem
+
+    def _routing_warnings(self, mixes, bank: Bank) -> list[str]:
+        return list(dict.fromkeys(note for mix in mixes if (note := self.routing_note(mix, bank))))
+
+    def _routable(self, mix: Mix, bank: Bank) -> tuple[MoleConfig, str]:
+        """The MoleConfig a MoLE Mix runs with, and "" or a label note when the routed gate fell back."""
+        mole = mix.mole_config
+        if mix.mixture is None and self.routing_note(mix, bank):
+            return dataclasses.replace(mole, route="none"), "; routing off: a LoRA has no trigger"
+        return mole, ""
+
     def truncated_words(self, text: str) -> str:
         """The part of `text` the text encoder never sees ("" when it all fits)."""
         tokenizer = self.pipe.tokenizer
@@ -257,12 +281,19 @@ class Engine:
         """The mixture was trained for exactly these LoRA files (names, order, sha256) on this model."""
         self._kept.check_mixture(mixture, [(k, bank.get(k).lora_path) for k in mixture.names], self.model_name)
 
-    def check_train(self, keys, mole: MoleConfig, train: TrainConfig, bank: Bank | None = None) -> None:
-        """ValueError naming the field for gate-training input that cannot run (the app calls this first)."""
+    def check_train(self, keys, mole: MoleConfig, train: TrainConfig, bank: Bank | None = None) -> list[str]:
+        """ValueError naming the field for gate-training input that cannot run (the app calls this first); returns
+        warnings (routed gates asked for LoRAs without a trigger: the per-token gate trains instead)."""
         keys = list(keys or [])
         check_training(keys, mole, train, self.limits)
         with self._lock:
             self._check_keys(keys, bank or self.bank)
+            return [note] if (note := self._train_route_note(keys, mole, bank or self.bank)) else []
+
+    def _train_route_note(self, keys, mole: MoleConfig, bank: Bank) -> str | None:
+        if mole.route != "trigger":
+            return None
+        return route_problem(self.components, {k: bank.get(k).trigger for k in keys})
 
 
     # ---- MoLE attachment and merges -------------------------------------------------------------
@@ -272,7 +303,7 @@ class Engine:
 
     def _attach(self, keys, mole: MoleConfig, bank: Bank):
         handle = attach(self.components, [bank.load(k) for k in keys], mole)
-        handle.set_triggers(self.pipe.tokenizer, {k: bank.get(k).trigger for k in keys})
+        handle.set_triggers(pipeline_encoders(self.pipe), {k: bank.get(k).trigger for k in keys})
         return handle
 
     def _merged(self, lora: Lora):
@@ -300,7 +331,8 @@ class Engine:
         mixture file there (atomically); the Mixture's path is set to it.
         """
         keys, bank = list(keys), bank or self.bank
-        self.check_train(keys, mole, train, bank)
+        if self.check_train(keys, mole, train, bank):              # routed gates, a LoRA without a trigger:
+            mole = dataclasses.replace(mole, route="none")          # the per-token gate (check_train says so)
         files = {k: bank.get(k).lora_path for k in keys}
         if torch.device(self.device).type == "cpu" and not train.cpu:
             train = dataclasses.replace(train, cpu=True)   # train where the model is (several processes: gloo)
@@ -369,7 +401,7 @@ class Engine:
         return Result(mix.method, image, seconds, gates, label, mix)
 
     def _run_mole(self, mix: Mix, request, latents, bank: Bank):
-        mole = mix.mole_config
+        mole, fallback = self._routable(mix, bank)
         handle = self._attached(mix.keys, mole, bank)
         if mix.mixture is not None:
             apply_mixture(handle, mix.mixture)
@@ -380,7 +412,7 @@ class Engine:
         on = sum(1 for k in mix.keys if (mix.mask or {}).get(k, True))
         experts = f"{len(mix.keys)} experts" if on == len(mix.keys) else f"{on} of {len(mix.keys)} experts on"
         untrained = "" if mix.mixture is not None else ", untrained"
-        return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained})"
+        return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained}{fallback})"
 
     def _run_base(self, mix: Mix, request, latents, bank: Bank):
         with self._kept.experts_off():

@@ -94,6 +94,15 @@ def text_encoders(pipe) -> list[str]:
     return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
 
 
+def pipeline_encoders(pipe) -> dict[str, tuple[nn.Module, object]]:
+    """{text encoder name: (the module whose forward reads the token ids, its tokenizer)} for every text encoder of
+    `pipe` (T5 included, which no LoRA adapts), each module through `lora_root` (the very module `components`
+    holds): what trigger routing hooks (`MoleHandle.set_triggers(pipeline_encoders(pipe), triggers)`)."""
+    tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+    return {name: (lora_root(getattr(pipe, name)), getattr(pipe, tokenizers[name])) for name in text_encoders(pipe)
+            if getattr(pipe, tokenizers[name], None) is not None}
+
+
 def lora_root(model: nn.Module) -> nn.Module:
     """The module LoRA keys of `model` are relative to. transformers 5 dropped the `.text_model` level from
     CLIPTextModel but kept it in CLIPTextModelWithProjection (SDXL's second, SD3's both encoders); canonical

@@ -152,6 +152,19 @@ def cells_for(config: EvalConfig, keys, mixture=None) -> list[Cell]:
     return rows
 
 
+def _unrouted_labels(cells: list[Cell], bank, keys) -> list[Cell]:
+    """Routed MoLE rows over a LoRA without a trigger run the per-token gate (Engine.routing_note): their
+    label says so, e.g. "MoLE (block, per-token; routing off: no trigger for 'x')"."""
+    from mole_core.routing import untriggered
+    missing = untriggered({k: bank.get(k).trigger for k in keys})
+    if not missing:
+        return cells
+    note = f"; routing off: no trigger for {', '.join(repr(k) for k in missing)}"
+    return [Cell(f"MoLE ({c.mix.replace(gate='token').mole_config.describe}{note})", c.mix)
+            if c.mix.method == "mole" and c.mix.mixture is None and c.mix.mole_config.route == "trigger" else c
+            for c in cells]
+
+
 def needs_training(cell: Cell) -> bool:
     return cell.mix.method == "mole" and cell.mix.mixture is None
 
@@ -496,7 +509,7 @@ def plan_evaluation(bank, keys, config: EvalConfig, suite: Suite | None = None, 
         prompts = [" and ".join(f"a photo of {t.trigger}" for t in targets)]
     measured = suite.plain_prompts is not None and bool(suite.scorers)
     plain = list(suite.plain_prompts(plain_count(config.n_prompts))) if measured else []
-    cells = cells_for(config, keys, mixture)
+    cells = _unrouted_labels(cells_for(config, keys, mixture), bank, keys)
     work = count_work(cells, len(prompts), len(plain), config.seeds, config.train_steps)
     return Plan(cells, targets, prompts, plain, config.seed_list, work)
 
