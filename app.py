@@ -323,13 +323,21 @@ def check_train(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate,
     _human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state))
 
 
-def train_estimate(studio: Studio, steps, gate) -> str:
-    """What a run of `steps` will take on this server, from the measured cost of a step."""
+def train_estimate(studio: Studio, keys, steps, gate) -> str:
+    """What a run of `steps` over the selected LoRAs will take on this server, from the costs this machine
+    measured (a short timing at start-up, then its last runs: `Engine.costs`)."""
     try:
-        seconds = studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH)
+        experts = max(2, len(keys or []))
+        seconds = studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH,
+                                                 experts=experts)
     except (TypeError, ValueError, OverflowError):
         return ""
-    return f"Expected: about {_duration(seconds)} on this server ({int(steps)} steps)."
+    return (f"Expected: about {_duration(seconds)} on this server ({int(steps)} steps, {experts} LoRAs; "
+            f"{_cost_source(studio)}).")
+
+
+def _cost_source(studio: Studio) -> str:
+    return getattr(getattr(studio.engine, "costs", None), "source", "estimated")
 
 
 def _duration(seconds: float) -> str:
@@ -473,6 +481,23 @@ def check_compare(studio: Studio, keys, prompt, negative, seed, randomise, steps
         gr.Warning(warning)
 
 
+def compare_estimate(studio: Studio, keys, methods, steps, gate) -> str:
+    """What rendering the ticked methods will take on this server (each method at its own measured cost)."""
+    try:
+        mixes = _estimate_mixes(keys, methods, gate)
+        seconds = studio.engine.expected_seconds(mixes=mixes, denoise_steps=int(steps))
+    except (TypeError, ValueError, OverflowError):
+        return ""
+    return f"Expected: about {_duration(seconds)} for {len(mixes)} images ({_cost_source(studio)})." if mixes else ""
+
+
+def _estimate_mixes(keys, methods, gate) -> list[Mix]:
+    """The ticked methods as Mix values, as far as their cost goes (method, LoRAs, gate kind)."""
+    keys = tuple(keys or ())
+    return [Mix(m) if m.startswith("single:") or m == "base" else Mix(m, keys, gate=gate or DEFAULT_GATE)
+            for m in methods or []]
+
+
 def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
             rank, normalize, density, switch_every, granularity, gate, state: dict):
     """Render every ticked method from the same seed; returns (gallery, used seed, notes, state)."""
@@ -554,7 +579,7 @@ def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps, state: d
                                       bank=bank_of(studio, state))
     except (TypeError, ValueError, OverflowError):
         return ""
-    return f"Expected: about {_duration(seconds)} on this server."
+    return f"Expected: about {_duration(seconds)} on this server ({_cost_source(studio)})."
 
 
 def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, progress=gr.Progress()):
@@ -586,18 +611,19 @@ def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, prog
 # ---- GPU time (Hugging Face ZeroGPU: mole_core.gpu) --------------------------------------------
 # What each model-running event expects to take, from its own inputs and the engine's costs; a ZeroGPU Space
 # asks spaces.GPU for that much (with a margin). Elsewhere the handlers run undecorated.
-def compare_seconds(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, *rest,
-                    **kwargs) -> float:
-    images = sum(len(keys or []) if m == "composite" else 1 for m in methods or [])
-    return studio.engine.expected_seconds(images=images, denoise_steps=int(steps))
+def compare_seconds(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
+                    rank, normalize, density, switch_every, granularity, gate, *rest, **kwargs) -> float:
+    return studio.engine.expected_seconds(mixes=_estimate_mixes(keys, methods, gate), denoise_steps=int(steps))
 
 
-def toggle_seconds(studio: Studio, keys, prompt, negative, seed, steps, *rest, **kwargs) -> float:
-    return studio.engine.expected_seconds(images=1, denoise_steps=int(steps))
+def toggle_seconds(studio: Studio, keys, prompt, negative, seed, steps, guidance, granularity, gate, *rest,
+                   **kwargs) -> float:
+    return studio.engine.expected_seconds(mixes=_estimate_mixes(keys, ["mole"], gate), denoise_steps=int(steps))
 
 
 def train_seconds(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, *rest, **kwargs) -> float:
-    return studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH)
+    return studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH,
+                                          experts=max(2, len(keys or [])))
 
 
 def study_seconds(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, *rest, **kwargs) -> float:
@@ -649,7 +675,7 @@ def _train_tab(studio: Studio) -> dict:
         c["alpha"] = gr.Number(MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
                                info="trigger routing trains with α = 0")
         c["seed"] = gr.Number(TrainConfig().seed, label="Seed", precision=0, minimum=0)
-    c["estimate"] = gr.Markdown(train_estimate(studio, TRAIN_STEPS, DEFAULT_GATE), elem_id="train-estimate")
+    c["estimate"] = gr.Markdown(elem_id="train-estimate")
     with gr.Row():
         c["button"] = gr.Button("Train gates", variant="primary", elem_id="train-button")
         c["cancel"] = gr.Button("Cancel", variant="stop")
@@ -700,6 +726,7 @@ def _compare_tab(studio: Studio) -> dict:
                 c["switch_every"] = gr.Slider(1, 20, 5, step=1, label="LoRA Switch: steps per LoRA (k)")
                 c["normalize"] = gr.Checkbox(True, label="Normalise weights to sum 1")
     c["button"] = gr.Button("Compare", variant="primary", elem_id="compare-button")
+    c["estimate"] = gr.Markdown(elem_id="compare-estimate")
     c["notes"] = gr.Markdown()
     c["results"] = gr.Gallery(label="Same seed, side by side", columns=4, height="auto", format="png",
                               elem_id="results")
@@ -826,8 +853,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
 
         # Train gates
         train_inputs = [b["chosen"], t["granularity"], t["steps"], t["lr"], t["alpha"], t["seed"], t["gate_kind"]]
-        gr.on([t["steps"].change, t["gate_kind"].change], on(train_estimate, studio), [t["steps"], t["gate_kind"]],
-              [t["estimate"]], queue=False, **private)
+        gr.on([demo.load, b["chosen"].change, t["steps"].change, t["gate_kind"].change], on(train_estimate, studio),
+              [b["chosen"], t["steps"], t["gate_kind"]], [t["estimate"]], queue=False, **private)
         t["button"].click(on(check_train, studio), [*train_inputs, state], None, **private) \
             .success(on_model(train, train_seconds, studio), [*train_inputs, state],
                      [state, t["status"], t["task_plot"], t["balance_plot"], t["gates_plot"], t["mixture_out"]],
@@ -847,6 +874,10 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
                      [c["results"], c["used_seed"], c["notes"], state],
                      api_name="compare", **fast) \
             .success(on(show_gates, studio), [state], [i["heatmap"], i["step_plot"], i["csv"], state], **private)
+
+        gr.on([demo.load, b["chosen"].change, c["methods"].change, c["steps"].change, t["gate_kind"].change],
+              on(compare_estimate, studio), [b["chosen"], c["methods"], c["steps"], t["gate_kind"]],
+              [c["estimate"]], queue=False, **private)
 
         # Toggle experts
         toggle_inputs = [b["chosen"], c["prompt"], c["negative"], c["used_seed"], c["steps"], c["guidance"],
@@ -917,6 +948,9 @@ def main(argv: list[str] | None = None) -> None:
         engine.bank.clean()    # leftovers of an interrupted upload
     if spaces_module() is not None:
         engine.pipe            # ZeroGPU: load once, here; every GPU call runs in a worker that inherits it
+    else:                      # the estimates shown come from this machine's own timings
+        print("Timing this machine for the estimates ...", flush=True)
+        print(f"... {engine.calibrate():.0f} s: {engine.costs.source}.", flush=True)
     text = TextEngine(limits=limits) if is_text_model(DEFAULT_TEXT_MODEL) else None
     demo = build_demo(Studio(engine, writable_bank=args.writable_bank, text=text))
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(engine))

@@ -260,17 +260,63 @@ def cmd_train_gates(args) -> int:
     return 0
 
 
+class LineBar:
+    """A progress bar for logs (a Space's log, CI, a file): one line per update, no carriage returns.
+    The subset of tqdm that `progress_bar`'s callers use."""
+
+    def __init__(self, total: int, desc: str = "", unit: str = "it", file=None, **_):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, 0, ""
+        self.file, self.start = file or sys.stderr, time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.refresh()
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+        if refresh:
+            self.refresh()
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+        if refresh:
+            self.refresh()
+
+    def refresh(self) -> None:
+        done = f"{self.n}%" if self.unit == "%" else f"{self.n}/{self.total} {self.unit}"
+        parts = [f"{done} {self.desc}" if self.unit == "%" else f"{self.desc}: {done}",
+                 f"{time.perf_counter() - self.start:.1f} s"]
+        print(" · ".join(parts + ([self.postfix] if self.postfix else [])), file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(total: int, desc: str = "", unit: str = "it", bar_format: str | None = None, file=None):
+    """tqdm on a terminal; a `LineBar` (one line per update) when the output is a log or a pipe."""
+    file = file or sys.stderr
+    if not (hasattr(file, "isatty") and file.isatty()):
+        return LineBar(total, desc, unit, file)
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, bar_format=bar_format, file=file, dynamic_ncols=True)
+
+
 @contextlib.contextmanager
 def step_bar(steps: int):
-    """A tqdm bar of gate-training steps on stderr (loss and mean gates after each); yields the on_step
+    """A bar of gate-training steps on stderr (loss and mean gates after each); yields the on_step
     callback `train_gates` takes."""
-    from tqdm import tqdm
     bar_format = "{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining}, {rate_inv_fmt}{postfix}"
-    with tqdm(total=steps, desc="train-gates", unit="step", bar_format=bar_format, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with progress_bar(steps, "train-gates", "steps", bar_format) as bar:
         def on_step(step, losses, gates):
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{float(g):.2f}" for g in gates),
+                            refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{float(g):.2f}" for g in gates))
         yield on_step
 
 
@@ -428,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         from mole_core.text_cli import run as run_text, wants_text
         if wants_text(args):              # a transformers text model: the same verbs on text (text_cli.py)
             return run_text(args)
-        if getattr(args, "gate", False) is None:
-            args.gate = DEFAULT_GATE
+        if args.command in ("train-gates", "generate") and args.gate is None:
+            args.gate = DEFAULT_GATE      # evaluate's --gate is a list: EvalConfig's default applies there
         return args.func(args)
     except (ValueError, OSError) as e:  # bad input (the engine's errors are ValueErrors), unreadable paths
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -44,7 +44,8 @@ from torch import nn
 from mole_core.atomic import atomic_path
 from mole_core.attach import MoleConfig, attach, write_gates_csv
 from mole_core.bank import Bank, BankEntry
-from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
+from mole_core.costs import Costs
+from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
 from mole_core.families import components as components_of
 from mole_core.families import default_size, family_of, latent_shape, latents_for, load_pipeline
@@ -121,7 +122,7 @@ class Engine:
         self._checked_mixtures: set[tuple] = set()
         self._lock = FairLock()                  # one model call at a time, in arrival order
         self._training = None                    # the attachment being trained, while it is
-        self.costs = dict(COSTS)                 # seconds per denoising step / training step, kept measured
+        self.costs = Costs()                     # seconds per denoising / training step, timed on this machine
         self._load_lock = threading.Lock()       # one lazy load
 
     # ---- the pipeline ---------------------------------------------------------------------------
@@ -160,16 +161,15 @@ class Engine:
         return default_size(self.pipe)
 
     def expected_seconds(self, train_steps: int = 0, images: int = 0, denoise_steps: int = DEFAULT_DENOISE_STEPS,
-                         gate: str = "sample", batch_size: int = 4) -> float:
-        """What a job will take here, from this engine's measured costs (defaults.COSTS until it ran)."""
-        kind = "train_step_token" if gate in ("token", "routed") else "train_step_sample"
-        per_step = self.costs[kind] * _batch_cost(batch_size)
-        return train_steps * per_step + images * denoise_steps * self.costs["denoise_step"]
+                         gate: str = "sample", batch_size: int = 4, experts: int = 2, mixes=()) -> float:
+        """What a job will take here: one image per Mix of `mixes` at its method's cost, `images` more at
+        the base model's, `train_steps` of gate training over `experts` LoRAs (mole_core.costs: timed on this
+        machine once `calibrate` or a real run has, reference timings before; `costs.source` says which)."""
+        return self.costs.seconds(mixes, denoise_steps, train_steps, gate, experts, batch_size, images)
 
-    def _measured(self, what: str, seconds: float) -> None:
-        """Running mean (weight 0.3 for the newest) of a cost, used by `expected_seconds`."""
-        if math.isfinite(seconds) and seconds > 0:
-            self.costs[what] = 0.7 * self.costs[what] + 0.3 * seconds
+    def calibrate(self, keys=None) -> float:
+        """Time every kind of image and training step here (a few seconds); -> the seconds it took."""
+        return self.costs.calibrate(self, keys)
 
     # ---- checks ---------------------------------------------------------------------------------
     def check(self, mixes, request: GenerateRequest, bank: Bank | None = None) -> list[str]:
@@ -343,8 +343,7 @@ class Engine:
             finally:
                 self._training = None
             if result.steps:
-                kind = "train_step_token" if mole.gate == "token" else "train_step_sample"
-                self._measured(kind, result.seconds / result.steps / _batch_cost(train.batch_size))
+                self.costs.measured_training(mole.gate, result.seconds / result.steps, len(keys), train.batch_size)
             if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
                 self._detach()
                 raise ValueError("Gate training diverged (the gates are not finite numbers): lower the "
@@ -395,8 +394,8 @@ class Engine:
         runner = self._RUNNERS["single" if mix.single else mix.method]
         image, gates, label = runner(self, mix, request, latents, bank)
         seconds = time.perf_counter() - start
-        if mix.method != "composite" and not (request.height or request.width):
-            self._measured("denoise_step", seconds / request.steps)
+        if not (request.height or request.width):
+            self.costs.measured_image(mix, seconds, request.steps)
         return Result(mix.method, image, seconds, gates, label, mix)
 
     def _run_mole(self, mix: Mix, request, latents, bank: Bank):
@@ -562,11 +561,6 @@ class FairLock:
         with self._cond:
             self._depth = depth
         return True
-
-
-def _batch_cost(batch_size: int) -> float:
-    """Cost of a training step at this batch size relative to batch 4 (measured: batch 2 costs 0.65×)."""
-    return 0.3 + 0.7 * batch_size / 4
 
 
 def _mask(mix: Mix) -> dict[str, bool] | None:

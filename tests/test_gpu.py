@@ -12,6 +12,7 @@ import pytest
 import app
 from mole_core import gpu
 from mole_core.engine import Engine
+from mole_core.mix import Mix
 from tests.helpers import world_paths
 
 
@@ -73,11 +74,13 @@ def test_the_apps_model_events_run_under_spaces_gpu(fake_spaces, request, tmp_pa
     state = app.new_session()
     compare = wrapped["compare"](keys, "p", "", 0, False, 20, 2.5, ["mole", "linear", "composite"], None, 2, True,
                                  0.5, 5, "block", "sample", state)
-    assert compare == gpu.fit_seconds(engine.expected_seconds(images=4, denoise_steps=20))
+    mixes = [Mix("mole", keys, gate="sample"), Mix("linear", keys), Mix("composite", keys)]
+    assert compare == gpu.fit_seconds(engine.expected_seconds(mixes=mixes, denoise_steps=20))
     train = wrapped["train"](keys, "block", 100, 1e-3, 0.5, 0, "token", state)
-    assert train == gpu.fit_seconds(engine.expected_seconds(train_steps=100, gate="token", batch_size=app.TRAIN_BATCH))
+    assert train == gpu.fit_seconds(engine.expected_seconds(train_steps=100, gate="token", batch_size=app.TRAIN_BATCH,
+                                                            experts=2))
     assert wrapped["toggle"](keys, "p", "", 0, 20, 2.5, "block", "sample", state) == \
-        gpu.fit_seconds(engine.expected_seconds(images=1, denoise_steps=20))
+        gpu.fit_seconds(engine.expected_seconds(mixes=[Mix("mole", keys, gate="sample")], denoise_steps=20))
     assert gpu.MIN_SECONDS <= train <= gpu.MAX_SECONDS
 
 
