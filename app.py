@@ -41,7 +41,7 @@ import pandas as pd
 
 from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.bank import Bank
-from mole_core.cli import add_precision_arguments, engine_precision
+from mole_core.cli import add_precision_arguments, engine_precision, hush_torchvision_notice
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
 from mole_core.engine import Engine, GenerateRequest, write_gates_csv
@@ -62,6 +62,8 @@ GATE_CHOICES = [("Per token + trigger routing", "routed"), ("Per token / pixel",
 COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIES", "ties"), ("DARE", "dare"),
                    ("LoRA Switch", "switch"), ("LoRA Composite (N× the cost)", "composite"), ("base", "base")]
 DEFAULT_METHODS = ["mole", "linear", "svd", "ties", "dare", "switch", "base"]   # Composite: N× cost, opt-in
+STUDY_COLUMNS = ["method", "caption fidelity", "subject fidelity (mean)", "base preservation", "images",
+                 "s / image"]        # the Scores table's headers before a study has run
 MODEL_QUEUE = "model"                  # short model events (compare, toggle, export, uploads)
 LONG_QUEUE = "long"                    # training and the study: one at a time, stepping aside for the rest
 CSS_PATH = Path(__file__).resolve().parent / "assets" / "app.css"
@@ -72,6 +74,16 @@ learns only a small **gate** per block that decides how much each LoRA (an *expe
 the weights instead (linear, SVD, TIES, DARE) melts the LoRAs into one, which dilutes each; MoLE's gates
 can give each expert its say where it matters, and experts can be switched off later without retraining.
 
+- **Gates per token + trigger routing** (the default) — each word of the prompt goes to the LoRA whose trigger
+  phrase it belongs to, and each pixel to the LoRAs in proportion to how much it attends to each trigger, so
+  two subjects at two places each get their own LoRA; a LoRA whose trigger the prompt does not name is off,
+  and words outside every trigger phrase reach no LoRA (the base model reads them). Trained with α = 0.
+- **Linear merge** — one LoRA whose weight change is the weighted sum Σ wᵢ·ΔWᵢ of the LoRAs' changes.
+- **SVD merge** — the linear merge's ΔW cut back to rank r by a truncated SVD (a LoRA file of rank r).
+- **TIES merge** (Yadav et al. 2023) — in each ΔW keep the largest `density` share of entries, elect a sign
+  per entry by total mass, average only the entries that agree with it; then rank r.
+- **DARE merge** (Yu et al. 2024) — drop each entry with probability 1 − density, rescale the rest by
+  1/density so the expectation is kept, sum; then rank r.
 - **Granularity** — which layers share one gate: *matrix* (each weight matrix), *layer* (each attention /
   feed-forward layer), *block* (each transformer or resnet block), *network* (one gate per network).
 - **Gates per sample / per token / static** — one decision per image (the paper); one per pixel or token,
@@ -217,23 +229,39 @@ def pick_from_gallery(studio: Studio, keys: list[str], index: int, state: dict) 
     return [k for k in keys if k != entry.key] if entry.key in keys else [*keys, entry.key]
 
 
+PLACES = {1: ["in the center"], 2: ["on the left", "on the right"],
+          3: ["on the left", "in the center", "on the right"]}    # the pixel world's three places
+
+
 def compose_caption(bank: Bank, keys: list[str]) -> str:
     """A caption that asks for each chosen subject at its own place, styles last:
-    "a zwx on the left and a qlo on the right in nyq style" (the pixel world's grammar, plain English)."""
+    "a zwx on the left and a qlo on the right in nyq style" (the pixel world's grammar, plain English).
+    There are three places: subjects beyond the third are left out (`left_out` names them)."""
     entries = [bank.get(k) for k in keys]
-    subjects = [e.trigger[0] for e in entries if e.kind == "subject" and e.trigger][:3]
+    subjects = [e.trigger[0] for e in entries if e.kind == "subject" and e.trigger][:len(PLACES)]
     styles = [e.trigger[0] for e in entries if e.kind == "style" and e.trigger]
-    places = {1: ["in the center"], 2: ["on the left", "on the right"],
-              3: ["on the left", "in the center", "on the right"]}.get(len(subjects), [])
-    text = " and ".join(f"a {word} {place}" for word, place in zip(subjects, places))
+    text = " and ".join(f"a {word} {place}" for word, place in zip(subjects, PLACES.get(len(subjects), [])))
     return " ".join([text, *[f"in {word} style" for word in styles]]).strip()
 
 
+def left_out(bank: Bank, keys: list[str]) -> list[str]:
+    """Names of the chosen subjects `compose_caption` has no place for (the fourth and later)."""
+    subjects = [bank.get(k) for k in keys if bank.get(k).kind == "subject" and bank.get(k).trigger]
+    return [e.name for e in subjects[len(PLACES):]]
+
+
 def insert_triggers(studio: Studio, keys: list[str], state: dict) -> str:
-    """The prompt box gets a caption that places each chosen LoRA's trigger word."""
+    """The prompt box gets a caption that places each chosen LoRA's trigger word (three places at most:
+    a warning names the subjects left out)."""
     if not keys:
         raise gr.Error("No LoRA is selected: tick at least one LoRA in the Bank tab first.")
-    return compose_caption(bank_of(studio, state), keys)
+    bank = bank_of(studio, state)
+    missing = left_out(bank, keys)
+    if missing:
+        gr.Warning(f"A caption has three places (left, center, right): {', '.join(missing)} "
+                   f"{'is' if len(missing) == 1 else 'are'} not in it. Its expert stays in the mixture but no "
+                   f"word of the prompt calls it; untick it or write your own prompt.")
+    return compose_caption(bank, keys)
 
 
 def prompt_examples(bank: Bank) -> list[str]:
@@ -318,6 +346,15 @@ def _train_config(studio: Studio, keys, granularity, steps, lr, alpha, seed, gat
     return mole, train
 
 
+def alpha_field(gate: str) -> gr.Number:
+    """The Balance α box for a gate kind: 0 and fixed for trigger routing (it trains with α = 0), else the
+    paper's 0.5, editable."""
+    routed = gate == "routed"
+    return gr.Number(0.0 if routed else MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
+                     interactive=not routed, elem_id="train-alpha",
+                     info="trigger routing trains with α = 0" if routed else "weight of the balance loss")
+
+
 def check_train(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, state: dict) -> None:
     mole, train = _train_config(studio, keys, granularity, steps, lr, alpha, seed, gate)
     _human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state))
@@ -390,11 +427,21 @@ def train_summary(mixture, task_losses: list[float], cancelled: bool) -> str:
                 "near uniform") if mixture.gate == "token" else ""
         lines.append(f"Mean gates {' / '.join(f'{g:.2f}' for g in gates)} (uniform: {1 / n:.2f}; the largest "
                      f"move {moved:.2f}{note}). Compare, then Inspect gates shows them per layer.")
-    if len(task_losses) >= 4:
+    held_out = mixture.meta.get("held_out")
+    if held_out:
+        before, after = held_out["before"], held_out["after"]
+        change = f"{'fell' if after < before else 'rose'} {abs(after - before) / max(before, 1e-12):.0%}"
+        why = (" Trigger routing already sends each subject's words and pixels to its own LoRA before training, "
+               "so training only fine-tunes the gates and the loss moves little.") if mixture.meta.get(
+            "mole_config", {}).get("route") == "trigger" else ""
+        lines.append(f"Task (denoising) loss on one fixed batch, before → after training: {before:.4f} → "
+                     f"{after:.4f} ({change}). The curve above swings from step to step because each step draws "
+                     f"its own noise level; its first and last steps are not comparable.{why}")
+    elif len(task_losses) >= 4:
         k = max(1, min(10, len(task_losses) // 4))
         first, last = sum(task_losses[:k]) / k, sum(task_losses[-k:]) / k
         lines.append(f"Task (denoising) loss, mean of the first {k} vs last {k} steps: {first:.4f} → {last:.4f}"
-                     f" ({'fell' if last < first else 'rose'} {abs(last - first) / max(first, 1e-12):.0%}).")
+                     f" (each step draws its own noise level, so these move by chance over so few steps).")
     return " ".join(lines)
 
 
@@ -569,6 +616,14 @@ def snippet(studio: Studio, state: dict) -> str:
                                  mixture_file="mixture.safetensors")
 
 
+def snippet_file(studio: Studio, state: dict):
+    """The snippet, shown and as a named file to download: (code, path of mole_compare.py, state)."""
+    code = snippet(studio, state)
+    path = _session_dir(studio, state, "snippet") / "mole_compare.py"
+    path.write_text(code)
+    return code, str(path), state
+
+
 # ---- Evaluate -----------------------------------------------------------------------------------
 def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict) -> str:
     if len(keys or []) < 2:
@@ -605,7 +660,12 @@ def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, prog
     finally:
         state["cancel"] = state["cancel"] or worker.running
     text, table, chart = worker.result
-    yield text, table, chart
+    yield _without_table(text), table, chart
+
+
+def _without_table(markdown: str) -> str:
+    """The study's findings without its Markdown table: the Scores table below shows it, once."""
+    return "\n".join(line for line in markdown.splitlines() if not line.lstrip().startswith("|"))
 
 
 # ---- GPU time (Hugging Face ZeroGPU: mole_core.gpu) --------------------------------------------
@@ -672,8 +732,7 @@ def _train_tab(studio: Studio) -> dict:
         c["steps"] = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1, maximum=limits.train_steps,
                                elem_id="train-steps")
         c["lr"] = gr.Number(TRAIN_LR, label="Learning rate", minimum=1e-7, maximum=10)
-        c["alpha"] = gr.Number(MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
-                               info="trigger routing trains with α = 0")
+        c["alpha"] = alpha_field(DEFAULT_GATE)
         c["seed"] = gr.Number(TrainConfig().seed, label="Seed", precision=0, minimum=0)
     c["estimate"] = gr.Markdown(elem_id="train-estimate")
     with gr.Row():
@@ -681,12 +740,11 @@ def _train_tab(studio: Studio) -> dict:
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["status"] = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        c["task_plot"] = gr.LinePlot(x="step", y="value", color="term", height=240, x_title="step",
-                                     title="Denoising (task) loss")
-        c["balance_plot"] = gr.LinePlot(x="step", y="value", color="term", height=240, x_title="step",
-                                        title="Balance term (−Σ log mean gate)")
-        c["gates_plot"] = gr.LinePlot(x="step", y="gate", color="expert", height=240, x_title="step",
-                                      title="Mean gate per expert")
+        axis = dict(x="step", height=240, x_title="step", x_axis_format="d")     # whole steps on the axis
+        c["task_plot"] = gr.LinePlot(y="value", color="term", title="Denoising (task) loss", elem_id="task-plot",
+                                     **axis)
+        c["balance_plot"] = gr.LinePlot(y="value", color="term", title="Balance term (−Σ log mean gate)", **axis)
+        c["gates_plot"] = gr.LinePlot(y="gate", color="expert", title="Mean gate per expert", **axis)
     with gr.Row():
         c["mixture_out"] = gr.File(label="Trained mixture (download)", interactive=False)
         c["mixture_in"] = gr.File(label="Load a mixture", file_types=[".safetensors"])
@@ -752,11 +810,12 @@ def _toggle_tab() -> dict:
 
 def _inspect_tab() -> dict:
     gr.Markdown("Gates of the last MoLE image: mean weight per gated group (rows, network order) × expert, "
-                "and per denoising step.")
+                "and per denoising step. Each row sums to 1; with trigger routing, *no LoRA* is the share of "
+                "words and pixels routed to no LoRA (the base model alone draws them).")
     return {"heatmap": gr.Image(label="Gate heat-map", type="pil", format="png", interactive=False,
                                 elem_id="heatmap"),
             "step_plot": gr.LinePlot(x="step", y="weight", color="expert", height=260, x_title="denoising step",
-                                     title="Mean gate per denoising step"),
+                                     title="Mean gate per denoising step", x_axis_format="d"),
             "csv": gr.File(label="Gate weights (CSV)", interactive=False)}
 
 
@@ -770,7 +829,9 @@ def _export_tab() -> dict:
     c["snippet_button"] = gr.Button("Python for the last comparison")
     gr.Markdown("Install MoLE Studio (`pip install -e .` in its folder), put the mixture downloaded from the "
                 "Train gates tab beside the script as `mixture.safetensors` (if MoLE used trained gates), run it.")
-    c["snippet"] = gr.Code(language="python", label="Reproduce with mole_core")
+    c["snippet"] = gr.Code(language="python", label="Reproduce with mole_core", buttons=["copy"],
+                           elem_id="snippet")
+    c["snippet_file"] = gr.File(label="mole_compare.py (download)", interactive=False, elem_id="snippet-file")
     return c
 
 
@@ -790,7 +851,8 @@ def _evaluate_tab(studio: Studio) -> dict:
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["estimate"] = gr.Markdown()
     c["text"] = gr.Markdown()
-    c["table"] = gr.Dataframe(label="Scores", interactive=False, visible=True, value=None)
+    c["table"] = gr.Dataframe(pd.DataFrame(columns=STUDY_COLUMNS), label="Scores (± : 95% interval half-width)",
+                              interactive=False, elem_id="study-table")
     c["chart"] = gr.Image(label="Scores with 95% intervals", type="pil", interactive=False)
     return c
 
@@ -855,6 +917,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         train_inputs = [b["chosen"], t["granularity"], t["steps"], t["lr"], t["alpha"], t["seed"], t["gate_kind"]]
         gr.on([demo.load, b["chosen"].change, t["steps"].change, t["gate_kind"].change], on(train_estimate, studio),
               [b["chosen"], t["steps"], t["gate_kind"]], [t["estimate"]], queue=False, **private)
+        t["gate_kind"].change(alpha_field, [t["gate_kind"]], [t["alpha"]], queue=False, **private)
         t["button"].click(on(check_train, studio), [*train_inputs, state], None, **private) \
             .success(on_model(train, train_seconds, studio), [*train_inputs, state],
                      [state, t["status"], t["task_plot"], t["balance_plot"], t["gates_plot"], t["mixture_out"]],
@@ -891,7 +954,8 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
         x["button"].click(on(export, studio), [b["chosen"], x["method"], x["format"], c["weights"], c["rank"],
                                                c["normalize"], c["density"], state], [x["file"], state],
                           api_name="export", **fast)
-        x["snippet_button"].click(on(snippet, studio), [state], [x["snippet"]], **private)
+        x["snippet_button"].click(on(snippet_file, studio), [state], [x["snippet"], x["snippet_file"], state],
+                                  **private)
 
         # Evaluate
         study_inputs = [b["chosen"], e["seeds"], e["prompts"], e["steps"], state]
@@ -931,6 +995,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-steps", type=int, default=None, help="cap on gate-training steps per run")
     add_precision_arguments(parser)    # --dtype, --cpu-offload
     args = parser.parse_args(argv)
+    hush_torchvision_notice()
     limits = Limits.local() if args.local else Limits()
     if args.max_train_steps:
         limits = Limits(**{**limits.__dict__, "train_steps": args.max_train_steps})

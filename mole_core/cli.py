@@ -95,6 +95,11 @@ class _NoTorchvisionNotice(logging.Filter):
 _NO_TORCHVISION_NOTICE = _NoTorchvisionNotice()
 
 
+def hush_torchvision_notice() -> None:
+    """Before anything loads a pipeline (the CLI's main and app.py's): stdlib logging, idempotent."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
+
+
 def quiet_libraries() -> None:
     """No loading bars from diffusers / transformers: a command prints results."""
     from diffusers.utils import logging as diffusers_logging
@@ -467,8 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # before anything imports diffusers (argparse's choices may): stdlib logging, idempotent
-    logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
+    hush_torchvision_notice()          # before anything imports diffusers (argparse's choices may)
     args = build_parser().parse_args(argv)
     try:
         from mole_core.text_cli import run as run_text, wants_text

@@ -55,6 +55,8 @@ from mole_core.mix import MERGES, METHODS, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.train import DiffusionTask, TrainConfig, TrainResult, examples_from_bank, train_gates
 
+FIXED_LOSS_FROM = 20      # trainings of this many steps or more report the task loss on one fixed batch
+
 # The dtypes a model may run in, by the names the CLI and the app take (--dtype).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -334,9 +336,13 @@ class Engine:
                     self._handle, self._handle_key = handle, key
                 return should_stop is not None and bool(should_stop())
 
-            # 2. train (the gates start at zero logits: equal weights)
+            # 2. train (the gates start at zero logits: equal weights), the task loss on one fixed batch
+            # before and after (each step's own loss swings with the noise level drawn for it)
             try:
+                before = task.fixed_loss() if train.steps >= FIXED_LOSS_FROM else None
                 result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
+                if before is not None and result.steps:
+                    result.held_out = {"before": before, "after": task.fixed_loss()}
             except BaseException:
                 self._detach()   # half-trained gates must not leak into the next untrained MoLE call
                 raise

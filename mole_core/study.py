@@ -448,7 +448,8 @@ def train_mixture(engine, keys, mole: MoleConfig, train: TrainConfig, progress: 
                       f"Stopped on request after {len(losses)} of {train.steps} gate-training steps.")
     seconds = time.perf_counter() - start
     log = {"steps": len(losses), "seconds": seconds, "losses": losses, "task": tasks, "balance": balances,
-           "mean_gates": gates, "seconds_at": stamps}
+           "mean_gates": gates, "seconds_at": stamps,
+           "held_out": (getattr(mixture, "meta", None) or {}).get("held_out")}   # the task's fixed batch
     if losses:
         # the task (denoising) loss, comparable with and without the balance term
         tenth = max(1, len(tasks) // 10)

@@ -60,6 +60,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # every step's losses
     seconds: float = 0.0                                # wall time of the loop
     stopped: bool = False                               # should_stop() ended it early
+    held_out: dict | None = None                        # {"before", "after"}: the task's fixed_loss, if it has one
 
 
 def train_gates(handle: MoleHandle, task, config: TrainConfig | None = None, on_step=None,
@@ -220,6 +221,17 @@ class DiffusionTask:
         self.latents: torch.Tensor | None = None        # (E, C, h, w), cached once
         self.input_ids: torch.Tensor | None = None      # (E, L)
         self._cursor = 0
+
+    @torch.no_grad()
+    def fixed_loss(self, seed: int = 10_000, batches: int = 2, batch_size: int = 4) -> float:
+        """The task loss on one fixed set of examples, noise and noise levels (drawn from `seed`), so a value
+        before training and one after compare like with like; the training's own draws are left as they were."""
+        cursor, self._cursor = self._cursor, 0
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            return float(np.mean([self.loss(generator, batch_size).item() for _ in range(batches)]))
+        finally:
+            self._cursor = cursor
 
     @torch.no_grad()
     def prepare(self, device) -> None:
