@@ -289,8 +289,10 @@ class LineBar:
 
     def refresh(self) -> None:
         done = f"{self.n}%" if self.unit == "%" else f"{self.n}/{self.total} {self.unit}"
-        parts = [f"{done} {self.desc}" if self.unit == "%" else f"{self.desc}: {done}",
-                 f"{time.perf_counter() - self.start:.1f} s"]
+        elapsed = time.perf_counter() - self.start
+        parts = [f"{done} {self.desc}" if self.unit == "%" else f"{self.desc}: {done}", f"{elapsed:.1f} s"]
+        if self.unit != "%" and self.n:
+            parts.append(f"{elapsed / self.n:.2f} s/{self.unit.rstrip('s')}")
         print(" · ".join(parts + ([self.postfix] if self.postfix else [])), file=self.file, flush=True)
 
     def close(self) -> None:
@@ -363,7 +365,8 @@ def cmd_generate(args) -> int:
 
 def add_model_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id (default: the embedded model)")
-    p.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the embedded bank)")
+    p.add_argument("--bank", default=DEFAULT_BANK,
+                   help="LoRA bank folder (default: the embedded bank; text_bank with a text --model)")
     add_precision_arguments(p)
 
 

@@ -132,7 +132,7 @@ class Mix:
         if self.mixture is not None:
             applies -= {"granularity", "gate"}
         defaults = Mix()
-        parts = [repr(self.method)] + ([repr(self.keys)] if self.keys else [])
+        parts = [repr(self.method), repr(self.keys)]
         for name in (f.name for f in dataclasses.fields(self)):
             value = getattr(self, name)
             if name not in applies or value == getattr(defaults, name):
