@@ -40,21 +40,21 @@ import gradio as gr
 import pandas as pd
 
 from mole_core.attach import GRANULARITIES, MoleConfig
-from mole_core.bank import Bank
+from mole_core.image.bank import Bank
 from mole_core.cli import add_precision_arguments, engine_precision, hush_torchvision_notice
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 PACKAGE_ROOT, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS, Limits)
-from mole_core.engine import Engine, GenerateRequest, write_gates_csv
-from mole_core.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
-from mole_core.gpu import on_gpu, spaces_module
+from mole_core.image.engine import Engine, GenerateRequest, write_gates_csv
+from mole_core.studies.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
+from ui.gpu import on_gpu, spaces_module
 from mole_core.mix import Mix, mole_config_for
-from mole_core.families import default_guidance
+from mole_core.image.families import default_guidance
 from mole_core.mixture import load_mixture
 from mole_core.plots import gate_heatmap, mean_by, placeholder
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
-from mole_core.text_ui import build_text_demo, build_text_mode, TextStudio
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
+from ui.text_tab import build_text_demo, build_text_mode, TextStudio
 from mole_core.train import TrainConfig
-from mole_core.worker import StepWorker as _Worker
+from ui.worker import StepWorker as _Worker
 
 MAX_EXPERTS = 8                        # rows of switches/strengths the page can show
 GATE_CHOICES = [("Per token + trigger routing", "routed"), ("Per token / pixel", "token"),
@@ -679,7 +679,7 @@ def _without_table(markdown: str) -> str:
     return "\n".join(line for line in markdown.splitlines() if not line.lstrip().startswith("|"))
 
 
-# ---- GPU time (Hugging Face ZeroGPU: mole_core.gpu) --------------------------------------------
+# ---- GPU time (Hugging Face ZeroGPU: ui.gpu) --------------------------------------------
 # What each model-running event expects to take, from its own inputs and the engine's costs; a ZeroGPU Space
 # asks spaces.GPU for that much (with a margin). Elsewhere the handlers run undecorated.
 def compare_seconds(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,

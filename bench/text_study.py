@@ -1,6 +1,6 @@
 """The text study: MoLE over the text world's task LoRAs, the paper's NLP tables (Tables 3 and 6) in miniature.
 
-    python bench/text_study.py                       # Parts A, B and C (see mole_core/text_study.py)
+    python bench/text_study.py                       # Parts A, B and C (see mole_core/studies/text.py)
     python bench/text_study.py --parts A --items 20  # a quick look
 
 Part A: the 5 main LoRAs, gates trained on their manifests' example pairs (16 per task), 50 held-out items
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine  # noqa: E402
-from mole_core.text_study import (TextStudyConfig, config_dict, markdown, part_a, part_b, pool,  # noqa: E402
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine  # noqa: E402
+from mole_core.studies.text import (TextStudyConfig, config_dict, markdown, part_a, part_b, pool,  # noqa: E402
                                   save, with_train)
-from mole_core.textworld.tasks import COMPOSED_PAIRS  # noqa: E402
+from mole_core.world.text.tasks import COMPOSED_PAIRS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "text"
 

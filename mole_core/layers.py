@@ -234,6 +234,12 @@ class _MoleBase(nn.Module):
         self.register_buffer("rank_onehot", F.one_hot(self.expert_of_rank, len(experts)).float())  # (R, N)
         self.n_experts, self.d_out = len(experts), d_out
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, forwarded as peft's BaseTunerLayer does: code that reads
+        `module.weight` (transformers' T5 checks `wo.weight.dtype`) sees the base layer's own tensor."""
+        return self.base.weight
+
     def extra_repr(self) -> str:
         return f"key={self.key!r}, experts={self.n_experts}, rank={self.A_cat.shape[0]}, group={self.group.name!r}"
 

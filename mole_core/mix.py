@@ -32,6 +32,9 @@ METHODS = {
     "composite": "LoRA Composite (Zhong et al. 2024): every step runs each LoRA alone and averages (N× the cost)",
     "base": "the model without any LoRA",
 }
+# method -> its name on screens (the app's choices, result labels)
+NAMES = {"mole": "MoLE", "linear": "Linear merge", "svd": "SVD merge", "ties": "TIES", "dare": "DARE",
+         "switch": "LoRA Switch", "composite": "LoRA Composite", "base": "Base model"}
 MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
 NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
@@ -71,6 +74,11 @@ class Mix:
 
     def replace(self, **changes) -> "Mix":
         return dataclasses.replace(self, **changes)
+
+    def merge_label(self, rank: int) -> str:
+        """A merge result's label: the method and the numbers that made it (`rank`: the merged LoRA's)."""
+        return {"linear": "Linear merge", "svd": f"SVD r={rank}", "ties": f"TIES d={self.density:g} r={rank}",
+                "dare": f"DARE d={self.density:g} r={rank}"}[self.method]
 
     @property
     def single(self) -> str | None:

@@ -16,7 +16,7 @@ import pytest
 from gradio_client import Client
 
 import app
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from tests.helpers import SETTINGS, distinct_copy, launch, pixels, world_paths
 
 NO_WEIGHTS = {"headers": ["expert", "weight"], "data": []}   # an empty weights table: the bank's defaults

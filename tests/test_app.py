@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 
 import app
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from tests.helpers import SETTINGS, bank_digest, distinct_copy, pixels, world_paths
 
 
@@ -300,7 +300,7 @@ def test_a_bad_mixture_is_refused_at_load_with_its_name(studio, tmp_path, bad, m
 # ---- export, snippet, upload ----------------------------------------------------------------------
 @pytest.mark.parametrize("method, fmt", [("linear", "diffusers"), ("svd", "kohya"), ("ties", "diffusers")])
 def test_export_writes_a_lora_the_model_accepts(studio, world, keys, method, fmt):
-    from mole_core.lora import load_lora, validate_lora
+    from mole_core.image.lora_files import load_lora, validate_lora
     path, _ = app.export(studio, keys, method, fmt, None, 2, True, 0.5, app.new_session())
     lora = load_lora(path)
     validate_lora(lora, Engine(*world).components)  # a fresh model: no MoLE wrappers attached
@@ -424,7 +424,7 @@ def test_study_refuses_counts_above_the_servers_limits(studio, keys):
 
 @pytest.mark.slow
 def test_study_scores_every_method(studio, keys):
-    pytest.importorskip("matplotlib")  # mole_core.evaluate draws its chart with matplotlib
+    pytest.importorskip("matplotlib")  # mole_core.studies.evaluate draws its chart with matplotlib
     *_, (text, table, chart) = app.study(studio, keys, 1, 1, 2, app.new_session(), progress=lambda *a, **k: None)
     assert "###" in text and len(table) >= 4 + len(keys)
     assert isinstance(chart, PIL.Image.Image)

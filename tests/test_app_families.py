@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import app
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from tests.test_engine_families import make_bank
 from tests.tiny_families import SIDE, make_family_dir
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import app
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from tests.helpers import launch
 from tests.helpers import world_paths
 
@@ -68,7 +68,7 @@ def read_gallery(page, engine) -> list[str]:
     """The oracle's reading of every image of the Compare gallery ("caption · what the oracle sees")."""
     import io
     import PIL.Image
-    from mole_core.world import Oracle
+    from mole_core.world.pixel import Oracle
     captions = [c.strip() for c in page.locator("#results .caption-label").all_inner_texts()]
     images = [PIL.Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())).convert("RGB")
               for img in page.locator("#results img").all()]

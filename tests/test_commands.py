@@ -10,7 +10,7 @@ import pytest
 
 from mole_core import cli
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL
 
 IMAGE, TEXT = Path(DEFAULT_BANK), Path(DEFAULT_TEXT_BANK)
 TEXT_MODEL = ["--model", DEFAULT_TEXT_MODEL]

@@ -8,7 +8,7 @@ import pytest
 
 import app
 from mole_core.defaults import DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
-from mole_core.engine import GenerateRequest
+from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix, mole_config_for
 from mole_core.train import TrainConfig
 from mole_core.world import oracle as world_oracle

@@ -1,4 +1,4 @@
-"""ZeroGPU (mole_core.gpu): with the `spaces` package importable, the app's model-running events run under
+"""ZeroGPU (ui.gpu): with the `spaces` package importable, the app's model-running events run under
 `spaces.GPU(duration=...)` with a duration sized from the engine's expected seconds; without it, nothing changes.
 A fake `spaces` module in sys.modules stands in for the real one (which only does something on a ZeroGPU Space).
 """
@@ -10,8 +10,8 @@ import types
 import pytest
 
 import app
-from mole_core import gpu
-from mole_core.engine import Engine
+from ui import gpu
+from mole_core.image.engine import Engine
 from mole_core.mix import Mix
 from tests.helpers import world_paths
 

@@ -1,4 +1,4 @@
-"""The app's Text mode (mole_core/text_ui.py): handlers, the /text_* endpoints through gradio_client, the
+"""The app's Text mode (ui/text_tab.py): handlers, the /text_* endpoints through gradio_client, the
 text-only app's /train, /compare, /toggle, and a real browser on the embedded text world (or a tiny one).
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import app
-from mole_core import text_ui
+from ui import text_tab as text_ui
 from mole_core.mix import Mix
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
 from tests.helpers import free_port
 from tests.tiny import make_text_world
 

@@ -1,12 +1,12 @@
-"""The text study's pieces (mole_core/text_study.py) on a tiny random text world: scores, LoraHub's weights,
+"""The text study's pieces (mole_core/studies/text.py) on a tiny random text world: scores, LoraHub's weights,
 every method row, the tables."""
 from __future__ import annotations
 
 import pytest
 
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.text_engine import TextEngine
-from mole_core.text_study import (TextStudyConfig, full_loss, lorahub_weights, markdown, method_rows, part_b, pool,
+from mole_core.text.engine import TextEngine
+from mole_core.studies.text import (TextStudyConfig, full_loss, lorahub_weights, markdown, method_rows, part_b, pool,
                                   run_rows, score, similarity, with_train)
 from tests.tiny import make_text_world
 
@@ -58,7 +58,7 @@ def test_part_b_and_the_pools():
 
 
 def test_part_b_on_a_composed_task(engine, monkeypatch):
-    import mole_core.text_study as ts
+    import mole_core.studies.text as ts
     monkeypatch.setattr(ts, "task_items", lambda key, n, seed, held_out=True: [(f"{key}: abc", "cba")] * n)
     cfg = with_train(TextStudyConfig(items=2, shots=2, granularities=("block",), gates=("token",),
                                      merges=("linear",)), steps=2)
