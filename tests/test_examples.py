@@ -11,7 +11,7 @@ from mole_core.defaults import DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUID
 from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix, mole_config_for
 from mole_core.train import TrainConfig
-from mole_core.world import oracle as world_oracle
+from mole_core.world.pixel import oracle as world_oracle
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 gate-training step of each gate kind, timed here (a short calibration at start-up, then every real run).
 
     costs = Costs()                              # reference timings until this machine has timed itself
-    costs.calibrate(engine)                      # a few seconds: every kind timed on this machine
+    engine.calibrate()                           # a few seconds: every kind timed on this machine
     costs.seconds(mixes=[Mix("mole", keys)], denoise_steps=20)
     costs.seconds(train_steps=150, gate="routed", experts=3)
     costs.source                                 # what the numbers come from, in words, for the UI
@@ -16,10 +16,7 @@ References: none (bookkeeping); the reference timings are this project's 2-core 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import statistics
-import time
 
 from mole_core.defaults import COSTS, DEFAULT_DENOISE_STEPS
 
@@ -97,37 +94,12 @@ class Costs:
             else:
                 self.source = "timed on this machine at start-up and in its last runs"
 
-    def calibrate(self, engine, keys=None) -> float:
-        """Time every kind on `engine` (two bank LoRAs: `keys` or the bank's first two), replacing the
-        reference timings; -> the seconds it took. Loads the model if needed."""
-        from mole_core.image.engine import GenerateRequest
-        from mole_core.mix import Mix, mole_config_for
-        from mole_core.train import TrainConfig
-
-        start = time.perf_counter()
-        keys = list(keys or [e.key for e in engine.bank.entries if not e.error][:2])
-        request = GenerateRequest(prompt=" and ".join(f"a {engine.bank.get(k).trigger[0]}" for k in keys) if keys
-                                  else "", seed=0, steps=CALIBRATION_STEPS)
-        mixes = [Mix("base")]
-        if len(keys) >= 2:
-            mixes += [Mix("linear", keys), Mix("switch", keys, switch_every=1), Mix("mole", keys, gate="sample"),
-                      Mix("mole", keys, gate="routed")]
-        measured = {}
-        for mix in mixes:
-            engine.generate(mix, dataclasses.replace(request, steps=1))   # the first call of a kind warms up
-            result = engine.generate(mix, request)
-            measured[image_kind(mix)] = result.seconds / CALIBRATION_STEPS / \
-                (expert_factor(len(keys)) if mix.method == "mole" else 1)
-        for gate in (("sample", "routed") if len(keys) >= 2 else ()):
-            stamps = [time.perf_counter()]
-            engine.train(keys, mole_config_for("block", gate),
-                         TrainConfig(steps=CALIBRATION_STEPS + 1, batch_size=BATCH, seed=0),
-                         on_step=lambda *_: stamps.append(time.perf_counter()))
-            steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]   # the first step warms up
-            measured[train_kind(gate)] = statistics.median(steps) / expert_factor(len(keys))
+    def calibrated(self, measured: dict[str, float]) -> None:
+        """Replace the reference timings with those `Engine.calibrate` took here (kind -> seconds per unit at
+        two experts); with no merge timed (a bank of fewer than two), the other image kinds scale with the
+        base model's step."""
         self.table.update({k: v for k, v in measured.items() if math.isfinite(v) and v > 0})
-        if "denoise_step_merge" not in measured:               # a bank of fewer than two: base-relative
+        if "denoise_step_merge" not in measured and "denoise_step" in measured:
             scale = measured["denoise_step"] / COSTS["denoise_step"]
             self.table.update({k: COSTS[k] * scale for k in COSTS if k.startswith("denoise_step_")})
         self.source = "timed on this machine at start-up"
-        return time.perf_counter() - start

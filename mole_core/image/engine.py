@@ -43,7 +43,7 @@ from mole_core.atomic import atomic_path
 from mole_core.attach import KeptAttachment, MoleConfig, attach, file_stamp, write_gates_csv
 from mole_core.image.bank import Bank, BankEntry
 from mole_core.locks import FairLock
-from mole_core.image.costs import Costs
+from mole_core.image.costs import CALIBRATION_STEPS, Costs, expert_factor, image_kind, train_kind
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
 from mole_core.image.families import components as components_of
@@ -51,7 +51,7 @@ from mole_core.image.families import default_size, family_of, latent_shape, late
 from mole_core.lora import Lora
 from mole_core.image.lora_files import save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.mix import MERGES, METHODS, Mix, check_training
+from mole_core.mix import MERGES, METHODS, Mix, check_training, mole_config_for
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.train import TrainConfig, TrainResult, train_gates
 from mole_core.image.task import DiffusionTask, examples_from_bank
@@ -168,8 +168,29 @@ class Engine:
         return self.costs.seconds(mixes, denoise_steps, train_steps, gate, experts, batch_size, images)
 
     def calibrate(self, keys=None) -> float:
-        """Time every kind of image and training step here (a few seconds); -> the seconds it took."""
-        return self.costs.calibrate(self, keys)
+        """Time every kind of image and gate-training step here, over two bank LoRAs (`keys` or the bank's
+        first two), and make those the costs (`costs.calibrated`); -> the seconds it took (a few)."""
+        start = time.perf_counter()
+        keys = list(keys or [e.key for e in self.bank.entries if not e.error][:2])
+        steps = CALIBRATION_STEPS
+        request = GenerateRequest(prompt=" and ".join(f"a {self.bank.get(k).trigger[0]}" for k in keys), seed=0,
+                                  steps=steps)
+        mixes = [Mix("base")] + ([Mix("linear", keys), Mix("switch", keys, switch_every=1),
+                                  Mix("mole", keys, gate="sample"), Mix("mole", keys, gate="routed")]
+                                 if len(keys) >= 2 else [])
+        measured = {}
+        for mix in mixes:
+            self.generate(mix, dataclasses.replace(request, steps=1))       # the first call of a kind warms up
+            factor = expert_factor(len(keys)) if mix.method == "mole" else 1
+            measured[image_kind(mix)] = self.generate(mix, request).seconds / steps / factor
+        for gate in (("sample", "routed") if len(keys) >= 2 else ()):
+            stamps = [time.perf_counter()]
+            self.train(keys, mole_config_for("block", gate), TrainConfig(steps=steps + 1, batch_size=4, seed=0),
+                       on_step=lambda *_: stamps.append(time.perf_counter()))
+            per_step = [b - a for a, b in zip(stamps[1:], stamps[2:])]     # the first step warms up
+            measured[train_kind(gate)] = float(np.median(per_step)) / expert_factor(len(keys))
+        self.costs.calibrated(measured)
+        return time.perf_counter() - start
 
     # ---- checks ---------------------------------------------------------------------------------
     def check(self, mixes, request: GenerateRequest, bank: Bank | None = None) -> list[str]:
