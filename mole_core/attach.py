@@ -23,7 +23,9 @@ Transformer2DModel as one transformer block).
 
 Gate kinds (MoleConfig.gate): "sample" (the paper: one decision per sample), "token" (per token / pixel),
 "static" (one learned logit per expert for the whole attachment, whatever the input: MoLE's static
-ablation, LoraHub's idea trained by gradient; the groups then only decide who evaluates it).
+ablation, LoraHub's idea trained by gradient; the groups then only decide who evaluates it), "prompt" (text
+models: one decision per sample read from the prompt by mole_core.text.gate.PromptGate and given to every
+group as forced weights, `settings(gates=G)`; the groups' own gates are built as static ones and unused).
 
 Trigger routing (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): per-token gates pushed
 towards the expert whose trigger a text token belongs to / a pixel attends to; the handle needs each
@@ -52,7 +54,7 @@ from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
 from mole_core.lora import Lora, LoraWeights, module_problem
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
-GATE_KINDS = ("sample", "token", "static")
+GATE_KINDS = ("sample", "token", "static", "prompt")
 # Class-name patterns. GEGLU (ff.net.0) and ModuleLists (attn.to_out) match neither on purpose.
 LAYER_CLASS = re.compile(r"(Attention|MLP|Mlp|FeedForward|LayerFF|DenseActDense|DenseGatedActDense)$")
 BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|ResnetBlockCondNorm2D|"
@@ -86,8 +88,8 @@ class MoleConfig:
     @property
     def describe(self) -> str:
         """"block", "block, per-token" or "static": how result labels name this configuration."""
-        if self.gate == "static":
-            return "static"                    # the granularity changes nothing: one set of weights
+        if self.gate in ("static", "prompt"):
+            return self.gate                   # the granularity changes nothing: one decision for every module
         routed = ", trigger-routed" if self.route == "trigger" else ""
         return self.granularity + (", per-token" if self.gate == "token" else "") + routed
 
@@ -347,7 +349,7 @@ class MoleHandle:
 
     def load_gate_state_dict(self, state: dict[str, torch.Tensor], layout: dict[str, dict] | None = None) -> None:
         """Load gate tensors (and leaders) saved by `gate_state_dict` / a mixture; shapes must match."""
-        static = self.config.gate == "static"
+        static = self.config.gate in ("static", "prompt")
         names = ("log_tau", "logits") if static else ("log_tau", "proj.weight", "proj.bias", "route_beta")
         known = {f"{_gate_key(g)}.{p}" for g in self.groups for p in names}
         unknown = sorted(set(state) - known)
@@ -446,6 +448,9 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         raise ValueError(f"Unknown granularity '{config.granularity}' (expected one of {', '.join(GRANULARITIES)}).")
     if config.gate not in GATE_KINDS:
         raise ValueError(f"Unknown gate kind '{config.gate}' (expected one of {', '.join(GATE_KINDS)}).")
+    if config.gate == "prompt" and isinstance(model, nn.ModuleDict):
+        raise ValueError("gate='prompt' reads a text model's prompt (mole_core.text.gate); a pipeline takes the gate "
+                         "kinds sample, token, static or routed.")
     router = None
     if config.route != "none":
         from mole_core.routing import ROUTE_ABSENT, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
@@ -491,7 +496,7 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         router.runtime = runtime
     groups: dict[str, Group] = {}
     static = (nn.Parameter(torch.zeros(len(loras))), nn.Parameter(torch.zeros(()))) \
-        if config.gate == "static" else None                   # (logits, log_tau) shared by every gate
+        if config.gate in ("static", "prompt") else None       # (logits, log_tau) shared by every gate
     for key in keys:
         g = group_of(model, key, config.granularity)
         if g not in groups:

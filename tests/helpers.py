@@ -78,7 +78,7 @@ def run(comps: nn.ModuleDict, x) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def close(a, b, tol=1e-5):
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=tol)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from ui import compare_tab
 from mole_core.image.engine import Engine
 from tests.helpers import launch
 from tests.helpers import world_paths
@@ -109,7 +109,7 @@ def test_select_train_compare_toggle_inspect(served, page):
                            arg=triggers)
     page.locator("#steps input[type=number]").fill("2")
     page.locator("#compare-button").click()
-    n = len(app.DEFAULT_METHODS)
+    n = len(compare_tab.DEFAULT_METHODS)
     page.wait_for_function(f"() => document.querySelectorAll('#results img').length === {n}")
     # the images are really shown (loaded and decoded), not just their frames
     page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
@@ -142,7 +142,7 @@ def test_select_train_compare_toggle_inspect(served, page):
     open_tab(page, "Compare")
     first = page.locator("#results img").first.get_attribute("src")
     page.get_by_label("Randomise seed").check()
-    for label, _ in app.COMPARE_METHODS:
+    for label, _ in compare_tab.COMPARE_METHODS:
         if label not in ("MoLE", "base"):
             page.locator("#methods").get_by_label(label, exact=True).set_checked(False)
     page.locator("#compare-button").click()
@@ -175,17 +175,17 @@ def test_defaults_train_and_compare_on_the_first_example_prompt(served, page):
     assert ticks and all("." not in t for t in ticks), ticks           # whole steps on the step axis
     open_tab(page, "Compare")
     page.locator("#compare-button").click()
-    n = len(app.DEFAULT_METHODS)
+    n = len(compare_tab.DEFAULT_METHODS)
     page.wait_for_function(f"() => document.querySelectorAll('#results img').length === {n}")
     page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
                            ".every(i => i.complete && i.naturalWidth > 0)")
     page.screenshot(path=str(ARTIFACTS / "browser_defaults_compare.png"), full_page=True)
     prompt = page.locator("#prompt textarea").input_value()
-    assert prompt == app.prompt_examples(engine.bank)[0]
+    assert prompt == compare_tab.prompt_examples(engine.bank)[0]
     if (Path(engine.model_id) / "oracle").exists():
         lines = read_gallery(page, engine)
         mole = next(line for line in lines if line.startswith("MoLE"))
-        assert all(k in mole.split(":", 1)[1] for k in app.example_keys(engine.bank, prompt)), lines
+        assert all(k in mole.split(":", 1)[1] for k in compare_tab.example_keys(engine.bank, prompt)), lines
     open_tab(page, "Export")
     page.get_by_role("button", name="Python for the last comparison").click()
     page.wait_for_function("() => document.querySelector('#snippet-file')?.innerText.includes('mole_compare.py')")

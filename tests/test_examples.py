@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import app
+from ui import compare_tab
 from mole_core.defaults import DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
 from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix, mole_config_for
@@ -24,20 +25,20 @@ def reads(oracle, image, caption: str) -> list[bool]:
 
 
 def test_the_examples_are_pairs_that_select_their_loras(world_engine):
-    examples = app.prompt_examples(world_engine.bank)
+    examples = compare_tab.prompt_examples(world_engine.bank)
     assert len(examples) >= 2
     for caption in examples:
-        keys = app.example_keys(world_engine.bank, caption)
+        keys = compare_tab.example_keys(world_engine.bank, caption)
         assert len(keys) == 2 and all(world_engine.bank.get(k).kind == "subject" for k in keys), caption
 
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_each_app_example_draws_every_subject_it_names(world_engine, oracle, index):
-    examples = app.prompt_examples(world_engine.bank)
+    examples = compare_tab.prompt_examples(world_engine.bank)
     if index >= len(examples):
         pytest.skip("fewer examples")
     caption = examples[index]
-    keys = app.example_keys(world_engine.bank, caption)
+    keys = compare_tab.example_keys(world_engine.bank, caption)
     request = GenerateRequest(prompt=caption, seed=0, steps=DEFAULT_DENOISE_STEPS, guidance=DEFAULT_GUIDANCE)
     result = world_engine.generate(Mix("mole", keys, gate=DEFAULT_GATE), request)
     assert reads(oracle, result.image, caption) == [True, True], caption

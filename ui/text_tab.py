@@ -9,8 +9,10 @@ current Blocks; its events are named `{prefix}train`, `{prefix}cancel`, `{prefix
 from __future__ import annotations
 
 import html
+import tempfile
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
@@ -21,9 +23,10 @@ from mole_core.text.engine import TextEngine
 from mole_core.train import TrainConfig
 from ui.worker import StepWorker
 
-TEXT_GATES = ("sample", "token", "static")
+TEXT_GATES = ("prompt", "sample", "token", "static")   # "prompt" (mole_core.text.gate): the text default
 TEXT_TRAIN = TrainConfig(steps=100, lr=5e-3, batch_size=8, seed=0)        # the text study's gate training
 EXPERT_COLOURS = ("#e4572e", "#2e86ab", "#76b041", "#f3a712", "#a23b72", "#3b1f2b", "#17bebb", "#8d6a9f")
+START_METHODS = ["mole", "linear", "svd", "arrow", "base"]
 
 
 @dataclass
@@ -79,10 +82,11 @@ def ordered_keys(engine: TextEngine) -> list[str]:
 
 
 def starting_keys(engine: TextEngine) -> list[str]:
-    """The two LoRAs selected when the page opens: reverse and upper (a composable pair) when the bank has
-    them, else its first two."""
-    keys = ordered_keys(engine)
-    return ["reverse", "upper"] if {"reverse", "upper"} <= set(keys) else keys[:2]
+    """The LoRAs selected when the page opens: the main ones (at most 5 and the engine's expert limit), else
+    the bank's first two."""
+    entries = [e for e in engine.bank.entries() if e.error is None]
+    main = [e.key for e in entries if e.role == "main"][:min(5, engine.limits.experts)]
+    return main if len(main) >= 2 else ordered_keys(engine)[:2]
 
 
 def short_label(entry) -> str:
@@ -158,7 +162,7 @@ def results_table(results, expected: str | None) -> str:
 
 # ---- handlers ---------------------------------------------------------------------------------
 def method_choices(engine: TextEngine, keys: list[str]) -> list[tuple[str, str]]:
-    out = [(NAMES[m], m) for m in ("mole", *MERGES, "base")]
+    out = [(NAMES[m], m) for m in ("mole", *MERGES, "arrow", "base")]
     out += [(f"{engine.bank.get(k).name} alone", f"single:{k}") for k in keys if k in engine.bank.keys()]
     return out
 
@@ -171,7 +175,21 @@ def on_selection(ts: TextStudio, keys: list[str], methods: list[str], state: dic
     note = ("Gates trained for these LoRAs." if state.get("mixture") is not None else
             "MoLE's gates are untrained (equal weights) until you train them (the Train gates tab here).")
     return gr.update(choices=choices, value=[m for m in methods if m in valid] or ["mole", "linear", "base"]), \
-        gr.update(choices=list(keys or []), value=list(keys or [])), note, state
+        gr.update(choices=list(keys or []), value=list(keys or [])), note, state, train_estimate(ts, keys, None, None, None)
+
+
+def train_estimate(ts: TextStudio, keys, gate, steps, granularity) -> str:
+    """'Expected: about N s' for training these gates, from the model's measured cost (TextEngine.train_estimate)."""
+    keys = list(keys or [])
+    if len(keys) < 2:
+        return "Choose at least two LoRAs to train their gates."
+    try:
+        mole = MoleConfig(granularity=granularity or "block", gate=gate or TEXT_GATES[0])
+        config = TrainConfig(steps=int(steps or TEXT_TRAIN.steps), lr=TEXT_TRAIN.lr, batch_size=TEXT_TRAIN.batch_size)
+        seconds = ts.engine.train_estimate(keys, mole, config)
+    except (TypeError, ValueError, OverflowError):
+        return "Expected duration: unknown for these settings."
+    return f"Expected duration: about **{seconds:.0f} s** on this machine (from a measured forward pass of the model)."
 
 
 def _mole_mix(state: dict, keys, granularity: str, gate: str, mask=None) -> Mix:
@@ -180,6 +198,13 @@ def _mole_mix(state: dict, keys, granularity: str, gate: str, mask=None) -> Mix:
         return Mix("mole", tuple(keys), mixture=mixture, granularity=mixture.granularity,
                    gate=mixture.mole_config().gate, mask=mask)
     return Mix("mole", tuple(keys), granularity=granularity, gate=gate, mask=mask)
+
+
+def recompare(ts: TextStudio, keys, prompt: str, methods, granularity: str, gate: str, rank, density, state: dict):
+    """`compare` after the selection changed, when there is something to compare (nothing to say otherwise)."""
+    if not (prompt or "").strip() or not methods or len(prompt) > 200 or len(list(keys or [])) < 1:
+        return gr.update(), gr.update(), gr.update(), state
+    return compare(ts, keys, prompt, methods, granularity, gate, rank, density, state)
 
 
 def compare(ts: TextStudio, keys, prompt: str, methods, granularity: str, gate: str, rank, density, state: dict):
@@ -229,7 +254,8 @@ def toggle(ts: TextStudio, keys, prompt: str, on: list[str], granularity: str, g
 
 def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, state: dict,
           progress=gr.Progress()):
-    """Stream (state, status) while the gates train; cancel stops after the current step."""
+    """Stream (state, status, mixture file) while the gates train; cancel stops after the current step. The trained
+    mixture is written to a fresh temporary folder and offered for download."""
     keys = list(keys or [])
     try:
         mole = MoleConfig(granularity=granularity, gate=gate, balance_alpha=float(alpha))
@@ -239,13 +265,14 @@ def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, s
         raise gr.Error(f"Steps, learning rate and α must be numbers: {err}") from err
     _human(ts, ts.engine.check_train, keys, mole, config)
     state["cancel"] = False
-    worker = StepWorker(lambda on_step: ts.engine.train(keys, mole, config, on_step=on_step,
+    out_path = Path(tempfile.mkdtemp(prefix="mole_text_")) / f"mixture_{'_'.join(keys)[:60]}.safetensors"
+    worker = StepWorker(lambda on_step: ts.engine.train(keys, mole, config, on_step=on_step, out_path=out_path,
                                                         should_stop=lambda: state["cancel"]))
     try:
         for step, loss, gates in worker:
             progress((step, config.steps), desc=f"training step {step}/{config.steps}")
             yield state, (f"Step {step}/{config.steps} · task loss {loss['task']:.4f} · mean gates "
-                          + " / ".join(f"{k} {float(g):.2f}" for k, g in zip(keys, gates)))
+                          + " / ".join(f"{k} {float(g):.2f}" for k, g in zip(keys, gates))), gr.update()
     except ValueError as err:
         raise gr.Error(ts.message(str(err))) from err
     finally:
@@ -256,7 +283,7 @@ def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, s
     yield state, (f"**{verb} after {mixture.meta.get('steps', 0)} steps** ({mixture.meta.get('seconds', 0):.1f} s) on "
                   f"the manifests' example pairs · last loss {final.get('loss', float('nan')):.4f} · mean gates "
                   + " / ".join(f"{k} {g:.2f}" for k, g in zip(keys, mixture.meta.get("mean_gates", [])))
-                  + ". Compare again to use them.")
+                  + ". Compare again to use them."), gr.update(value=str(out_path), visible=True)
 
 
 def cancel(state: dict) -> str:
@@ -295,11 +322,11 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
                                     placeholder="e.g. reverse: planet", scale=3)
                 go = gr.Button("Compare", variant="primary", scale=1, elem_id="text-compare")
             gr.Examples(prompt_examples(engine), [prompt], label="Inputs (the last ones compose two tasks)")
-            methods = gr.CheckboxGroup(method_choices(engine, start), value=["mole", "linear", "svd", "base"],
+            methods = gr.CheckboxGroup(method_choices(engine, start), value=START_METHODS,
                                        label="Methods")
             with gr.Row():
-                granularity = gr.Dropdown(list(GRANULARITIES), value="block", label="MoLE granularity (untrained)")
-                gate = gr.Radio(list(TEXT_GATES), value="sample", label="MoLE gate (untrained)")
+                granularity = gr.Radio(list(GRANULARITIES), value="block", label="MoLE granularity (untrained)")
+                gate = gr.Radio(list(TEXT_GATES), value=TEXT_GATES[0], label="MoLE gate (untrained)")
                 rank = gr.Number(value=0, precision=0, label="SVD/TIES/DARE rank (0: the LoRAs' own)", minimum=0,
                                  maximum=1024)
                 density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="TIES/DARE density")
@@ -310,10 +337,12 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
                             show_label=True)
         with gr.Tab("Train gates"):
             gr.Markdown("Trains only the gates (the LoRAs stay frozen) on the example pairs in the chosen LoRAs' "
-                        "manifests, with the token loss of the answers.")
+                        "manifests. **prompt** (the default): one decision per answer, read from the instruction by the "
+                        "base model, given to every layer; sample / token / static: the paper's gates, trained with the "
+                        "token loss of the answers.")
             with gr.Row():
-                t_gran = gr.Dropdown(list(GRANULARITIES), value="block", label="Granularity")
-                t_gate = gr.Radio(list(TEXT_GATES), value="sample", label="Gate")
+                t_gran = gr.Radio(list(GRANULARITIES), value="block", label="Granularity")
+                t_gate = gr.Radio(list(TEXT_GATES), value=TEXT_GATES[0], label="Gate")
                 steps = gr.Number(value=TEXT_TRAIN.steps, precision=0, minimum=1, maximum=engine.limits.train_steps,
                                   label="Steps")
                 lr = gr.Number(value=TEXT_TRAIN.lr, minimum=1e-6, maximum=10, label="Learning rate")
@@ -321,20 +350,28 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
             with gr.Row():
                 train_btn = gr.Button("Train gates", variant="primary", elem_id="text-train")
                 cancel_btn = gr.Button("Cancel", elem_id="text-cancel")
+            estimate = gr.Markdown(lambda: train_estimate(ts, start, TEXT_GATES[0], TEXT_TRAIN.steps, "block"),
+                                   elem_id="text-estimate")
             status = gr.Markdown("Not trained yet.", elem_id="text-status")
+            download = gr.File(label="Trained mixture (.safetensors: load it with the CLI's --mixture)", visible=False,
+                               interactive=False, elem_id="text-mixture")
         with gr.Tab("Toggle experts"):
             on = gr.CheckboxGroup(start, value=start, label="Experts on (the rest renormalised)", elem_id="text-on")
             toggle_btn = gr.Button("Answer with MoLE", elem_id="text-toggle")
             caption = gr.Markdown(elem_id="text-caption")
             toggle_view = gr.HTML()
 
-    chosen.change(partial(on_selection, ts), [chosen, methods, state], [methods, on, note, state], queue=False,
-                  api_visibility="private")
+    chosen.change(partial(on_selection, ts), [chosen, methods, state], [methods, on, note, state, estimate],
+                  queue=False, api_visibility="private").then(
+        partial(recompare, ts), [chosen, prompt, methods, granularity, gate, rank, density, state],
+        [table, view, heat, state], api_visibility="private", **fast)
+    gr.on([t_gate.change, steps.change, t_gran.change], partial(train_estimate, ts), [chosen, t_gate, steps, t_gran],
+          [estimate], queue=False, api_visibility="private")
     go.click(partial(compare, ts), [chosen, prompt, methods, granularity, gate, rank, density, state],
              [table, view, heat, state], api_name=f"{prefix}compare", **fast)
     prompt.submit(partial(compare, ts), [chosen, prompt, methods, granularity, gate, rank, density, state],
                   [table, view, heat, state], api_visibility="private", **fast)
-    train_btn.click(partial(train, ts), [chosen, t_gran, t_gate, steps, lr, alpha, state], [state, status],
+    train_btn.click(partial(train, ts), [chosen, t_gran, t_gate, steps, lr, alpha, state], [state, status, download],
                     api_name=f"{prefix}train", **long)
     cancel_btn.click(cancel, [state], [status], queue=False, api_name=f"{prefix}cancel")
     gr.on([toggle_btn.click, on.change], partial(toggle, ts), [chosen, prompt, on, granularity, gate, state],

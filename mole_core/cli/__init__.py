@@ -69,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a LoRA file's format, targets, ranks, alphas and validity")
     p.add_argument("file", help="a .safetensors LoRA file")
-    p.add_argument("--model", help="a diffusers Stable Diffusion folder to validate against")
+    p.add_argument("--model", help="a diffusers pipeline folder (SD 1.x, SDXL, SD3, FLUX) or text model folder to validate against")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="merge LoRA files into one LoRA file (linear: exact; svd/ties/dare: rank r)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="the diffusers Stable Diffusion folder the LoRAs are for (default: the embedded model)")
+                   help="the diffusers pipeline folder the LoRAs are for (default: the embedded model)")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file and its weight (default 1); repeat for each LoRA")
     p.add_argument("--method", choices=Choices("mole_core.mix", "MERGES"), default="linear", metavar="METHOD",
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="which modules share one gate: %(choices)s (default: %(default)s)")
     p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",
-                   help=f"%(choices)s (default: {DEFAULT_GATE}; text models: sample). sample: one gate decision per image (the paper); "
+                   help=f"%(choices)s (default: {DEFAULT_GATE}; text models: prompt, one decision per answer read from the instruction). sample: one gate decision per image (the paper); "
                         "token: per token / pixel; static: one learned weight per expert for every input; routed: per "
                         "token, each LoRA's trigger phrase routing its text tokens and pixels")
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps (default: %(default)s)")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="MoLE without --mixture: which modules share a gate, %(choices)s (default: %(default)s)")
     p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",
-                   help=f"MoLE without --mixture: gate kind, %(choices)s (default: {DEFAULT_GATE}; text models: sample)")
+                   help=f"MoLE without --mixture: gate kind, %(choices)s (default: {DEFAULT_GATE}; text models: prompt, one decision per answer read from the instruction)")
     p.add_argument("--weight", action="append", metavar="KEY=W",
                    help="merge weight of one LoRA (default: its manifest's default_weight)")
     p.add_argument("--raw-weights", action="store_true", help="use merge weights as given, not normalised to sum 1")

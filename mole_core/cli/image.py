@@ -140,10 +140,10 @@ def cmd_generate(args) -> int:
                               guidance=guidance, height=args.height, width=args.width, true_cfg=args.true_cfg)
     if args.gates_out and mix.method != "mole":
         raise ValueError("--gates-out writes the MoLE gates: use it with --method mole.")
-    for warning in engine.check([mix], request):
-        print(f"warning: {warning}", file=sys.stderr)
-    # 2. render and write
+    # 2. render (the engine checks the request once) and write
     result = engine.generate(mix, request)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     save_image(result.image, args.out)
     if args.gates_out:
         write_gates_csv(result.gates, args.gates_out)

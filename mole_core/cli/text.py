@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 TEXT_COMMANDS = ("inspect", "merge", "train-gates", "generate", "evaluate")
+TEXT_GATE = "prompt"       # the text default (no --gate): one decision per sample read from the prompt (mole_core.text.gate)
 
 
 def wants_text(args) -> bool:
@@ -90,7 +91,7 @@ def cmd_train_gates(args) -> int:
     from mole_core.train import TrainConfig
 
     engine = _engine(args)
-    mole = mole_config_for(args.granularity, args.gate or "sample",
+    mole = mole_config_for(args.granularity, args.gate or TEXT_GATE,
                            TRAIN_ALPHA if args.alpha is None else args.alpha)
     config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=mole.balance_alpha,
                          batch_size=args.batch_size, seed=args.seed)
@@ -119,7 +120,7 @@ def cmd_generate(args) -> int:
     off = [k.strip() for item in args.mask or [] for k in item.split(",") if k.strip()]
     mix = Mix(args.method, keys, weights=parse_key_values(args.weight, "--weight"), normalize=not args.raw_weights,
               rank=args.rank, density=args.density, granularity=mixture.granularity if mixture else args.granularity,
-              gate=(mixture.mole_config().gate if mixture else args.gate or "sample"), mixture=mixture,
+              gate=(mixture.mole_config().gate if mixture else args.gate or TEXT_GATE), mixture=mixture,
               mask={k: False for k in off} or None, strengths=parse_key_values(args.strength, "--strength"))
     if args.gates_out and mix.method != "mole":
         raise ValueError("--gates-out writes the MoLE gates: use it with --method mole.")
@@ -143,8 +144,9 @@ def cmd_evaluate(args) -> int:
     if not 1 <= args.items <= 10_000:
         raise ValueError(f"--items must be between 1 and 10000; got {args.items}.")
     granularities = tuple(args.granularity or ("block",))
-    gates = tuple(g for g in (args.gate or ("sample", "token")) if g != "routed")
-    cfg = TextStudyConfig(items=args.items, granularities=granularities, gates=gates,
+    chosen = args.gate or (TEXT_GATE, "sample", "token")
+    gates = tuple(g for g in chosen if g not in ("routed", "prompt"))
+    cfg = TextStudyConfig(items=args.items, granularities=granularities, gates=gates, prompt_gate="prompt" in chosen,
                           train=TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                             balance_alpha=args.alpha))
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """The engine: one loaded pipeline, a LoRA bank, and every way of combining LoRAs side by side.
 
-`Engine` is what the app, the CLI and the evaluation talk to. It owns one Stable Diffusion pipeline
+`Engine` is what the app, the CLI and the evaluation talk to. It owns one diffusers pipeline (SD 1.x, SDXL, SD3 or FLUX)
 (loaded lazily) and a `Bank`, and renders a `GenerateRequest` (prompt, seed, steps, guidance) with a
 `Mix` (mole_core.mix: the method and all its parameters, passed whole):
 
@@ -31,7 +31,7 @@ import math
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,7 @@ class Result:
     gates: list[dict] | None    # mole only: tidy rows {"group", "step", "sample", "expert", "weight"}
     label: str                  # human label, e.g. "MoLE (block, 3 experts)" / "SVD r=8"
     mix: Mix | None = None      # what was rendered
+    warnings: list[str] = field(default_factory=list)   # what the user should know (a prompt cut short, …)
 
 
 class Engine:
@@ -206,6 +207,9 @@ class Engine:
             keys = []
             for mix in mixes:
                 mix.check()
+                if mix.method == "arrow":
+                    raise ValueError("Arrow routes a text model's layers (the text engine); an image pipeline takes "
+                                     "mole, the merges, switch, composite, base or single.")
                 keys += [*mix.keys, *([mix.single] if mix.single else [])]
             if len(set(keys)) > self.limits.experts:
                 raise ValueError(f"At most {self.limits.experts} LoRAs can be combined here; "
@@ -360,12 +364,16 @@ class Engine:
         return self.compare([mix], request, bank)[0]
 
     def compare(self, mixes, request: GenerateRequest, bank: Bank | None = None) -> list[Result]:
-        """Render `request` with each Mix, all from the same starting latents."""
+        """Render `request` with each Mix, all from the same starting latents. The request is checked once
+        (ValueError naming the field); what the user should know comes back in each Result's `warnings`."""
         bank, mixes = bank or self.bank, list(mixes)
         with self._lock:
-            self.check(mixes, request, bank)
+            warnings = self.check(mixes, request, bank)
             latents = self._latents(request)
-            return [self._run(mix, request, latents, bank) for mix in mixes]
+            results = [self._run(mix, request, latents, bank) for mix in mixes]
+        for result in results:
+            result.warnings = [*warnings, *result.warnings]
+        return results
 
     def _latents(self, request: GenerateRequest) -> torch.Tensor:
         """Starting noise for this seed and size (float32, CPU, in the family's layout): the same for every

@@ -5,7 +5,8 @@ same held-out items, exact match with 95% Wilson intervals, cost per method.
             exact match per task and the mean.
     Part B  composed tasks (the BBH analogue): "outer inner: x" = outer(inner(x)), never trained; gates and
             LoraHub weights fitted on 5 examples of the composed task; exact match on held-out items.
-    Part C  more LoRAs: Part B with pools of 4 / 8 / 16 LoRAs (the pair's two + distractors).
+    Part C  more LoRAs: Part A (the main tasks asked) with distractor LoRAs in the pool (8, 16); Part C' is Part B
+            with pools of 4 / 8 / 16 LoRAs (the pair's two + distractors).
 
 Methods (`method_rows`): the base, each LoRA alone (Part A), the linear merge (NLA: weights normalised to sum
 1), PEMs (Zhang et al. 2023, task arithmetic: the LoRAs added, weight 1 each), SVD, TIES and DARE of the sum,
@@ -42,8 +43,9 @@ class TextStudyConfig:
     shots: int = 5                                    # Part B / C: examples of the composed task (gates, LoraHub)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=5e-3, batch_size=8, seed=0))
     granularities: tuple = ("block", "layer", "matrix", "network")
-    gates: tuple = ("sample", "token")
-    merges: tuple = ("linear", "pems", "svd", "ties", "dare", "lorahub")
+    gates: tuple = ("sample", "token")                # the paper's gate and per-token, at each granularity
+    prompt_gate: bool = True                          # + MoLE with the prompt gate (mole_core.text.gate)
+    merges: tuple = ("linear", "pems", "svd", "ties", "dare", "lorahub", "arrow")
     lorahub_budget: int = 40                          # nevergrad evaluations (LoraHub's default)
     lorahub_l1: float = 0.05                          # LoraHub's regularisation
     seed: int = 0
@@ -110,10 +112,13 @@ def lorahub_weights(engine, keys: list[str], pairs: list[tuple[str, str]], budge
 
 
 def method_rows(engine, keys: list[str], pairs: list[tuple[str, str]], cfg: TextStudyConfig,
-                singles: bool = False) -> list[tuple[str, Mix, float]]:
-    """(label, Mix, seconds spent fitting it) for every method over `keys`; gates and LoraHub fitted on `pairs`."""
+                singles: bool = False, oracle: dict[str, str] | None = None) -> list[tuple[str, Mix | dict, float]]:
+    """(label, Mix, seconds spent fitting it) for every method over `keys`; gates and LoraHub fitted on `pairs`.
+    oracle {task: key}: + the ceiling row, each task's items answered by its own LoRA (a Mix per task)."""
     keys = list(keys)
     rows = [("base", Mix("base"), 0.0)]
+    if oracle:
+        rows.append(("Oracle (own LoRA per task)", {t: Mix(f"single:{k}") for t, k in oracle.items()}, 0.0))
     if singles:
         rows += [(f"{k} alone", Mix(f"single:{k}"), 0.0) for k in keys]
     top = max(w.rank for k in keys for w in engine.lora(k).modules.values())
@@ -128,11 +133,17 @@ def method_rows(engine, keys: list[str], pairs: list[tuple[str, str]], cfg: Text
             w = lorahub_weights(engine, keys, pairs, cfg.lorahub_budget, cfg.lorahub_l1, cfg.seed)
             rows.append(("LoraHub", Mix("linear", tuple(keys), weights=dict(zip(keys, w)), normalize=False),
                          time.perf_counter() - start))
+        elif name == "arrow":
+            rows.append(("Arrow (PEFT, training-free)", Mix("arrow", tuple(keys)), 0.0))
         else:
             label = {"linear": "linear (NLA)", "pems": "PEMs (sum)", "svd": f"SVD r={top}",
                      "ties": "TIES", "dare": "DARE"}[name]
             rows.append((label, merges[name](), 0.0))
     rows.append(("MoLE untrained", Mix("mole", tuple(keys)), 0.0))
+    if cfg.prompt_gate:
+        start = time.perf_counter()
+        mixture = engine.train(keys, MoleConfig(gate="prompt"), cfg.train, pairs=pairs)
+        rows.append(("MoLE prompt gate (default)", Mix("mole", tuple(keys), mixture=mixture), time.perf_counter() - start))
     for granularity in cfg.granularities:
         for gate in cfg.gates:
             start = time.perf_counter()
@@ -149,7 +160,7 @@ def run_rows(engine, rows, tasks: dict[str, list[tuple[str, str]]], log=print) -
     for label, mix, fit in rows:
         start, per_task = time.perf_counter(), {}
         for task, items in tasks.items():
-            texts, _, _ = engine.answer(mix, [p for p, _ in items])
+            texts, _, _ = engine.answer(mix[task] if isinstance(mix, dict) else mix, [p for p, _ in items])
             per_task[task] = score(texts, items)
         n = sum(len(items) for items in tasks.values())
         k = sum(s["correct"] for s in per_task.values())
@@ -158,9 +169,9 @@ def run_rows(engine, rows, tasks: dict[str, list[tuple[str, str]]], log=print) -
                       "similarity": round(float(np.mean([s["similarity"] for s in per_task.values()])), 4),
                       "pooled_ci95": [round(lo, 3), round(hi, 3)], "fit_seconds": round(fit, 1),
                       "seconds_per_item": round((time.perf_counter() - start) / n, 4)}
-        if mix.mixture is not None:
+        if not isinstance(mix, dict) and mix.mixture is not None:
             out[label]["mean_gates"] = [round(g, 3) for g in mix.mixture.meta.get("mean_gates", [])]
-        if label == "LoraHub":
+        if label == "LoraHub" and not isinstance(mix, dict):
             out[label]["weights"] = {k: round(float(v), 4) for k, v in (mix.weights or {}).items()}
         log(f"  {label:28s} mean EM {out[label]['mean']:.3f} sim {out[label]['similarity']:.3f}  " +
             " ".join(f"{t}={s['exact_match']:.2f}" for t, s in per_task.items()))
@@ -173,14 +184,16 @@ def task_items(task_key: str, n: int, seed: int, held_out: bool = True) -> list[
     return sample_items(task, np.random.default_rng([seed, sum(map(ord, task_key))]), n, held_out=held_out)
 
 
-def part_a(engine, keys: list[str], cfg: TextStudyConfig, log=print) -> dict:
-    """Multi-task: gates trained on the manifests' examples of every task of the pool."""
-    log(f"Part A: multi-task over {', '.join(keys)}")
-    names = [engine.bank.get(k).task for k in keys]
-    tasks = {name: task_items(name, cfg.items, cfg.seed) for name in names}
+def part_a(engine, keys: list[str], cfg: TextStudyConfig, log=print, asked: list[str] | None = None) -> dict:
+    """Multi-task: gates trained on the manifests' examples of every task of the pool `keys`; the items of the
+    tasks of `asked` (default: all of `keys`) answered. Part C is this with distractors in the pool."""
+    asked = list(asked or keys)
+    log(f"Part A: multi-task over {', '.join(keys)}; asked: {', '.join(asked)}")
+    oracle = {engine.bank.get(k).task: k for k in asked}
+    tasks = {name: task_items(name, cfg.items, cfg.seed) for name in oracle}
     pairs = [p for k in keys for p in engine.bank.get(k).examples]
-    return {"keys": keys, "train_pairs": len(pairs), "methods": run_rows(engine, method_rows(engine, keys, pairs, cfg,
-                                                                                              singles=True), tasks, log)}
+    rows = method_rows(engine, keys, pairs, cfg, singles=asked == keys, oracle=oracle)
+    return {"keys": keys, "asked": asked, "train_pairs": len(pairs), "methods": run_rows(engine, rows, tasks, log)}
 
 
 def part_b(engine, pair: tuple[str, str], keys: list[str], cfg: TextStudyConfig, log=print) -> dict:
@@ -218,7 +231,8 @@ def markdown(report: dict) -> str:
                            f"{r['similarity']:.2f} | {r['fit_seconds']:.1f} | {r['seconds_per_item']:.3f} |")
         lines.append("")
     for part, title in (("B", "Part B — composed tasks (never trained), 5 shots"),
-                        ("C", "Part C — composed tasks as the pool grows")):
+                        ("C", "Part C — the 5 main tasks asked, distractor LoRAs in the pool"),
+                        ("C_composed", "Part C' — composed tasks as the pool grows")):
         if part not in report:
             continue
         cells = report[part]
@@ -239,7 +253,7 @@ def markdown(report: dict) -> str:
 
 
 def config_dict(cfg: TextStudyConfig) -> dict:
-    d = {k: getattr(cfg, k) for k in ("items", "shots", "granularities", "gates", "merges", "lorahub_budget",
+    d = {k: getattr(cfg, k) for k in ("items", "shots", "granularities", "gates", "prompt_gate", "merges", "lorahub_budget",
                                       "lorahub_l1", "seed")}
     d["train"] = {"steps": cfg.train.steps, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
                   "balance_alpha": cfg.train.balance_alpha, "seed": cfg.train.seed}

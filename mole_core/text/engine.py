@@ -11,7 +11,7 @@ passed whole), greedily:
     engine.compare([Mix("mole", keys, mixture=m), Mix("linear", keys), Mix("base")], "reverse upper: abc")
     mixture = engine.train(("reverse", "upper"), MoleConfig(gate="token"), TrainConfig(steps=100, lr=1e-2))
 
-Methods: mole, linear, svd, ties, dare, base, single:KEY (switch and composite are denoising-step methods:
+Methods: mole, linear, svd, ties, dare, arrow (PEFT's, mole_core.text.arrow), base, single:KEY (switch and composite are denoising-step methods:
 refused). A LoRA key is a bank entry: text_bank/<key>.safetensors (mole_core.text.lora_io) + <key>.json.
 
 Contract (as the image engine's):
@@ -23,6 +23,9 @@ Contract (as the image engine's):
 - Per-sample gates pool over each sample's tokens in each forward pass; decoding (mole_core.text.decode)
   runs one full pass per generated token and never pads a batch, so a batched answer == the answer alone;
   gate training (TokenTask) batches prompts of one length for the same reason.
+- Prompt gates (gate="prompt", the text default; mole_core.text.gate): one decision per prompt from the base
+  model's prompt states, taken before decoding and kept for every answer token; trained as an answer-level
+  mixture of experts on the pairs (`train_prompt_gate`), its tensors in the mixture as 'prompt.*'.
 
 References: MoLE (Wu et al., ICLR 2024) §4.2 (Flan-T5 LoRAs, NLP); mole_core.image.engine (the image engine).
 """
@@ -44,6 +47,9 @@ from mole_core.lora import Lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, Mix, check_training
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
+from mole_core.text.arrow import arrow_attached
+from mole_core.text.gate import (attach_prompt_gate, decode_with_weights, load_prompt_state, prompt_weights,
+                                 split_state, train_prompt_gate)
 from mole_core.text.models import load_model as load_text_model
 from mole_core.text.decode import decode
 from mole_core.text.bank import TextBank
@@ -53,13 +59,13 @@ from mole_core.text.task import TokenTask
 
 DEFAULT_TEXT_MODEL = str(PACKAGE_ROOT / "assets" / "text-world")   # the embedded text default
 DEFAULT_TEXT_BANK = str(PACKAGE_ROOT / "text_bank")                 # its LoRA bank
-TEXT_METHODS = ("mole", *MERGES, "base")                            # + "single:<key>"
+TEXT_METHODS = ("mole", *MERGES, "arrow", "base")                            # + "single:<key>"
 
 
 def _refuse_routing(mole: MoleConfig) -> None:
     if mole.route != "none":
         raise ValueError("Trigger routing works on a pipeline's cross-attention; a text model takes the gate "
-                         "kinds sample, token or static.")
+                         "kinds prompt, sample, token or static.")
 
 
 def is_text_model(folder: str | Path) -> bool:
@@ -246,19 +252,24 @@ class TextEngine:
             if mix.method == "mole":
                 mole = mix.mole_config
                 handle = self._attached(mix.keys, mole)
-                if mix.mixture is not None:
-                    self._kept.check_mixture(mix.mixture, [(k, self.bank.get(k).lora_path) for k in mix.keys])
-                    apply_mixture(handle, mix.mixture)
-                else:
-                    handle.reset_gates()                 # untrained: equal weights
+                prompt_gate = self._load_gates(handle, mix)
                 mask = {k: bool(v) for k, v in mix.mask.items()} if mix.mask else None
+                G = None                                  # the prompt gate decides before the recording
+                if prompt_gate is not None:               # (its adapter-free pass is no recorded step)
+                    G = prompt_weights(handle, prompt_gate, model, tok, list(prompts))        # (B, N)
                 with handle.settings(mask=mask, strengths=mix.strengths), handle.recording(tokens) as rec:
-                    ids = run()
+                    ids = run() if G is None else decode_with_weights(handle, G, model, tok, list(prompts),
+                                                                      self.max_new_tokens)
                 untrained = "" if mix.mixture is not None else ", untrained"
                 return ids, rec, f"MoLE ({mole.describe}, {len(mix.keys)} experts{untrained})"
             if mix.method == "base":
                 with self.experts_off():
                     return run(), None, "Base model"
+            if mix.method == "arrow":                     # PEFT wraps the bare Linears: MoLE steps aside
+                loras = [self.lora(k) for k in mix.keys]
+                self._kept.detach()
+                with arrow_attached(model, loras):
+                    return run(), None, f"Arrow ({len(mix.keys)} LoRAs, training-free)"
             if mix.single:
                 with self.experts_off(), merged_weights(model, self.lora(mix.single)):
                     return run(), None, f"Single: {self.bank.get(mix.single).name}"
@@ -268,6 +279,23 @@ class TextEngine:
             r = max(w.rank for w in merged.modules.values())
             label = mix.merge_label(r)
             return ids, None, label
+
+    def _load_gates(self, handle, mix: Mix):
+        """The mixture's gates into `handle` (none: untrained, equal weights); the prompt gate when the
+        attachment has one (gate="prompt", mole_core.text.gate), else None."""
+        prompt_gate = attach_prompt_gate(handle) if handle.config.gate == "prompt" else None
+        if mix.mixture is None:
+            handle.reset_gates()                          # untrained: equal weights
+            if prompt_gate is not None:
+                prompt_gate.reset()
+            return prompt_gate
+        self._kept.check_mixture(mix.mixture, [(k, self.bank.get(k).lora_path) for k in mix.keys])
+        groups, prompt = split_state(mix.mixture.gate_state)
+        apply_mixture(handle, dataclasses.replace(mix.mixture, gate_state=groups))
+        if prompt_gate is not None:
+            where = Path(mix.mixture.path).name if mix.mixture.path else "the mixture"
+            load_prompt_state(prompt_gate, prompt, where)
+        return prompt_gate
 
     # ---- gate training --------------------------------------------------------------------------
     def check_train(self, keys, mole: MoleConfig, train: TrainConfig) -> None:
@@ -290,10 +318,42 @@ class TextEngine:
         with self._lock, self._kept.training(files, mole, lambda: self._attach(keys, mole), self._lock,
                                              should_stop) as (handle, between_steps):
             # fresh, untrained gates; between steps, whoever waits for the model goes first
-            task = TokenTask(self.model, self.tokenizer, pairs)
-            result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
+            if mole.gate == "prompt":                     # one decision per sample from the prompt (text.gate)
+                alpha = mole.balance_alpha if train.balance_alpha is None else train.balance_alpha
+                gate = attach_prompt_gate(handle)
+                result = train_prompt_gate(handle, gate, self.model, self.tokenizer, pairs, train, alpha,
+                                           on_step=on_step, should_stop=between_steps)
+                if not all(torch.isfinite(p).all() for p in gate.parameters()):
+                    raise ValueError("Gate training diverged (the gates are not finite numbers): lower the "
+                                     "learning rate.")
+            else:
+                task = TokenTask(self.model, self.tokenizer, pairs)
+                result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
             self._kept.check_finite(handle)
             return self._save_mixture(handle, keys, mole, train, result, out_path)
+
+    def train_estimate(self, keys, mole: MoleConfig, train: TrainConfig) -> float:
+        """Seconds `train` is expected to take here, from one measured forward pass of the model on the keys'
+        example pairs: the prompt gate runs N passes over the pairs once (text.gate.expert_losses), then steps
+        that never run the model; the other kinds run a forward and a backward (about 3 passes, the experts
+        included) per step."""
+        keys = list(keys)
+        self.check_train(keys, mole, train)
+        pairs = [p for k in keys for p in self.bank.get(k).examples]
+        if not pairs:
+            raise ValueError(f"No training pairs: the manifests of {', '.join(keys)} have no examples.")
+        with self._lock, self.experts_off(), torch.no_grad():
+            task = TokenTask(self.model, self.tokenizer, pairs)
+            batch = task.buckets[max(task.buckets, key=lambda n: len(task.buckets[n]))][:16]
+            ids, labels = zip(*(task.items[i] for i in batch))
+            start = time.perf_counter()
+            self.model(input_ids=torch.tensor(ids, device=self.model.device),
+                       labels=torch.tensor([list(y) + [-100] * (max(map(len, labels)) - len(y)) for y in labels],
+                                           device=self.model.device))
+            per_pass = (time.perf_counter() - start) / len(batch)          # seconds per pair and forward pass
+        if mole.gate == "prompt":
+            return len(pairs) * (len(keys) + 1) * per_pass * 2.5 + train.steps * 0.002
+        return train.steps * train.batch_size * per_pass * 3 * 2.0
 
     def _save_mixture(self, handle, keys, mole: MoleConfig, config: TrainConfig, result: TrainResult,
                       out_path) -> Mixture:
