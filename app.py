@@ -31,7 +31,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from mole_core.cli import add_precision_arguments, check_model, engine_precision
+from mole_core.cli import add_precision_arguments, check_model, engine_precision, hush_torchvision_notice
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, Limits
 from mole_core.image.engine import Engine
 from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
@@ -49,6 +49,16 @@ learns only a small **gate** per block that decides how much each LoRA (an *expe
 the weights instead (linear, SVD, TIES, DARE) melts the LoRAs into one, which dilutes each; MoLE's gates
 can give each expert its say where it matters, and experts can be switched off later without retraining.
 
+- **Gates per token + trigger routing** (the default) — each word of the prompt goes to the LoRA whose trigger
+  phrase it belongs to, and each pixel to the LoRAs in proportion to how much it attends to each trigger, so
+  two subjects at two places each get their own LoRA; a LoRA whose trigger the prompt does not name is off,
+  and words outside every trigger phrase reach no LoRA (the base model reads them). Trained with α = 0.
+- **Linear merge** — one LoRA whose weight change is the weighted sum Σ wᵢ·ΔWᵢ of the LoRAs' changes.
+- **SVD merge** — the linear merge's ΔW cut back to rank r by a truncated SVD (a LoRA file of rank r).
+- **TIES merge** (Yadav et al. 2023) — in each ΔW keep the largest `density` share of entries, elect a sign
+  per entry by total mass, average only the entries that agree with it; then rank r.
+- **DARE merge** (Yu et al. 2024) — drop each entry with probability 1 − density, rescale the rest by
+  1/density so the expectation is kept, sum; then rank r.
 - **Granularity** — which layers share one gate: *matrix* (each weight matrix), *layer* (each attention /
   feed-forward layer), *block* (each transformer or resnet block), *network* (one gate per network).
 - **Gates per sample / per token / static** — one decision per image (the paper); one per pixel or token,
@@ -124,8 +134,10 @@ def _wire_bank(demo, studio: Studio, ui: dict) -> None:
 def _wire_train(demo, studio: Studio, ui: dict) -> None:
     b, t, state = ui["bank"], ui["train"], ui["state"]
     inputs = [b["chosen"], t["granularity"], t["steps"], t["lr"], t["alpha"], t["seed"], t["gate_kind"]]
-    gr.on([t["steps"].change, t["gate_kind"].change], partial(train_tab.train_estimate, studio),
-          [t["steps"], t["gate_kind"]], [t["estimate"]], queue=False, **PRIVATE)
+    gr.on([demo.load, b["chosen"].change, t["steps"].change, t["gate_kind"].change],
+          partial(train_tab.train_estimate, studio), [b["chosen"], t["steps"], t["gate_kind"]], [t["estimate"]],
+          queue=False, **PRIVATE)
+    t["gate_kind"].change(train_tab.alpha_field, [t["gate_kind"]], [t["alpha"]], queue=False, **PRIVATE)
     t["button"].click(partial(train_tab.check_train, studio), [*inputs, state], None, **PRIVATE) \
         .success(on_model(train_tab.train, train_tab.train_seconds, studio), [*inputs, state],
                  [state, t["status"], t["task_plot"], t["balance_plot"], t["gates_plot"], t["mixture_out"]],
@@ -151,7 +163,12 @@ def _wire_compare(demo, studio: Studio, ui: dict) -> None:
     b, c, state = ui["bank"], ui["compare"], ui["state"]
     c["trigger_button"].click(partial(compare_tab.insert_triggers, studio), [b["chosen"], state], [c["prompt"]],
                               **PRIVATE)
-    c["examples"].input(lambda text: text, [c["examples"]], [c["prompt"]], **PRIVATE)
+    c["examples"].input(partial(compare_tab.pick_example, studio), [c["examples"], state], [c["prompt"], b["chosen"]],
+                        **PRIVATE)
+    gr.on([demo.load, b["chosen"].change, c["methods"].change, c["steps"].change, ui["train"]["gate_kind"].change],
+          partial(compare_tab.compare_estimate, studio), [b["chosen"], c["methods"], c["steps"],
+                                                          ui["train"]["gate_kind"]], [c["estimate"]],
+          queue=False, **PRIVATE)
     inputs = _compare_inputs(ui)
     c["button"].click(on_model(compare_tab.compare, compare_tab.compare_seconds, studio), inputs,
                       [c["results"], c["used_seed"], c["notes"], state], api_name="compare", **FAST) \
@@ -173,7 +190,8 @@ def _wire_export(demo, studio: Studio, ui: dict) -> None:
     x["button"].click(partial(export_tab.export, studio),
                       [b["chosen"], x["method"], x["format"], c["weights"], c["rank"], c["normalize"], c["density"],
                        state], [x["file"], state], api_name="export", **FAST)
-    x["snippet_button"].click(partial(export_tab.snippet, studio), [state], [x["snippet"]], **PRIVATE)
+    x["snippet_button"].click(partial(export_tab.snippet_file, studio), [state],
+                              [x["snippet"], x["snippet_file"], state], **PRIVATE)
 
 
 def _wire_evaluate(demo, studio: Studio, ui: dict) -> None:
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-steps", type=int, default=None, help="cap on gate-training steps per run")
     add_precision_arguments(parser)    # --dtype, --cpu-offload
     args = parser.parse_args(argv)
+    hush_torchvision_notice()
     try:
         check_model(args.model, args.bank)    # a missing or unreadable model is refused at start, by name
     except ValueError as e:
@@ -235,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         engine.bank.clean()    # leftovers of an interrupted upload
     if spaces_module() is not None:
         engine.pipe            # ZeroGPU: load once, here; every GPU call runs in a worker that inherits it
+    else:                      # the estimates shown come from this machine's own timings
+        print("Timing this machine for the estimates ...", flush=True)
+        print(f"... {engine.calibrate():.0f} s: {engine.costs.source}.", flush=True)
     text = TextEngine(limits=limits) if is_text_model(DEFAULT_TEXT_MODEL) else None
     demo = build_demo(Studio(engine, writable_bank=args.writable_bank, text=text))
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options(engine))

@@ -30,12 +30,16 @@ TRAIN_BATCH = 4
 DEFAULT_GATE = "routed"
 
 
-# What a job costs on the embedded world, before this server has measured itself (the engine then keeps a
-# running mean of its own runs). Measured on this project's 2-core CPU machine, quiet (load under 1.5), one
-# torch thread, 32×32 images: seconds per denoising step of one image (guidance batches two; per-token MoLE
-# costs about 1.6× this, the merges and the base about 1×), and per gate-training step at batch 4 (block
-# gates; per-token gates form every expert's output at every pixel). A step at batch 2 costs 0.65× batch 4.
-COSTS = {"denoise_step": 0.022, "train_step_sample": 0.107, "train_step_token": 0.126}
+# What a job costs on the embedded world before this machine has timed itself (mole_core.costs: the app and
+# `evaluate` time every kind at start-up, then keep a running mean of their own runs). Measured on this
+# project's 2-core CPU machine, quiet (load under 1.5), one torch thread, 32×32 images: seconds per denoising
+# step of one image (guidance batches two) for the base model, a merge (or one LoRA), LoRA Switch, MoLE with
+# per-sample and with per-token (or routed) gates, two experts; and per gate-training step at batch 4, two
+# experts (per-token gates form every expert's output at every pixel). Under load the ratios held: merge 1.25×,
+# Switch 1.9×, MoLE per sample 1.3×, per token 2.6× the base model's step.
+COSTS = {"denoise_step": 0.022, "denoise_step_merge": 0.0275, "denoise_step_switch": 0.042,
+         "denoise_step_mole_sample": 0.0286, "denoise_step_mole_token": 0.057,
+         "train_step_sample": 0.107, "train_step_token": 0.126}
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off", balance_alpha=0.0)
 GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token gates with ROUTED trigger routing
 MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
+# The fields each method reads (the rest are ignored by it, and left out of its Python, `Mix.to_python`).
+_MERGE_FIELDS = ("weights", "normalize")
+APPLIES = {"mole": ("granularity", "gate", "mixture", "mask", "strengths"), "linear": _MERGE_FIELDS,
+           "svd": (*_MERGE_FIELDS, "rank"), "ties": (*_MERGE_FIELDS, "rank", "density"),
+           "dare": (*_MERGE_FIELDS, "rank", "density"), "switch": ("switch_every",), "composite": (), "base": ()}
 
 
 @dataclass
@@ -130,12 +135,17 @@ class Mix:
                              f"but the selection is {', '.join(self.keys) or 'empty'}.")
 
     def to_python(self, mixture_file: str | None = None) -> str:
-        """This mix as Python source (the exported snippet); the mixture as `load_mixture(mixture_file)`."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """This mix as Python source (the exported snippet): only the fields its method reads and that differ
+        from the defaults (a mixture brings its own granularity and gate); the mixture as
+        `load_mixture(mixture_file)`."""
+        applies = set(APPLIES.get(self.method, ()))
+        if self.mixture is not None:
+            applies -= {"granularity", "gate"}
         defaults = Mix()
         parts = [repr(self.method), repr(self.keys)]
-        for name, value in fields.items():
-            if name in ("method", "keys") or value == getattr(defaults, name):
+        for name in (f.name for f in dataclasses.fields(self)):
+            value = getattr(self, name)
+            if name not in applies or value == getattr(defaults, name):
                 continue
             if name == "mixture":
                 value = f"load_mixture({mixture_file or 'mixture.safetensors'!r})"

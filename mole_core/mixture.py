@@ -112,6 +112,8 @@ def save_mixture(path, handle: MoleHandle, lora_files: list[tuple[str, str | Pat
     if train_result is not None:
         meta.update(steps=train_result.steps, final_losses=train_result.final,
                     mean_gates=train_result.mean_gates, seconds=train_result.seconds)
+        if getattr(train_result, "held_out", None):
+            meta.update(held_out=train_result.held_out)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in handle.gate_state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(meta)})

@@ -1,6 +1,8 @@
 """Pictures of MoLE's gates that the app and the CLI share, drawn with PIL (no plotting backend).
 
-    gate_heatmap(rows)       mean gate weight per gated group (rows, network order) × expert (columns)
+    gate_heatmap(rows)       mean gate weight per gated group (rows, network order) × expert (columns); each
+                             row sums to 1, a "no LoRA" column holding what went to no expert (trigger routing
+                             sends the words outside every trigger phrase, and their pixels, to none)
     placeholder(text)        the tile shown for a bank entry without an example image
 
 `rows` are the tidy gate rows a recording gives (`Recording.table()`, the gate CSV):
@@ -12,6 +14,7 @@ from collections import defaultdict
 
 from PIL import Image, ImageDraw, ImageFont
 
+NO_EXPERT = "no LoRA"         # the heat-map's column for the share no expert got
 VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
 
 
@@ -37,6 +40,10 @@ def gate_heatmap(rows: list[dict], cell=(72, 22)) -> Image.Image:
     table = mean_by(rows, "group", "expert")
     groups = list(dict.fromkeys(g for g, _ in table))
     experts = list(dict.fromkeys(e for _, e in table))
+    rest = {g: 1 - sum(table.get((g, e), 0.0) for e in experts) for g in groups}
+    if any(r > 0.005 for r in rest.values()):
+        experts.append(NO_EXPERT)
+        table.update({(g, NO_EXPERT): max(0.0, r) for g, r in rest.items()})
     font = ImageFont.load_default(size=12)
     label_w = 8 + max(int(font.getlength(str(g))) for g in groups)
     cw, ch = max(cell[0], 8 + max(int(font.getlength(str(e))) for e in experts)), cell[1]

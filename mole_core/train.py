@@ -56,6 +56,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)   # every step's losses
     seconds: float = 0.0                                # wall time of the loop
     stopped: bool = False                               # should_stop() ended it early
+    held_out: dict | None = None                        # {"before", "after"}: the task's fixed_loss, if it has one
 
 
 def divergence_note(losses: list[float], lr: float) -> str:

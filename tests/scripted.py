@@ -70,8 +70,9 @@ class ScriptedEngine:
         self.mixes, self.requests, self.trained, self.checked = [], [], [], []
         self.banks = []                      # the bank= of every call (None: the engine's own)
 
-    def expected_seconds(self, train_steps=0, images=0, denoise_steps=20, gate="sample", batch_size=4):
-        return train_steps * SECONDS_PER_TRAIN_STEP + images * SECONDS_PER_IMAGE
+    def expected_seconds(self, train_steps=0, images=0, denoise_steps=20, gate="sample", batch_size=4, experts=2,
+                         mixes=()):
+        return train_steps * SECONDS_PER_TRAIN_STEP + (images + len(mixes)) * SECONDS_PER_IMAGE
 
     def check(self, mixes, request, bank=None):
         self.checked.append((list(mixes), request))

@@ -275,10 +275,14 @@ def test_cancel_stops_training_early(studio, keys):
     assert state["mixture"] is not None and Path(mixture_file).exists()
 
 
-def test_training_states_its_expected_duration(studio):
-    text = train_tab.train_estimate(studio, 60, "token")
+def test_training_states_its_expected_duration_for_the_selection(studio):
+    text = train_tab.train_estimate(studio, ["a", "b"], 60, "token")
     seconds = studio.engine.expected_seconds(train_steps=60, gate="token", batch_size=train_tab.TRAIN_BATCH)
-    assert text == f"Expected: about {train_tab.duration(seconds)} on this server (60 steps)." and seconds > 0
+    assert text.startswith(f"Expected: about {train_tab.duration(seconds)} on this server (60 steps, 2 LoRAs; ")
+    assert studio.engine.costs.source in text and seconds > 0
+    four = studio.engine.expected_seconds(train_steps=60, gate="token", batch_size=train_tab.TRAIN_BATCH, experts=4)
+    assert four > seconds                                  # more LoRAs, a longer run
+    assert "4 LoRAs" in train_tab.train_estimate(studio, ["a", "b", "c", "d"], 60, "token")
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -153,15 +153,26 @@ def test_select_train_compare_toggle_inspect(served, page):
 
 @pytest.mark.slow
 def test_defaults_train_and_compare_on_the_first_example_prompt(served, page):
-    """A newcomer's path with every default: pick two LoRAs, train, Compare on the example prompt the page
-    starts with; every default method renders, and the oracle's reading of each image is printed."""
+    """A newcomer's path with every default: train, Compare on the example prompt the page starts with.
+    The screens say what they should: the estimate is this machine's, α is 0 beside trigger routing, the
+    summary explains the loss, the curve's step axis shows whole steps, every default method renders at
+    its size, the oracle finds both subjects in the MoLE image, the snippet is a named .py without settings
+    a merge does not read, the Evaluate table has named headers."""
     url, engine = served
     page.goto(url)
     page.wait_for_selector("#bank-gallery img")
     open_tab(page, "Train gates")
+    page.wait_for_function("() => document.querySelector('#train-estimate')?.innerText.includes('Expected')")
+    estimate = page.locator("#train-estimate").inner_text()
+    assert "2 LoRAs" in estimate and "this machine" in estimate, estimate
+    assert page.locator("#train-alpha input").input_value() in ("0", "0.0")
     page.locator("#train-button").click()
     page.wait_for_function("() => document.querySelector('#train-status')?.innerText.includes('Trained after')")
-    print(page.locator("#train-status").inner_text())
+    status = page.locator("#train-status").inner_text()
+    assert "rose" not in status or "fixed batch" in status, status
+    assert "fixed batch" in status, status
+    ticks = [t for t in page.locator("#task-plot text").all_inner_texts() if t.strip().replace(".", "").isdigit()]
+    assert ticks and all("." not in t for t in ticks), ticks           # whole steps on the step axis
     open_tab(page, "Compare")
     page.locator("#compare-button").click()
     n = len(compare_tab.DEFAULT_METHODS)
@@ -169,7 +180,18 @@ def test_defaults_train_and_compare_on_the_first_example_prompt(served, page):
     page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
                            ".every(i => i.complete && i.naturalWidth > 0)")
     page.screenshot(path=str(ARTIFACTS / "browser_defaults_compare.png"), full_page=True)
-    print("prompt:", page.locator("#prompt textarea").input_value())
+    prompt = page.locator("#prompt textarea").input_value()
+    assert prompt == compare_tab.prompt_examples(engine.bank)[0]
     if (Path(engine.model_id) / "oracle").exists():
-        for line in read_gallery(page, engine):
-            print(line)
+        lines = read_gallery(page, engine)
+        mole = next(line for line in lines if line.startswith("MoLE"))
+        assert all(k in mole.split(":", 1)[1] for k in compare_tab.example_keys(engine.bank, prompt)), lines
+    open_tab(page, "Export")
+    page.get_by_role("button", name="Python for the last comparison").click()
+    page.wait_for_function("() => document.querySelector('#snippet-file')?.innerText.includes('mole_compare.py')")
+    code = page.locator("#snippet").inner_text()
+    linear = next(line for line in code.splitlines() if "Mix('linear'" in line)
+    assert "rank" not in linear and "gate" not in linear, linear
+    open_tab(page, "Evaluate")
+    headers = page.locator("#study-table").inner_text()
+    assert "caption fidelity" in headers and "method" in headers

@@ -66,6 +66,7 @@ def test_train_gates_then_generate_with_the_mixture(paths, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "train-gates: 2/2 steps" in captured.err and "s/step" in captured.err   # a bar of training steps
+    assert "\r" not in captured.err and len(captured.err.strip().splitlines()) == 2   # not a terminal: a line each
     assert "image" not in captured.err and "it/s" not in captured.err
     assert "2 steps in" in captured.out and "s/step" in captured.out
     mixture = load_mixture(mix)

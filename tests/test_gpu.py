@@ -13,6 +13,7 @@ import app
 from ui import compare_tab, session, train_tab
 from ui import gpu
 from mole_core.image.engine import Engine
+from mole_core.mix import Mix
 from tests.helpers import world_paths
 
 
@@ -74,11 +75,12 @@ def test_the_apps_model_events_run_under_spaces_gpu(fake_spaces, request, tmp_pa
     state = session.new_session()
     compare = wrapped["compare"](keys, "p", "", 0, False, 20, 2.5, ["mole", "linear", "composite"], None, 2, True,
                                  0.5, 5, "block", "sample", state)
-    assert compare == gpu.fit_seconds(engine.expected_seconds(images=4, denoise_steps=20))
+    mixes = [Mix("mole", keys, gate="sample"), Mix("linear", keys), Mix("composite", keys)]
+    assert compare == gpu.fit_seconds(engine.expected_seconds(mixes=mixes, denoise_steps=20))
     train = wrapped["train"](keys, "block", 100, 1e-3, 0.5, 0, "token", state)
     assert train == gpu.fit_seconds(engine.expected_seconds(train_steps=100, gate="token", batch_size=train_tab.TRAIN_BATCH))
     assert wrapped["toggle"](keys, "p", "", 0, 20, 2.5, "block", "sample", state) == \
-        gpu.fit_seconds(engine.expected_seconds(images=1, denoise_steps=20))
+        gpu.fit_seconds(engine.expected_seconds(mixes=[Mix("mole", keys, gate="sample")], denoise_steps=20))
     assert gpu.MIN_SECONDS <= train <= gpu.MAX_SECONDS
 
 

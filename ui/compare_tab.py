@@ -13,6 +13,7 @@ from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix
 from mole_core.image.families import default_guidance
 from ui.session import MAX_EXPERTS, Studio, bank_of, human
+from ui.train_tab import cost_source, duration
 
 
 COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIES", "ties"), ("DARE", "dare"),
@@ -22,33 +23,60 @@ COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIE
 DEFAULT_METHODS = ["mole", "linear", "svd", "ties", "dare", "switch", "base"]   # Composite: N× cost, opt-in
 
 
+PLACES = {1: ["in the center"], 2: ["on the left", "on the right"],
+          3: ["on the left", "in the center", "on the right"]}    # the pixel world's three places
+
+
 def compose_caption(bank: Bank, keys: list[str]) -> str:
     """A caption that asks for each chosen subject at its own place, styles last:
-    "a zwx on the left and a qlo on the right in nyq style" (the pixel world's grammar, plain English)."""
+    "a zwx on the left and a qlo on the right in nyq style" (the pixel world's grammar, plain English).
+    There are three places: subjects beyond the third are left out (`left_out` names them)."""
     entries = [bank.get(k) for k in keys]
-    subjects = [e.trigger[0] for e in entries if e.kind == "subject" and e.trigger][:3]
+    subjects = [e.trigger[0] for e in entries if e.kind == "subject" and e.trigger][:len(PLACES)]
     styles = [e.trigger[0] for e in entries if e.kind == "style" and e.trigger]
-    places = {1: ["in the center"], 2: ["on the left", "on the right"],
-              3: ["on the left", "in the center", "on the right"]}.get(len(subjects), [])
-    text = " and ".join(f"a {word} {place}" for word, place in zip(subjects, places))
+    text = " and ".join(f"a {word} {place}" for word, place in zip(subjects, PLACES.get(len(subjects), [])))
     return " ".join([text, *[f"in {word} style" for word in styles]]).strip()
 
 
+def left_out(bank: Bank, keys: list[str]) -> list[str]:
+    """Names of the chosen subjects `compose_caption` has no place for (the fourth and later)."""
+    subjects = [bank.get(k) for k in keys if bank.get(k).kind == "subject" and bank.get(k).trigger]
+    return [e.name for e in subjects[len(PLACES):]]
+
+
 def insert_triggers(studio: Studio, keys: list[str], state: dict) -> str:
-    """The prompt box gets a caption that places each chosen LoRA's trigger word."""
+    """The prompt box gets a caption that places each chosen LoRA's trigger word (three places at most:
+    a warning names the subjects left out)."""
     if not keys:
         raise gr.Error("No LoRA is selected: tick at least one LoRA in the Bank tab first.")
-    return compose_caption(bank_of(studio, state), keys)
+    bank = bank_of(studio, state)
+    missing = left_out(bank, keys)
+    if missing:
+        gr.Warning(f"A caption has three places (left, center, right): {', '.join(missing)} "
+                   f"{'is' if len(missing) == 1 else 'are'} not in it. Its expert stays in the mixture but no "
+                   f"word of the prompt calls it; untick it or write your own prompt.")
+    return compose_caption(bank, keys)
 
 
 def prompt_examples(bank: Bank) -> list[str]:
-    """A few captions over pairs and triples of the bank's subjects (and one with a style)."""
+    """Captions over pairs of the bank's subjects (first and second, third and fourth, fifth and sixth).
+    Pairs only, no style: on the shipped world, trigger routing with the defaults (seed 0) draws both subjects
+    of these pairs (tests/test_examples.py reads each with the world's oracle), while three subjects in one
+    image came out as one, and a subject with the night style without the style (measured, seeds 0-1)."""
     subjects = [e.key for e in bank.entries if not e.error and e.kind == "subject" and e.trigger]
-    styles = [e.key for e in bank.entries if not e.error and e.kind == "style" and e.trigger]
-    sets = [subjects[i:i + 2] for i in range(0, max(len(subjects) - 1, 0))][:3] + [subjects[:3]]
-    if styles and subjects:
-        sets.append([subjects[0], styles[0]])
-    return list(dict.fromkeys(c for c in (compose_caption(bank, s) for s in sets if s) if c))
+    sets = [subjects[i:i + 2] for i in range(0, len(subjects) - 1, 2)][:3]
+    return list(dict.fromkeys(c for c in (compose_caption(bank, s) for s in sets) if c))
+
+
+def example_keys(bank: Bank, caption: str) -> list[str]:
+    """The bank LoRAs an example caption calls up (their trigger words), in bank order."""
+    words = set(caption.split())
+    return [e.key for e in bank.entries if not e.error and e.trigger and e.trigger[0] in words]
+
+
+def pick_example(studio: Studio, caption: str, state: dict):
+    """An example prompt goes into the prompt box and selects the LoRAs it names."""
+    return caption, example_keys(bank_of(studio, state), caption or "")
 
 
 def method_choices(bank: Bank, keys: list[str]) -> list[tuple[str, str]]:
@@ -119,6 +147,23 @@ def mixes_from_form(state: dict, keys, methods, weights, rank, normalize, densit
     return mixes
 
 
+def compare_estimate(studio: Studio, keys, methods, steps, gate) -> str:
+    """What rendering the ticked methods will take on this server (each method at its own measured cost)."""
+    try:
+        mixes = _estimate_mixes(keys, methods, gate)
+        seconds = studio.engine.expected_seconds(mixes=mixes, denoise_steps=int(steps))
+    except (TypeError, ValueError, OverflowError):
+        return ""
+    return f"Expected: about {duration(seconds)} for {len(mixes)} images ({cost_source(studio)})." if mixes else ""
+
+
+def _estimate_mixes(keys, methods, gate) -> list[Mix]:
+    """The ticked methods as Mix values, as far as their cost goes (method, LoRAs, gate kind)."""
+    keys = tuple(keys or ())
+    return [Mix(m) if m.startswith("single:") or m == "base" else Mix(m, keys, gate=gate or DEFAULT_GATE)
+            for m in methods or []]
+
+
 def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
             rank, normalize, density, switch_every, granularity, gate, state: dict):
     """Render every ticked method from the same seed; returns (gallery, used seed, notes, state)."""
@@ -145,10 +190,9 @@ def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guid
 # ---- GPU time (Hugging Face ZeroGPU: ui.gpu) --------------------------------------------
 # What each model-running event expects to take, from its own inputs and the engine's costs; a ZeroGPU Space
 # asks spaces.GPU for that much (with a margin). Elsewhere the handlers run undecorated.
-def compare_seconds(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, *rest,
-                    **kwargs) -> float:
-    images = sum(len(keys or []) if m == "composite" else 1 for m in methods or [])
-    return studio.engine.expected_seconds(images=images, denoise_steps=int(steps))
+def compare_seconds(studio: Studio, keys, prompt, negative, seed, randomise, steps, guidance, methods, weights,
+                    rank, normalize, density, switch_every, granularity, gate, *rest, **kwargs) -> float:
+    return studio.engine.expected_seconds(mixes=_estimate_mixes(keys, methods, gate), denoise_steps=int(steps))
 
 
 def layout(studio: Studio) -> dict:
@@ -160,8 +204,8 @@ def layout(studio: Studio) -> dict:
                                  value=examples[0] if examples else "",
                                  placeholder="e.g. " + (examples[0] if examples else "a photo of sks"))
         c["trigger_button"] = gr.Button("Caption from the chosen LoRAs", scale=1)
-    c["examples"] = gr.Dropdown(examples, label="Example prompts (click one)", value=None, allow_custom_value=False,
-                                elem_id="example-prompts")
+    c["examples"] = gr.Dropdown(examples, label="Example prompts (one selects the LoRAs it names)", value=None,
+                                allow_custom_value=False, elem_id="example-prompts")
     c["negative"] = gr.Textbox(label="Negative prompt", max_length=2000)
     with gr.Row():
         c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**63 - 1)
@@ -184,6 +228,7 @@ def layout(studio: Studio) -> dict:
                 c["switch_every"] = gr.Slider(1, 20, 5, step=1, label="LoRA Switch: steps per LoRA (k)")
                 c["normalize"] = gr.Checkbox(True, label="Normalise weights to sum 1")
     c["button"] = gr.Button("Compare", variant="primary", elem_id="compare-button")
+    c["estimate"] = gr.Markdown(elem_id="compare-estimate")
     c["notes"] = gr.Markdown()
     c["results"] = gr.Gallery(label="Same seed, side by side", columns=4, height="auto", format="png",
                               elem_id="results")

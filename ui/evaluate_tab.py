@@ -4,12 +4,17 @@ from __future__ import annotations
 import math
 
 import gradio as gr
+import pandas as pd
 
 from mole_core.studies.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
 from ui.worker import StepWorker as _Worker
 from ui.compare_tab import mixture_for
 from ui.session import Studio, bank_of, public_message
-from ui.train_tab import duration
+from ui.train_tab import cost_source, duration
+
+STUDY_COLUMNS = ["method", "caption fidelity", "subject fidelity (mean)", "base preservation", "images",
+                 "s / image"]        # the Scores table's headers before a study has run
+
 
 
 # ---- Evaluate -----------------------------------------------------------------------------------
@@ -22,7 +27,7 @@ def study_estimate(studio: Studio, keys, seeds, n_prompts, train_steps, state: d
                                       bank=bank_of(studio, state))
     except (TypeError, ValueError, OverflowError):
         return ""
-    return f"Expected: about {duration(seconds)} on this server."
+    return f"Expected: about {duration(seconds)} on this server ({cost_source(studio)})."
 
 
 def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, progress=gr.Progress()):
@@ -48,7 +53,12 @@ def study(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, prog
     finally:
         state["cancel"] = state["cancel"] or worker.running
     text, table, chart = worker.result
-    yield text, table, chart
+    yield _without_table(text), table, chart
+
+
+def _without_table(markdown: str) -> str:
+    """The study's findings without its Markdown table: the Scores table below shows it, once."""
+    return "\n".join(line for line in markdown.splitlines() if not line.lstrip().startswith("|"))
 
 
 def study_seconds(studio: Studio, keys, seeds, n_prompts, train_steps, state: dict, *rest, **kwargs) -> float:
@@ -73,6 +83,7 @@ def layout(studio: Studio) -> dict:
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["estimate"] = gr.Markdown()
     c["text"] = gr.Markdown()
-    c["table"] = gr.Dataframe(label="Scores", interactive=False, visible=True, value=None)
+    c["table"] = gr.Dataframe(pd.DataFrame(columns=STUDY_COLUMNS), label="Scores (± : 95% interval half-width)",
+                              interactive=False, elem_id="study-table")
     c["chart"] = gr.Image(label="Scores with 95% intervals", type="pil", interactive=False)
     return c

@@ -27,6 +27,14 @@ def snippet(studio: Studio, state: dict) -> str:
                                  mixture_file="mixture.safetensors")
 
 
+def snippet_file(studio: Studio, state: dict):
+    """The snippet, shown and as a named file to download: (code, path of mole_compare.py, state)."""
+    code = snippet(studio, state)
+    path = session_dir(studio, state, "snippet") / "mole_compare.py"
+    path.write_text(code)
+    return code, str(path), state
+
+
 def layout(studio: Studio) -> dict:
     c = {}
     with gr.Row():
@@ -37,5 +45,7 @@ def layout(studio: Studio) -> dict:
     c["snippet_button"] = gr.Button("Python for the last comparison")
     gr.Markdown("Install MoLE Studio (`pip install -e .` in its folder), put the mixture downloaded from the "
                 "Train gates tab beside the script as `mixture.safetensors` (if MoLE used trained gates), run it.")
-    c["snippet"] = gr.Code(language="python", label="Reproduce with mole_core")
+    c["snippet"] = gr.Code(language="python", label="Reproduce with mole_core", buttons=["copy"],
+                           elem_id="snippet")
+    c["snippet_file"] = gr.File(label="mole_compare.py (download)", interactive=False, elem_id="snippet-file")
     return c

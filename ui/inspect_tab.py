@@ -24,9 +24,10 @@ def show_gates(studio: Studio, state: dict):
 
 def layout(studio: Studio) -> dict:
     gr.Markdown("Gates of the last MoLE image: mean weight per gated group (rows, network order) × expert, "
-                "and per denoising step.")
+                "and per denoising step. Each row sums to 1; with trigger routing, *no LoRA* is the share of "
+                "words and pixels routed to no LoRA (the base model alone draws them).")
     return {"heatmap": gr.Image(label="Gate heat-map", type="pil", format="png", interactive=False,
                                 elem_id="heatmap"),
             "step_plot": gr.LinePlot(x="step", y="weight", color="expert", height=260, x_title="denoising step",
-                                     title="Mean gate per denoising step"),
+                                     title="Mean gate per denoising step", x_axis_format="d"),
             "csv": gr.File(label="Gate weights (CSV)", interactive=False)}

@@ -6,7 +6,7 @@ import gradio as gr
 
 from mole_core.defaults import DEFAULT_GATE
 from mole_core.mix import Mix
-from ui.compare_tab import mixture_for, request_from_form
+from ui.compare_tab import _estimate_mixes, mixture_for, request_from_form
 from ui.session import MAX_EXPERTS, Studio, bank_of, human
 
 
@@ -31,8 +31,9 @@ def toggle(studio: Studio, keys, prompt, negative, seed, steps, guidance, granul
     return result.image, caption, state
 
 
-def toggle_seconds(studio: Studio, keys, prompt, negative, seed, steps, *rest, **kwargs) -> float:
-    return studio.engine.expected_seconds(images=1, denoise_steps=int(steps))
+def toggle_seconds(studio: Studio, keys, prompt, negative, seed, steps, guidance, granularity, gate, *rest,
+                   **kwargs) -> float:
+    return studio.engine.expected_seconds(mixes=_estimate_mixes(keys, ["mole"], gate), denoise_steps=int(steps))
 
 
 def layout(studio: Studio) -> dict:

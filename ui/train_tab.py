@@ -36,19 +36,36 @@ def train_configs(studio: Studio, keys, granularity, steps, lr, alpha, seed, gat
     return mole, train
 
 
+def alpha_field(gate: str) -> gr.Number:
+    """The Balance α box for a gate kind: 0 and fixed for trigger routing (it trains with α = 0), else the
+    paper's 0.5, editable."""
+    routed = gate == "routed"
+    return gr.Number(0.0 if routed else MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
+                     interactive=not routed, elem_id="train-alpha",
+                     info="trigger routing trains with α = 0" if routed else "weight of the balance loss")
+
+
 def check_train(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, state: dict) -> None:
     mole, train = train_configs(studio, keys, granularity, steps, lr, alpha, seed, gate)
     for warning in human(studio, studio.engine.check_train, keys, mole, train, bank_of(studio, state)):
         gr.Warning(warning)                  # routed gates over a LoRA without a trigger: the per-token gate trains
 
 
-def train_estimate(studio: Studio, steps, gate) -> str:
-    """What a run of `steps` will take on this server, from the measured cost of a step."""
+def train_estimate(studio: Studio, keys, steps, gate) -> str:
+    """What a run of `steps` over the selected LoRAs will take on this server, from the costs this machine
+    measured (a short timing at start-up, then its last runs: `Engine.costs`)."""
     try:
-        seconds = studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH)
+        experts = max(2, len(keys or []))
+        seconds = studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH,
+                                                 experts=experts)
     except (TypeError, ValueError, OverflowError):
         return ""
-    return f"Expected: about {duration(seconds)} on this server ({int(steps)} steps)."
+    return (f"Expected: about {duration(seconds)} on this server ({int(steps)} steps, {experts} LoRAs; "
+            f"{cost_source(studio)}).")
+
+
+def cost_source(studio: Studio) -> str:
+    return getattr(getattr(studio.engine, "costs", None), "source", "estimated")
 
 
 def duration(seconds: float) -> str:
@@ -101,11 +118,21 @@ def train_summary(mixture, task_losses: list[float], cancelled: bool) -> str:
                 "near uniform") if mixture.gate == "token" else ""
         lines.append(f"Mean gates {' / '.join(f'{g:.2f}' for g in gates)} (uniform: {1 / n:.2f}; the largest "
                      f"move {moved:.2f}{note}). Compare, then Inspect gates shows them per layer.")
-    if len(task_losses) >= 4:
+    held_out = mixture.meta.get("held_out")
+    if held_out:
+        before, after = held_out["before"], held_out["after"]
+        change = f"{'fell' if after < before else 'rose'} {abs(after - before) / max(before, 1e-12):.0%}"
+        why = (" Trigger routing already sends each subject's words and pixels to its own LoRA before training, "
+               "so training only fine-tunes the gates and the loss moves little.") if mixture.meta.get(
+            "mole_config", {}).get("route") == "trigger" else ""
+        lines.append(f"Task (denoising) loss on one fixed batch, before → after training: {before:.4f} → "
+                     f"{after:.4f} ({change}). The curve above swings from step to step because each step draws "
+                     f"its own noise level; its first and last steps are not comparable.{why}")
+    elif len(task_losses) >= 4:
         k = max(1, min(10, len(task_losses) // 4))
         first, last = sum(task_losses[:k]) / k, sum(task_losses[-k:]) / k
         lines.append(f"Task (denoising) loss, mean of the first {k} vs last {k} steps: {first:.4f} → {last:.4f}"
-                     f" ({'fell' if last < first else 'rose'} {abs(last - first) / max(first, 1e-12):.0%}).")
+                     f" (each step draws its own noise level, so these move by chance over so few steps).")
     return " ".join(lines)
 
 
@@ -133,7 +160,8 @@ def load_mixture_upload(studio: Studio, path: str | None, state: dict):
 
 
 def train_seconds(studio: Studio, keys, granularity, steps, lr, alpha, seed, gate, *rest, **kwargs) -> float:
-    return studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH)
+    return studio.engine.expected_seconds(train_steps=int(steps), gate=gate, batch_size=TRAIN_BATCH,
+                                          experts=max(2, len(keys or [])))
 
 
 def layout(studio: Studio) -> dict:
@@ -146,21 +174,19 @@ def layout(studio: Studio) -> dict:
         c["steps"] = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1, maximum=limits.train_steps,
                                elem_id="train-steps")
         c["lr"] = gr.Number(TRAIN_LR, label="Learning rate", minimum=1e-7, maximum=10)
-        c["alpha"] = gr.Number(MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
-                               info="trigger routing trains with α = 0")
+        c["alpha"] = alpha_field(DEFAULT_GATE)
         c["seed"] = gr.Number(TrainConfig().seed, label="Seed", precision=0, minimum=0)
-    c["estimate"] = gr.Markdown(train_estimate(studio, TRAIN_STEPS, DEFAULT_GATE), elem_id="train-estimate")
+    c["estimate"] = gr.Markdown(elem_id="train-estimate")
     with gr.Row():
         c["button"] = gr.Button("Train gates", variant="primary", elem_id="train-button")
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["status"] = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        c["task_plot"] = gr.LinePlot(x="step", y="value", color="term", height=240, x_title="step",
-                                     title="Denoising (task) loss")
-        c["balance_plot"] = gr.LinePlot(x="step", y="value", color="term", height=240, x_title="step",
-                                        title="Balance term (−Σ log mean gate)")
-        c["gates_plot"] = gr.LinePlot(x="step", y="gate", color="expert", height=240, x_title="step",
-                                      title="Mean gate per expert")
+        axis = dict(x="step", height=240, x_title="step", x_axis_format="d")     # whole steps on the axis
+        c["task_plot"] = gr.LinePlot(y="value", color="term", title="Denoising (task) loss", elem_id="task-plot",
+                                     **axis)
+        c["balance_plot"] = gr.LinePlot(y="value", color="term", title="Balance term (−Σ log mean gate)", **axis)
+        c["gates_plot"] = gr.LinePlot(y="gate", color="expert", title="Mean gate per expert", **axis)
     with gr.Row():
         c["mixture_out"] = gr.File(label="Trained mixture (download)", interactive=False)
         c["mixture_in"] = gr.File(label="Load a mixture", file_types=[".safetensors"])

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from mole_core.cli.common import (_NO_TORCHVISION_NOTICE, DTYPE_NAMES, MIX_DENSITY, MIX_SWITCH_EVERY, TRAIN_ALPHA,
-                                  TRAIN_SEED, Choices, CommandParser, check_model)
+from mole_core.cli.common import (DTYPE_NAMES, MIX_DENSITY, MIX_SWITCH_EVERY, TRAIN_ALPHA, TRAIN_SEED, Choices,
+                                  CommandParser, check_model, hush_torchvision_notice)
 from mole_core.cli.image import cmd_evaluate, cmd_generate, cmd_inspect, cmd_merge, cmd_train_gates, engine_precision
 from mole_core.cli.text import run as run_text, wants_text
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS)
 
-__all__ = ["main", "build_parser", "add_precision_arguments", "engine_precision", "TRAIN_ALPHA", "DTYPE_NAMES",
+__all__ = ["main", "build_parser", "add_precision_arguments", "engine_precision", "check_model", "hush_torchvision_notice", "TRAIN_ALPHA", "DTYPE_NAMES",
            "MIX_DENSITY", "MIX_SWITCH_EVERY"]
 
 
@@ -46,7 +45,8 @@ __all__ = ["main", "build_parser", "add_precision_arguments", "engine_precision"
 
 def add_model_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder or hub id (default: the embedded model)")
-    p.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the embedded bank)")
+    p.add_argument("--bank", default=DEFAULT_BANK,
+                   help="LoRA bank folder (default: the embedded bank; text_bank with a text --model)")
     add_precision_arguments(p)
 
 
@@ -155,15 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # before anything imports diffusers (argparse's choices may): stdlib logging, idempotent
-    logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
+    hush_torchvision_notice()          # before anything imports diffusers (argparse's choices may)
     args = build_parser().parse_args(argv)
     try:
         check_model(getattr(args, "model", None), getattr(args, "bank", None))   # named, before any bank is read
         if wants_text(args):              # a transformers text model: the same verbs on text (text_cli.py)
             return run_text(args)
-        if getattr(args, "gate", False) is None:
-            args.gate = DEFAULT_GATE
+        if args.command in ("train-gates", "generate") and args.gate is None:
+            args.gate = DEFAULT_GATE      # evaluate's --gate is a list: EvalConfig's default applies there
         return args.func(args)
     except (ValueError, OSError) as e:  # bad input (the engine's errors are ValueErrors), unreadable paths
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

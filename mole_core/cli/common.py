@@ -11,7 +11,6 @@ import importlib
 import json
 import logging
 import math
-import sys
 
 
 # Defaults of TrainConfig / MoleConfig / Mix, repeated here so that --help shows numbers without importing
@@ -80,6 +79,11 @@ class _NoTorchvisionNotice(logging.Filter):
 
 
 _NO_TORCHVISION_NOTICE = _NoTorchvisionNotice()
+
+
+def hush_torchvision_notice() -> None:
+    """Before anything loads a pipeline (the CLI's main and app.py's): stdlib logging, idempotent."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
 
 
 def quiet_libraries() -> None:
@@ -183,13 +187,13 @@ def check_merge(args, weights, max_weight: float) -> None:
 
 @contextlib.contextmanager
 def step_bar(steps: int):
-    """A tqdm bar of gate-training steps on stderr (loss and mean gates after each); yields the on_step
+    """A bar of gate-training steps on stderr (loss and mean gates after each); yields the on_step
     callback `train_gates` takes."""
-    from tqdm import tqdm
+    from mole_core.bars import progress_bar
     bar_format = "{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining}, {rate_inv_fmt}{postfix}"
-    with tqdm(total=steps, desc="train-gates", unit="step", bar_format=bar_format, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with progress_bar(steps, "train-gates", "steps", bar_format) as bar:
         def on_step(step, losses, gates):
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{float(g):.2f}" for g in gates),
+                            refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", gates="/".join(f"{float(g):.2f}" for g in gates))
         yield on_step

@@ -48,7 +48,10 @@ def _engine(args):
     from mole_core.text.engine import TextEngine
     quiet_libraries()
     torch.set_num_threads(max(1, int(getattr(args, "threads", None) or 1)))
+    from mole_core.defaults import DEFAULT_BANK
     bank = getattr(args, "bank", None)
+    if bank == DEFAULT_BANK:           # --bank not given: the image bank is no text model's; the text world's
+        bank = None
     return TextEngine(args.model, bank) if bank else TextEngine(args.model)
 
 

@@ -27,7 +27,6 @@ References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); diffusers `StableDiff
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 import threading
 import time
@@ -43,7 +42,8 @@ from mole_core.atomic import atomic_path
 from mole_core.attach import KeptAttachment, MoleConfig, attach, file_stamp, write_gates_csv
 from mole_core.image.bank import Bank, BankEntry
 from mole_core.locks import FairLock
-from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
+from mole_core.image.costs import CALIBRATION_STEPS, Costs, expert_factor, image_kind, train_kind
+from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 Limits)
 from mole_core.image.families import components as components_of
 from mole_core.image.families import (default_size, family_of, latent_shape, latents_for, load_pipeline,
@@ -51,11 +51,13 @@ from mole_core.image.families import (default_size, family_of, latent_shape, lat
 from mole_core.lora import Lora
 from mole_core.image.lora_files import save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.mix import MERGES, METHODS, Mix, check_training
+from mole_core.mix import MERGES, METHODS, Mix, check_training, mole_config_for
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
 from mole_core.routing import route_problem
 from mole_core.train import TrainConfig, TrainResult, train_gates
 from mole_core.image.task import DiffusionTask, examples_from_bank
+
+FIXED_LOSS_FROM = 20      # trainings of this many steps or more report the task loss on one fixed batch
 
 # The dtypes a model may run in, by the names the CLI and the app take (--dtype).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -122,7 +124,7 @@ class Engine:
         self._kept = KeptAttachment()            # the MoLE attachment kept between calls
         self._fits: set[str] = set()             # LoRA files (path, mtime) already validated against the model
         self._lock = FairLock()                  # one model call at a time, in arrival order
-        self.costs = dict(COSTS)                 # seconds per denoising step / training step, kept measured
+        self.costs = Costs()                     # seconds per denoising / training step, timed on this machine
         self._load_lock = threading.Lock()       # one lazy load
 
     # ---- the pipeline ---------------------------------------------------------------------------
@@ -161,16 +163,36 @@ class Engine:
         return default_size(self.pipe)
 
     def expected_seconds(self, train_steps: int = 0, images: int = 0, denoise_steps: int = DEFAULT_DENOISE_STEPS,
-                         gate: str = "sample", batch_size: int = 4) -> float:
-        """What a job will take here, from this engine's measured costs (defaults.COSTS until it ran)."""
-        kind = "train_step_token" if gate in ("token", "routed") else "train_step_sample"
-        per_step = self.costs[kind] * _batch_cost(batch_size)
-        return train_steps * per_step + images * denoise_steps * self.costs["denoise_step"]
+                         gate: str = "sample", batch_size: int = 4, experts: int = 2, mixes=()) -> float:
+        """What a job will take here: one image per Mix of `mixes` at its method's cost, `images` more at
+        the base model's, `train_steps` of gate training over `experts` LoRAs (mole_core.costs: timed on this
+        machine once `calibrate` or a real run has, reference timings before; `costs.source` says which)."""
+        return self.costs.seconds(mixes, denoise_steps, train_steps, gate, experts, batch_size, images)
 
-    def _measured(self, what: str, seconds: float) -> None:
-        """Running mean (weight 0.3 for the newest) of a cost, used by `expected_seconds`."""
-        if math.isfinite(seconds) and seconds > 0:
-            self.costs[what] = 0.7 * self.costs[what] + 0.3 * seconds
+    def calibrate(self, keys=None) -> float:
+        """Time every kind of image and gate-training step here, over two bank LoRAs (`keys` or the bank's
+        first two), and make those the costs (`costs.calibrated`); -> the seconds it took (a few)."""
+        start = time.perf_counter()
+        keys = list(keys or [e.key for e in self.bank.entries if not e.error][:2])
+        steps = CALIBRATION_STEPS
+        request = GenerateRequest(prompt=" and ".join(f"a {self.bank.get(k).trigger[0]}" for k in keys), seed=0,
+                                  steps=steps)
+        mixes = [Mix("base")] + ([Mix("linear", keys), Mix("switch", keys, switch_every=1),
+                                  Mix("mole", keys, gate="sample"), Mix("mole", keys, gate="routed")]
+                                 if len(keys) >= 2 else [])
+        measured = {}
+        for mix in mixes:
+            self.generate(mix, dataclasses.replace(request, steps=1))       # the first call of a kind warms up
+            factor = expert_factor(len(keys)) if mix.method == "mole" else 1
+            measured[image_kind(mix)] = self.generate(mix, request).seconds / steps / factor
+        for gate in (("sample", "routed") if len(keys) >= 2 else ()):
+            stamps = [time.perf_counter()]
+            self.train(keys, mole_config_for("block", gate), TrainConfig(steps=steps + 1, batch_size=4, seed=0),
+                       on_step=lambda *_: stamps.append(time.perf_counter()))
+            per_step = [b - a for a, b in zip(stamps[1:], stamps[2:])]     # the first step warms up
+            measured[train_kind(gate)] = float(np.median(per_step)) / expert_factor(len(keys))
+        self.costs.calibrated(measured)
+        return time.perf_counter() - start
 
     # ---- checks ---------------------------------------------------------------------------------
     def check(self, mixes, request: GenerateRequest, bank: Bank | None = None) -> list[str]:
@@ -340,11 +362,14 @@ class Engine:
                                              should_stop) as (handle, between_steps):
             # 1. fresh, untrained gates (zero logits: equal weights) and the training data
             task = DiffusionTask(self.pipe, examples_from_bank(bank, keys), self.default_size()[0])
-            # 2. train; between steps, whoever waits for the model goes first
+            # 2. train; between steps, whoever waits for the model goes first. The task loss on one fixed
+            # batch before and after (each step's own loss swings with the noise level drawn for it)
+            before = task.fixed_loss() if train.steps >= FIXED_LOSS_FROM else None
             result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
+            if before is not None and result.steps:
+                result.held_out = {"before": before, "after": task.fixed_loss()}
             if result.steps:
-                kind = "train_step_token" if mole.gate == "token" else "train_step_sample"
-                self._measured(kind, result.seconds / result.steps / _batch_cost(train.batch_size))
+                self.costs.measured_training(mole.gate, result.seconds / result.steps, len(keys), train.batch_size)
             self._kept.check_finite(handle)
             # 3. the mixture: gates + names and hashes of the LoRA files
             return self._save_mixture(handle, keys, mole, train, result, out_path, bank)
@@ -396,8 +421,8 @@ class Engine:
         runner = self._RUNNERS["single" if mix.single else mix.method]
         image, gates, label = runner(self, mix, request, latents, bank)
         seconds = time.perf_counter() - start
-        if mix.method != "composite" and not (request.height or request.width):
-            self._measured("denoise_step", seconds / request.steps)
+        if not (request.height or request.width):
+            self.costs.measured_image(mix, seconds, request.steps)
         return Result(mix.method, image, seconds, gates, label, mix)
 
     def _run_mole(self, mix: Mix, request, latents, bank: Bank):
@@ -508,9 +533,6 @@ class Engine:
         return "\n".join(lines) + "\n"
 
 
-def _batch_cost(batch_size: int) -> float:
-    """Cost of a training step at this batch size relative to batch 4 (measured: batch 2 costs 0.65×)."""
-    return 0.3 + 0.7 * batch_size / 4
 
 
 def _mask(mix: Mix) -> dict[str, bool] | None:

@@ -70,6 +70,17 @@ class DiffusionTask:
         self._cursor = 0
 
     @torch.no_grad()
+    def fixed_loss(self, seed: int = 10_000, batches: int = 2, batch_size: int = 4) -> float:
+        """The task loss on one fixed set of examples, noise and noise levels (drawn from `seed`), so a value
+        before training and one after compare like with like; the training's own draws are left as they were."""
+        cursor, self._cursor = self._cursor, 0
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            return float(np.mean([self.loss(generator, batch_size).item() for _ in range(batches)]))
+        finally:
+            self._cursor = cursor
+
+    @torch.no_grad()
     def prepare(self, device) -> None:
         """Encode every example image with the VAE (once) and tokenize every caption."""
         vae, tok = self.pipe.vae, self.pipe.tokenizer

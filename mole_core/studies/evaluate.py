@@ -20,7 +20,7 @@ import sys
 from mole_core.attach import GRANULARITIES
 from mole_core.mix import GATES
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, TRAIN_LR, TRAIN_STEPS, Limits
-from mole_core.image.engine import Engine
+from mole_core.image.engine import Engine, GenerateRequest
 from mole_core.metrics import ClipScorer
 from mole_core.mix import METHODS, Mix
 from mole_core.mixture import load_mixture
@@ -74,7 +74,7 @@ def small_study_seconds(engine, keys, *, seeds: int = SMALL_STUDY.seeds, n_promp
     Nothing is drawn or loaded but the scorer."""
     config = small_study_config(seeds, n_prompts, train_steps)
     plan = plan_evaluation(bank or engine.bank, list(keys), config, suite_for(engine, keys, bank=bank), mixture)
-    return estimate_seconds(plan.work, *engine_costs(engine, config))
+    return estimate_seconds(plan.work, *engine_costs(engine, config, plan))
 
 
 def run_small_study(engine, keys, *, seeds: int = SMALL_STUDY.seeds, n_prompts: int = SMALL_STUDY.n_prompts,
@@ -106,7 +106,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="diffusers folder (default: the pixel world)")
     parser.add_argument("--bank", default=DEFAULT_BANK, help="LoRA bank folder (default: the shipped bank)")
     parser.add_argument("--lora", action="append", default=[], metavar="KEY",
-                        help="a bank key to compose (repeat; default: the mixture's LoRAs)")
+                        help="a bank key to compose (repeat; default: the mixture's LoRAs, else the bank's "
+                             "first two)")
     parser.add_argument("--mixture", help="a trained mixture (.safetensors) to score instead of training")
     parser.add_argument("--granularity", action="append", choices=GRANULARITIES,
                         help=f"train and score MoLE at this granularity (repeat; default: {d.granularities[0]})")
@@ -149,36 +150,54 @@ def config_from_args(args) -> EvalConfig:
     d = EvalConfig()
     return EvalConfig(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        granularities=tuple(args.granularity or d.granularities), gates=tuple(args.gate or d.gates),
+        granularities=_listed(args.granularity, d.granularities), gates=_listed(args.gate, d.gates),
         mix=Mix(rank=args.rank, density=args.density, switch_every=args.switch_every),
         n_prompts=args.prompts, templates=tuple(read_templates(args.templates)) if args.templates else (),
         seeds=args.seeds, seed_start=args.seed_start, denoise_steps=args.denoise_steps, guidance=args.guidance,
         train_steps=args.steps, lr=args.lr, batch_size=args.batch_size, alpha=args.alpha, train_seed=args.seed)
 
 
+def default_keys(bank) -> list[str]:
+    """What `evaluate` composes with neither --lora nor --mixture: the bank's first two usable LoRAs (the
+    app's first selection too)."""
+    keys = [entry.key for entry in bank.entries if not entry.error][:2]
+    print(f"--lora not given: composing {', '.join(keys)} (the bank's first two).", file=sys.stderr)
+    return keys
+
+
+def _listed(value, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A repeatable flag's values as a tuple: a single string stays one value (never its letters)."""
+    if not value:
+        return tuple(default)
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def cli_evaluate(args) -> int:
-    """Body of `python -m mole_core evaluate`: say what it will take, run with a progress bar, write the
-    outputs (results.md, .json, .png and the sample grid)."""
-    from tqdm import tqdm
-    # 1. inputs
+    """Body of `python -m mole_core evaluate`: time this machine (a few seconds), say what the run will
+    take, run with a progress bar, write the outputs (results.md, .json, .png and the sample grid)."""
+    from mole_core.bars import progress_bar
+    # 1. inputs, and the costs of this machine
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     engine = Engine(args.model, args.bank, limits=Limits.local())
     mixture = load_mixture(args.mixture) if args.mixture else None
-    keys = list(args.lora) or (list(mixture.names) if mixture is not None else [])
+    keys = list(args.lora) or (list(mixture.names) if mixture is not None else default_keys(engine.bank))
     config = config_from_args(args)
     suite = suite_for(engine, keys, args.clip)
     plan = plan_evaluation(engine.bank, keys, config, suite, mixture)
-    seconds = estimate_seconds(plan.work, *engine_costs(engine, config))
+    engine.check([c.mix for c in plan.cells], GenerateRequest(prompt=plan.prompts[0], steps=config.denoise_steps,
+                                                             guidance=config.guidance))
+    engine.calibrate(keys)
+    seconds = estimate_seconds(plan.work, *engine_costs(engine, config, plan))
     print(f"{len(plan.cells)} rows: {plan.work.images} images and {plan.work.train_steps} gate-training steps, "
-          f"about {seconds / 60:.1f} min at this engine's expected costs.", file=sys.stderr)
+          f"about {seconds / 60:.1f} min ({engine.costs.source}).", file=sys.stderr)
     # 2. run with a progress bar in percent of the expected time
-    bar = tqdm(total=100, file=sys.stderr, dynamic_ncols=True, bar_format="{percentage:3.0f}%|{bar}| {desc}")
+    bar = progress_bar(100, "evaluate", "%", "{percentage:3.0f}%|{bar}| {desc}")
 
     def on_progress(tally):
         bar.n = round(100 * tally.fraction)
-        bar.set_description(tally.message[:100])
+        bar.set_description(tally.message[:100], refresh=False)
         bar.refresh()
 
     try:

@@ -461,7 +461,8 @@ def train_mixture(engine, keys, mole: MoleConfig, train: TrainConfig, progress: 
                       f"Stopped on request after {len(losses)} of {train.steps} gate-training steps.")
     seconds = time.perf_counter() - start
     log = {"steps": len(losses), "seconds": seconds, "losses": losses, "task": tasks, "balance": balances,
-           "mean_gates": gates, "seconds_at": stamps}
+           "mean_gates": gates, "seconds_at": stamps,
+           "held_out": (getattr(mixture, "meta", None) or {}).get("held_out")}   # the task's fixed batch
     if losses:
         # the task (denoising) loss, comparable with and without the balance term
         tenth = max(1, len(tasks) // 10)
@@ -514,12 +515,20 @@ def plan_evaluation(bank, keys, config: EvalConfig, suite: Suite | None = None, 
     return Plan(cells, targets, prompts, plain, config.seed_list, work)
 
 
-def engine_costs(engine, config: EvalConfig) -> tuple[float, float]:
-    """(seconds per image, seconds per gate-training step, the mean over config.gates) the engine expects."""
-    per_image = engine.expected_seconds(images=1, denoise_steps=config.denoise_steps)
-    batch = config.train_config().batch_size
-    per_step = float(np.mean([engine.expected_seconds(train_steps=1, gate=g, batch_size=batch)
-                              for g in config.gates]))
+def engine_costs(engine, config: EvalConfig, plan: Plan) -> tuple[float, float]:
+    """(seconds per image, seconds per gate-training step) the engine expects for this plan: the mean over
+    its images, each at its row's method (a MoLE image costs more than a merge's), and over its training."""
+    images, work = [], plan.work
+    for cell in plan.cells:
+        per_row = len(plan.prompts) + (len(plan.plain_prompts) if cell.mix.method != "base" else 0)
+        images += [cell.mix] * per_row * len(plan.seeds)
+    if plan.plain_prompts:
+        images += [Mix("base")] * len(plan.plain_prompts) * len(plan.seeds)
+    batch, experts = config.train_config().batch_size, len(plan.targets)
+    trained = [c.mix.gate for c in plan.cells if needs_training(c)]
+    per_image = engine.expected_seconds(mixes=images, denoise_steps=config.denoise_steps) / max(1, work.images)
+    per_step = float(np.mean([engine.expected_seconds(train_steps=1, gate=g, batch_size=batch, experts=experts)
+                              for g in trained or config.gates]))
     return per_image, per_step
 
 
@@ -536,7 +545,7 @@ def evaluate(engine, keys, config: EvalConfig | None = None, suite: Suite | None
     plan = plan_evaluation(bank or engine.bank, keys, config, suite, mixture)
     keys = [t.key for t in plan.targets]
     warnings = check_with_engine(engine, plan, config, bank)
-    progress = Progress(plan.work, on_progress, should_stop, *engine_costs(engine, config))
+    progress = Progress(plan.work, on_progress, should_stop, *engine_costs(engine, config, plan))
     progress.report("starting")
     # 2. train one mixture per MoLE row
     training = {}

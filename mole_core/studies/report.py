@@ -119,6 +119,10 @@ def training_line(label: str, log: dict) -> str:
     """One sentence on a gate training: steps, time, and whether the task loss fell (and by when) or rose."""
     first, final = log["first_loss"], log["final_loss"]
     line = f"{label}: {log['steps']} gate-training steps in {log['seconds']:.1f} s; task loss "
+    if log.get("held_out"):      # one fixed batch before and after: like with like
+        before, after = log["held_out"]["before"], log["held_out"]["after"]
+        moved = "fell" if after < before else "rose" if after > before else "stayed"
+        return line + f"on one fixed batch {moved} {before:.4f} → {after:.4f}."
     if final < first:
         return line + (f"fell {first:.4f} → {final:.4f}, 90% of the drop by step {log['plateau_step']} "
                        f"({log['plateau_seconds']:.1f} s).")
@@ -174,16 +178,37 @@ def plot(result: Evaluation, columns: list[str] | None = None, title: str = "") 
 
 
 def sample_grid(result: Evaluation, scale: int = 2) -> PIL.Image.Image | None:
-    """The first images of each row side by side (one line per row), enlarged `scale` times."""
-    lines = [imgs for imgs in result.samples.values() if imgs]
+    """The first images of each row side by side (one line per row), enlarged `scale` times, with the row's
+    name on its left and above each column its caption number and seed (the captions listed below)."""
+    from PIL import ImageDraw, ImageFont
+    lines = {label: imgs for label, imgs in result.samples.items() if imgs}
     if not lines:
         return None
-    w, h = lines[0][0].size
-    grid = PIL.Image.new("RGB", (max(len(x) for x in lines) * w, len(lines) * h), "white")
-    for i, imgs in enumerate(lines):
+    first = next(iter(lines))
+    shown = [r for r in result.records if r["label"] == first][:max(len(x) for x in lines.values())]
+    prompts = list(dict.fromkeys(r["prompt"] for r in shown))
+    font = ImageFont.load_default(size=12)
+    w, h = (side * scale for side in next(iter(lines.values()))[0].size)
+    cw = max(w, 8 + max(int(font.getlength(f"caption {i + 1}, seed 0000")) for i in range(len(prompts) or 1)))
+    label_w = 8 + max(int(font.getlength(label)) for label in lines)
+    top, row_h = 20, max(h, 16) + 4
+    legend = [f"caption {i + 1}: {p}" for i, p in enumerate(prompts)]
+    width = max(label_w + cw * max(len(x) for x in lines.values()),
+                8 + max([int(font.getlength(t)) for t in legend] or [0]))
+    grid = PIL.Image.new("RGB", (width + 8, top + row_h * len(lines) + 16 * len(legend) + 8), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, record in enumerate(shown):
+        draw.text((label_w + j * cw + cw / 2, top / 2), f"caption {prompts.index(record['prompt']) + 1}, "
+                  f"seed {record['seed']}", fill="black", font=font, anchor="mm")
+    for i, (label, imgs) in enumerate(lines.items()):
+        y = top + i * row_h
+        draw.text((label_w - 6, y + h / 2), label, fill="black", font=font, anchor="rm")
         for j, im in enumerate(imgs):
-            grid.paste(im.convert("RGB").resize((w, h)), (j * w, i * h))
-    return grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
+            tile = im.convert("RGB").resize((w, h), PIL.Image.NEAREST)
+            grid.paste(tile, (label_w + j * cw + (cw - w) // 2, y))
+    for k, text in enumerate(legend):
+        draw.text((4, top + row_h * len(lines) + 4 + 16 * k), text, fill="black", font=font)
+    return grid
 
 
 def to_json(result: Evaluation, extra: dict | None = None) -> dict:
