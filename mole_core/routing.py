@@ -100,8 +100,8 @@ class RecordingAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        tokens, mask = self.router.unet_tokens, getattr(self.router.runtime, "mask", None)
-        if (mask is not None and not bool(mask.any())) or self.router.all_absent("unet"):   # the base model exactly
+        tokens = self.router.unet_tokens
+        if getattr(self.router.runtime, "all_off", False) or self.router.all_absent("unet"):   # the base model exactly
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if encoder_hidden_states is None or tokens is None or attn.spatial_norm is not None \
                 or attn.group_norm is not None or getattr(attn, "residual_connection", False):
@@ -147,6 +147,9 @@ class TriggerRouter:
         self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []   # (output rows (B, L, d), maps (B, L, N))
         self.unet_tokens: torch.Tensor | None = None   # (B, L, N) trigger positions of the UNet's text
         self.masses: dict[int, torch.Tensor] = {}      # pixels T -> (B, T, N) cross-attention masses
+        self.stamp = 0                                 # +1 per stored map in a UNet pass: the layers reuse
+                                                       # routed weights while it stays the same
+        self._absent: dict[str, bool] = {}             # network -> every expert absent (decided in the pre-hooks)
         self._prev_text: torch.Tensor | None = None
         self._handles: list = []
         self._processors: dict[str, object] = {}
@@ -185,15 +188,20 @@ class TriggerRouter:
 
     def reset(self) -> None:
         self.text_map, self.recorded, self.unet_tokens, self.masses, self._prev_text = None, [], None, {}, None
-        self.present = {}
+        self.present, self._absent, self.stamp = {}, {}, 0
+
+    def _set_present(self, network: str, maps: torch.Tensor | None) -> None:
+        if maps is None:
+            self.present.pop(network, None)
+            self._absent.pop(network, None)
+        else:
+            self.present[network] = self._present(maps)
+            self._absent[network] = not bool(self.present[network].any())   # host sync here, not in a forward
 
     def _text_pre(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         self.text_map = None if ids is None else trigger_positions(ids, self.trigger_ids, self.tokens, self.special)
-        if self.text_map is None:
-            self.present.pop("text_encoder", None)
-        else:
-            self.present["text_encoder"] = self._present(self.text_map)
+        self._set_present("text_encoder", self.text_map)
 
     def _text_post(self, module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
@@ -204,7 +212,7 @@ class TriggerRouter:
     def _unet_pre(self, module, args, kwargs):
         ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if ehs is None:
-            self.unet_tokens, self.masses = None, {}
+            self.unet_tokens, self.masses, self.stamp = None, {}, 0
             return
         B, L, _ = ehs.shape
         tokens, matched = torch.zeros(B, L, self.n), False
@@ -216,10 +224,8 @@ class TriggerRouter:
                 if hit is not None:
                     tokens[b], matched = maps[hit], True
                     break
-        if matched:
-            self.present["unet"] = self._present(tokens)
-        else:
-            self.present.pop("unet", None)             # text we did not see encoded: nothing is switched off
+        self._set_present("unet", tokens if matched else None)   # unseen text: nothing is switched off
+        self.stamp = 0
         same = self._prev_text is not None and self._prev_text.shape == ehs.shape and torch.equal(self._prev_text, ehs.detach())
         if not same:
             self.masses = {}                            # another text (training batch): no stale maps
@@ -233,11 +239,11 @@ class TriggerRouter:
         return (maps.sum((0, 1)) > 0) | untriggered
 
     def all_absent(self, network: str) -> bool:
-        p = self.present.get(network)
-        return self.absent == "off" and p is not None and not bool(p.any())
+        return self.absent == "off" and self._absent.get(network, False)
 
     def store_mass(self, T: int, mass: torch.Tensor) -> None:
         self.masses[T] = mass.detach()
+        self.stamp += 1
 
     # ---- the routing term ----------------------------------------------------------------------
     def map_for(self, network: str, B: int, T: int) -> torch.Tensor | None:
