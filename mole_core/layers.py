@@ -288,19 +288,19 @@ class Group:
         if G.shape[0] != h.shape[0]:
             raise RuntimeError(f"MoLE group '{self.name}': gate computed for batch {G.shape[0]} by "
                                f"'{self.gate.leader}', but '{member.key}' got batch {h.shape[0]}.")
-        if G.dim() == 2:
-            G, tokens = G.unsqueeze(1), 1                                  # (B, 1, N)
-        elif G.shape[1] != h.shape[1]:
-            G, tokens = G.mean(1, keepdim=True), 1        # another token layout than the leader's (e.g. text tokens)
-        else:
-            tokens = h.shape[1]
+        tokens = h.shape[1] if G.dim() == 3 and G.shape[1] == h.shape[1] else 1
         ckey = None if key is None else (key, tokens, member.layout, h.dtype)
         if ckey is not None and ckey in self.coef:
             return self.coef[ckey]
-        per_expert = G * member.scales.float()                                     # (B, T|1, N)
+        if G.dim() == 2:
+            G = G.unsqueeze(1)                                             # (B, 1, N)
+        elif tokens == 1:
+            G = G.mean(1, keepdim=True)          # another token layout than the leader's (e.g. text tokens)
         if self.runtime.strengths is not None:
-            per_expert = per_expert * self.runtime.strengths
-        c = per_expert[..., member.expert_of_rank].to(h.dtype)            # (B, T|1, R)
+            G = G * self.runtime.strengths
+        # c_r = G_i s_i strength_i on expert i's rank channels r; a matmul with the one-hot (N, R) rows of s_i
+        # is that gather (every other term is an exact zero)
+        c = (G @ member.rank_mix.float()).to(h.dtype)                     # (B, T|1, R)
         if ckey is not None:
             self.coef[ckey] = c
         return c
