@@ -112,11 +112,12 @@ def local_engine(args):
 
 
 def engine_precision(args) -> dict:
-    """Engine keyword arguments from --dtype / --cpu-offload (absent flags: the engine's defaults)."""
+    """Engine keyword arguments from --dtype / --cpu-offload / --no-graphs (absent flags: the engine's defaults)."""
     from mole_core.engine import DTYPES
 
     dtype = getattr(args, "dtype", None)
-    return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False)),
+            **({"graphs": False} if getattr(args, "no_graphs", False) else {})}
 
 
 # ---- parsing helpers ------------------------------------------------------------------------------
@@ -317,13 +318,16 @@ def add_model_arguments(p) -> None:
 
 
 def add_precision_arguments(p) -> None:
-    """--dtype and --cpu-offload (the CLI's image commands and app.py)."""
+    """--dtype, --cpu-offload and --no-graphs (the CLI's image commands and app.py)."""
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="the model's precision (default: float32); float16 / bfloat16 halve its memory on a GPU, "
                         "the gates stay float32")
     p.add_argument("--cpu-offload", action="store_true",
                    help="keep the models in CPU memory and move each to the GPU only while it runs (diffusers' "
                         "enable_model_cpu_offload; needs a CUDA GPU): for models bigger than the GPU")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run the denoiser eagerly on a GPU (default there: each step replayed as a CUDA graph, "
+                        "torch.compile mode reduce-overhead; the first image at a new size compiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:

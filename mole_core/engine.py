@@ -48,6 +48,7 @@ from mole_core.defaults import (COSTS, DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFA
                                 Limits)
 from mole_core.families import components as components_of
 from mole_core.families import default_size, family_of, latent_shape, latents_for, load_pipeline
+from mole_core.graphs import Graphs, graphs_default
 from mole_core.lora import Lora, save_lora, validate_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training
@@ -96,12 +97,15 @@ class Engine:
     (the gates stay float32 whatever the model's dtype). cpu_offload: diffusers' `enable_model_cpu_offload`
     (each model on the GPU only while it runs), for models bigger than the GPU; needs a CUDA GPU.
     limits: the largest counts a request may ask for (mole_core.defaults.Limits; the CLI uses the local ones).
+    graphs: run the denoiser's steps under CUDA graphs (mole_core.graphs; None: on a CUDA device); when capture
+    fails, one warning says so (`engine.graphs.failure`) and the steps run eagerly.
     Expert names are bank keys everywhere (masks, strengths, weights, gate rows, mixtures). Every verb takes
     an optional `bank=` (a session's own bank, see `Bank.overlay`); the default is the engine's bank.
     """
 
     def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
-                 dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False):
+                 dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False,
+                 graphs: bool | None = None):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
         self._family = None                      # mole_core.families.Family (the `family` property loads it)
         self.bank = bank if isinstance(bank, Bank) else Bank(bank)
@@ -114,6 +118,7 @@ class Engine:
             raise ValueError(f"CPU offload (--cpu-offload) moves each model to a CUDA GPU while it runs; there is "
                              f"none here (device {self.device}). Leave it off on this machine.")
         self.limits = limits or Limits()
+        self.graphs = Graphs(graphs_default(self.device) if graphs is None else graphs)   # CUDA graphs of each step
         self._pipe = None if self.model_id else self._prepare(model)
         self._handle = None                      # the MoLE attachment, or None
         self._handle_key: tuple = ()             # ... what it was attached for: (LoRA files, granularity, gate)
@@ -456,7 +461,7 @@ class Engine:
         if self.family.packed:
             negative = {**negative, "true_cfg_scale": float(request.true_cfg)} if request.negative and \
                 float(request.true_cfg) > 1 else {}
-        with torch.no_grad():
+        with torch.no_grad(), self.graphs.on(getattr(self.pipe, self.family.denoiser)):
             out = self.pipe(prompt=request.prompt, **negative,
                             height=height, width=width, num_inference_steps=request.steps,
                             guidance_scale=float(request.guidance), latents=latents.to(self.device, self.dtype),
