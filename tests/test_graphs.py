@@ -48,7 +48,7 @@ def flux_case(tmp_path):
     return model, nn.ModuleDict({"transformer": model}), loras, x
 
 
-@pytest.mark.parametrize("gate", list(GATES))
+@pytest.mark.parametrize("gate", [pytest.param(g, marks=() if g == "routed" else pytest.mark.slow) for g in GATES])
 def test_mole_unet_compiles_without_graph_breaks(tmp_path, gate):
     """torch._dynamo.explain of the denoiser's forward (what the engine graphs): one graph, no break."""
     unet, comps, loras, x = unet_case(tmp_path)
@@ -62,6 +62,7 @@ def test_mole_unet_compiles_without_graph_breaks(tmp_path, gate):
     assert torch.isfinite(eager).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate", ["sample", "token", "static"])
 def test_mole_flux_compiles_without_graph_breaks(tmp_path, gate):
     """The same on FLUX's transformer (double and single blocks); routing there is issue 22's."""
