@@ -124,6 +124,7 @@ class Engine:
         self._handle_key: tuple = ()             # ... what it was attached for: (LoRA files, granularity, gate)
         self._fits: set[str] = set()             # LoRA files (path, mtime) already validated against the model
         self._checked_mixtures: set[tuple] = set()
+        self._merges: dict[tuple, Lora] = {}       # the last merges computed (Engine.merge), by mix and file state
         self._lock = FairLock()                  # one model call at a time, in arrival order
         self._training = None                    # the attachment being trained, while it is
         self.costs = dict(COSTS)                 # seconds per denoising step / training step, kept measured
@@ -304,11 +305,18 @@ class Engine:
         bank = bank or self.bank
         if mix.method not in MERGES:
             raise ValueError(f"Only the merges ({', '.join(MERGES)}) give one LoRA; got {mix.method!r}.")
-        loras = [bank.load(k) for k in mix.keys]
         weights = [float((mix.weights or {}).get(k, bank.get(k).default_weight)) for k in mix.keys]
         extra = {"density": mix.density} if mix.method in ("ties", "dare") else {}
-        return merge_loras(loras, weights, method=mix.method, rank=mix.rank, normalize=mix.normalize,
-                           name=name or f"{mix.method}:{'+'.join(mix.keys)}", **extra)
+        name = name or f"{mix.method}:{'+'.join(mix.keys)}"
+        # once per mix and file state: a TIES / DARE / SVD merge is seconds of dense SVDs, the same every time
+        key = (mix.method, tuple(mix.keys), tuple(weights), mix.rank, mix.normalize, tuple(sorted(extra.items())),
+               name, tuple(_file_stamp(bank.get(k).lora_path) for k in mix.keys))
+        if key not in self._merges:
+            loras = [bank.load(k) for k in mix.keys]
+            merged = merge_loras(loras, weights, method=mix.method, rank=mix.rank, normalize=mix.normalize,
+                                 name=name, **extra)
+            self._merges = {**dict(list(self._merges.items())[-(_MERGES_KEPT - 1):]), key: merged}
+        return self._merges[key]
 
     # ---- gate training --------------------------------------------------------------------------
     def train(self, keys, mole: MoleConfig, train: TrainConfig, on_step=None, should_stop=None,
@@ -567,6 +575,9 @@ class FairLock:
         with self._cond:
             self._depth = depth
         return True
+
+
+_MERGES_KEPT = 4                                 # merges an engine keeps for reuse
 
 
 def _batch_cost(batch_size: int) -> float:
