@@ -31,7 +31,14 @@ equal-weight linear merge, like the other kinds.
 Trigger-routed gates (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): the leader's
 softmax is cached unrouted; every member then takes it at its own tokens (the mean over the leader's tokens
 for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with β the gate's
-`route_beta`, renormalises, and only then applies forced weights and the mask.
+`route_beta`, renormalises, and only then applies forced weights and the mask — computed once per token count
+and routing map of the pass (the router's `stamp`), not once per member.
+
+On a GPU (issue 26): a member costs three ops beyond its base layer (A_cat x; h ⊙ c; one addmm / baddbmm
+adding B_cat (h ⊙ c) into the base output); the gate and the per-rank scales c are computed once per group and
+pass; nothing in a forward syncs with the host (no .item(), no data-dependent shapes; call-time settings live on
+the device, recorded gates are copied to the host after the network's forward), so a step can be captured as a
+CUDA graph (mole_core/graphs.py) and torch.compile traces it without graph breaks.
 
 Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
