@@ -110,7 +110,7 @@ EOF
 step fp16_generate 270 $PY - <<'EOF'
 import json, os, time
 import numpy as np, torch
-from mole_core.engine import Engine, GenerateRequest
+from mole_core.image.engine import Engine, GenerateRequest
 from mole_core.mix import Mix
 dev, half, out = os.environ["DEVICE"], getattr(torch, os.environ["HALF"]), os.environ["OUT"]
 req = GenerateRequest(prompt=os.environ["PROMPT"], seed=1, steps=int(os.environ["STEPS"]))
@@ -151,7 +151,7 @@ step cli_train_gates 120 $PY -m mole_core train-gates "${LORAS[@]}" --steps 1 --
 step fp16_train_step 120 $PY - <<'EOF'
 import math, os, time, torch
 from mole_core.attach import MoleConfig
-from mole_core.engine import Engine
+from mole_core.image.engine import Engine
 from mole_core.train import TrainConfig
 dev = os.environ["DEVICE"]
 mp = "fp16" if dev == "cuda" else "no"

@@ -18,7 +18,7 @@ METHODS = ["base", "linear", "svd", "ties", "dare", "switch", "composite", "mole
 CHILD = """
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from mole_core.engine import Engine, GenerateRequest, Mix
+from mole_core.image.engine import Engine, GenerateRequest, Mix
 keys, method = tuple(sys.argv[1].split(",")), sys.argv[2]
 engine = Engine()
 request = GenerateRequest("a zwx on the left and a vrk on the right", seed=1000)

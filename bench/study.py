@@ -1,8 +1,8 @@
 """The study: does gated composition (MoLE) keep each LoRA and the caption better than merges?
 
 Run on the embedded pixel world, with fixed seeds, every cell (a label + a `Mix`) scored by the world's
-oracle on the same prompts and seeds with the study harness (`mole_core.study`; captions and the oracle's
-scorer from `mole_core.world.scoring`). Six parts, after the MoLE paper:
+oracle on the same prompts and seeds with the study harness (`mole_core.studies.image`; captions and the oracle's
+scorer from `mole_core.world.pixel.scoring`). Six parts, after the MoLE paper:
 
   1. composition   2, 3 and 4 subjects composed: caption and per-subject fidelity for linear, SVD, MoLE
                    (paper Table 1) and MoLE with per-token gates (ours); base preservation on trigger-free
@@ -21,7 +21,7 @@ scorer from `mole_core.world.scoring`). Six parts, after the MoLE paper:
 
 With the defaults the whole study draws about 1,700 images (50 per row; a row shared by two parts is drawn
 once) and trains ten mixtures of 150 steps at batch 4. At the costs measured on 2 quiet cores with one
-thread (about 0.45 s per image, see mole_core.evaluate.SMALL_STUDY; 0.11-0.13 s per gate-training step at
+thread (about 0.45 s per image, see mole_core.studies.evaluate.SMALL_STUDY; 0.11-0.13 s per gate-training step at
 batch 4) that is some 15-20 minutes, and two to three times that on a busy shared machine.
 
 The published run used the defaults, split into parallel processes sharing the output folder (each part
@@ -53,15 +53,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mole_core import report  # noqa: E402
-from mole_core import study as harness  # noqa: E402
+from mole_core.studies import report  # noqa: E402
+from mole_core.studies import image as harness  # noqa: E402
 from mole_core.atomic import write_text  # noqa: E402
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_GUIDANCE, DEFAULT_MODEL  # noqa: E402
-from mole_core.engine import Engine  # noqa: E402
+from mole_core.image.engine import Engine  # noqa: E402
 from mole_core.lora import sha256_file  # noqa: E402
 from mole_core.mix import Mix  # noqa: E402
-from mole_core.study import Cell, EvalConfig  # noqa: E402
-from mole_core.world.scoring import WorldScorer, world_plain_prompts, world_prompts  # noqa: E402
+from mole_core.studies.image import Cell, EvalConfig  # noqa: E402
+from mole_core.world.pixel.scoring import WorldScorer, world_plain_prompts, world_prompts  # noqa: E402
 
 SUBJECTS = ["face", "checker", "ring", "heart"]      # composed in this order: the first n
 GRANULARITIES = ["matrix", "layer", "block", "network"]

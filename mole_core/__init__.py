@@ -18,14 +18,14 @@ import importlib
 # public name -> the module of the package that defines it
 _EXPORTS = {
     "MoleConfig": "attach", "MoleHandle": "attach", "attach": "attach",
-    "Bank": "bank",
-    "Engine": "engine", "GenerateRequest": "engine", "Mix": "mix",
-    "compositing": "peers", "switching": "peers",
-    "Lora": "lora", "LoraWeights": "lora", "delta_weight": "lora", "load_lora": "lora",
-    "pipeline_components": "lora", "save_lora": "lora", "validate_lora": "lora",
+    "Bank": "image.bank", "TextEngine": "text.engine",
+    "Engine": "image.engine", "GenerateRequest": "image.engine", "Mix": "mix",
+    "compositing": "image.peers", "switching": "image.peers",
+    "Lora": "lora", "LoraWeights": "lora", "delta_weight": "lora", "load_lora": "image.lora_files",
+    "pipeline_components": "image.lora_files", "save_lora": "image.lora_files", "validate_lora": "image.lora_files",
     "linear_factors": "merge", "merge_loras": "merge", "merged_weights": "merge", "svd_factors": "merge",
     "load_mixture": "mixture", "save_mixture": "mixture",
-    "DiffusionTask": "train", "TokenTask": "train", "TrainConfig": "train", "train_gates": "train",
+    "DiffusionTask": "image.task", "TokenTask": "text.task", "TrainConfig": "train", "train_gates": "train",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -23,7 +23,9 @@ Transformer2DModel as one transformer block).
 
 Gate kinds (MoleConfig.gate): "sample" (the paper: one decision per sample), "token" (per token / pixel),
 "static" (one learned logit per expert for the whole attachment, whatever the input: MoLE's static
-ablation, LoraHub's idea trained by gradient; the groups then only decide who evaluates it).
+ablation, LoraHub's idea trained by gradient; the groups then only decide who evaluates it), "prompt" (text
+models: one decision per sample read from the prompt by mole_core.text.gate.PromptGate and given to every
+group as forced weights, `settings(gates=G)`; the groups' own gates are built as static ones and unused).
 
 Trigger routing (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): per-token gates pushed
 towards the expert whose trigger a text token belongs to / a pixel attends to; the handle needs each
@@ -37,6 +39,8 @@ parent, keep the original as `.base`).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +54,7 @@ from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
 from mole_core.lora import Lora, LoraWeights, module_problem
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
-GATE_KINDS = ("sample", "token", "static")
+GATE_KINDS = ("sample", "token", "static", "prompt")
 # Class-name patterns. GEGLU (ff.net.0) and ModuleLists (attn.to_out) match neither on purpose.
 LAYER_CLASS = re.compile(r"(Attention|MLP|Mlp|FeedForward|LayerFF|DenseActDense|DenseGatedActDense)$")
 BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|ResnetBlockCondNorm2D|"
@@ -84,8 +88,8 @@ class MoleConfig:
     @property
     def describe(self) -> str:
         """"block", "block, per-token" or "static": how result labels name this configuration."""
-        if self.gate == "static":
-            return "static"                    # the granularity changes nothing: one set of weights
+        if self.gate in ("static", "prompt"):
+            return self.gate                   # the granularity changes nothing: one decision for every module
         routed = ", trigger-routed" if self.route == "trigger" else ""
         return self.granularity + (", per-token" if self.gate == "token" else "") + routed
 
@@ -345,7 +349,7 @@ class MoleHandle:
 
     def load_gate_state_dict(self, state: dict[str, torch.Tensor], layout: dict[str, dict] | None = None) -> None:
         """Load gate tensors (and leaders) saved by `gate_state_dict` / a mixture; shapes must match."""
-        static = self.config.gate == "static"
+        static = self.config.gate in ("static", "prompt")
         names = ("log_tau", "logits") if static else ("log_tau", "proj.weight", "proj.bias", "route_beta")
         known = {f"{_gate_key(g)}.{p}" for g in self.groups for p in names}
         unknown = sorted(set(state) - known)
@@ -452,6 +456,9 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         raise ValueError(f"Unknown granularity '{config.granularity}' (expected one of {', '.join(GRANULARITIES)}).")
     if config.gate not in GATE_KINDS:
         raise ValueError(f"Unknown gate kind '{config.gate}' (expected one of {', '.join(GATE_KINDS)}).")
+    if config.gate == "prompt" and isinstance(model, nn.ModuleDict):
+        raise ValueError("gate='prompt' reads a text model's prompt (mole_core.text.gate); a pipeline takes the gate "
+                         "kinds sample, token, static or routed.")
     router = None
     if config.route != "none":
         from mole_core.routing import ROUTE_ABSENT, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
@@ -498,7 +505,7 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         router.runtime = runtime
     groups: dict[str, Group] = {}
     static = (nn.Parameter(torch.zeros(len(loras))), nn.Parameter(torch.zeros(()))) \
-        if config.gate == "static" else None                   # (logits, log_tau) shared by every gate
+        if config.gate in ("static", "prompt") else None       # (logits, log_tau) shared by every gate
     for key in keys:
         g = group_of(model, key, config.granularity)
         if g not in groups:
@@ -542,3 +549,89 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
 
         hooks.append((root, start_pass, end_pass))
     return MoleHandle(model, config, names, layers, groups, runtime, hooks, router)
+
+
+# ---- the attachment an engine keeps between calls ----------------------------------------------------
+
+def file_stamp(path) -> tuple:
+    """(path, size, mtime) of a LoRA file or adapter folder: changes when the file is rewritten."""
+    stat = Path(path).stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+class KeptAttachment:
+    """The one MoLE attachment an engine (image or text) keeps between calls; each engine holds one.
+
+    `get` returns the attachment for exactly these LoRA files and this MoleConfig, attaching on first use
+    and re-attaching when either changes (a file rewritten in place counts: size and mtime are in the key),
+    so a call's result depends on its arguments alone, never on what the previous caller left attached.
+    `training` gives fresh gates for a training run that steps aside for waiting callers between steps
+    and puts its attachment back after them. `check_mixture` hashes a mixture's LoRA files once per file
+    state, not on every call. Nothing is re-read while the attachment is kept: the key is one stat per file.
+    """
+
+    def __init__(self):
+        self.handle: MoleHandle | None = None
+        self._key: tuple = ()
+        self._training: MoleHandle | None = None
+        self._checked: set[tuple] = set()
+
+    def get(self, files: dict, mole: MoleConfig, build) -> MoleHandle:
+        """The attachment for `files` (expert name -> LoRA file) and `mole`; `build()` makes one when needed."""
+        key = (tuple((name, file_stamp(path)) for name, path in files.items()), dataclasses.astuple(mole))
+        if self.handle is not None and (key != self._key or self.handle is self._training):
+            self.detach()
+        if self.handle is None:
+            self.handle, self._key = build(), key
+        return self.handle
+
+    def detach(self) -> None:
+        """The model is the bare base model again."""
+        if self.handle is not None:
+            self.handle.detach()
+        self.handle, self._key = None, ()
+
+    def experts_off(self):
+        """A context: every expert of the kept attachment off (= the base model exactly), if one is kept."""
+        if self.handle is None:
+            return contextlib.nullcontext()
+        return self.handle.settings(mask=[False] * len(self.handle.expert_names))
+
+    @contextlib.contextmanager
+    def training(self, files: dict, mole: MoleConfig, build, lock, should_stop=None):
+        """Fresh gates for a training run, held under `lock` (a mole_core.locks.FairLock): yields
+        (handle, between_steps). between_steps() lets whoever waits for the model go first, puts this
+        attachment back if they attached another, and says whether to stop. A run that fails detaches:
+        half-trained gates never leak into the next untrained call."""
+        self.detach()
+        handle = self.get(files, mole, build)
+        key, self._training = self._key, handle
+
+        def between_steps() -> bool:
+            if lock.yield_to_waiters() and self.handle is not handle:
+                self.detach()
+                handle.reattach()
+                self.handle, self._key = handle, key
+            return should_stop is not None and bool(should_stop())
+
+        try:
+            yield handle, between_steps
+        except BaseException:
+            self.detach()
+            raise
+        finally:
+            self._training = None
+
+    @staticmethod
+    def check_finite(handle: MoleHandle) -> None:
+        """ValueError when training left a gate parameter that is not a finite number."""
+        if not all(torch.isfinite(p).all() for p in handle.gate_parameters()):
+            raise ValueError("Gate training diverged (the gates are not finite numbers): lower the learning rate "
+                             "or α.")
+
+    def check_mixture(self, mixture, files: list[tuple[str, str | Path]], model_id: str | None = None) -> None:
+        """`mixture.check(files, model_id)` once per (mixture, file states): big LoRA files are hashed once."""
+        stamp = (tuple(mixture.sha256s), tuple(file_stamp(p) for _, p in files), mixture.meta.get("model_id"), model_id)
+        if stamp not in self._checked:
+            mixture.check(files, model_id)
+            self._checked.add(stamp)

@@ -2,7 +2,7 @@
 it imports nothing of the package, so anything may import it).
 
 Limits are what a server accepts from a request. The defaults are sized for a public Space on a
-small CPU (one visitor cannot hold the shared model queue for long); `python app.py --limits local`
+small CPU (one visitor cannot hold the shared model queue for long); `python app.py --local`
 (or `Limits.local()`) raises them for a private machine, and the CLI uses the local limits.
 """
 from __future__ import annotations

@@ -339,6 +339,12 @@ class _MoleBase(nn.Module):
         self.layout = (tuple(ranks), tuple(scales))       # members with equal layouts share their scales c
         self.n_experts, self.d_out = len(experts), d_out
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, forwarded as peft's BaseTunerLayer does: code that reads
+        `module.weight` (transformers' T5 checks `wo.weight.dtype`) sees the base layer's own tensor."""
+        return self.base.weight
+
     def extra_repr(self) -> str:
         return f"key={self.key!r}, experts={self.n_experts}, rank={self.A_cat.shape[0]}, group={self.group.name!r}"
 

@@ -7,7 +7,7 @@ A scorer answers per image, so a table can show a mean and its uncertainty:
     preservation(images, base_images) -> (n,) array              agreement with the base model's image
 
 `ClipScorer` is the one here. A model family can bring its own (the pixel world's oracle is
-`mole_core.world.scoring.WorldScorer`); the study harness (`mole_core.study`) takes any of them.
+`mole_core.world.pixel.scoring.WorldScorer`); the study harness (`mole_core.studies.image`) takes any of them.
 
 CLIP metrics (the paper's, for real models; from a local `CLIPModel` folder, nothing downloaded):
 - text alignment     cos(image embedding, caption embedding);

@@ -30,10 +30,15 @@ METHODS = {
     "dare": "DARE merge (Yu et al. 2024): drop entries with probability 1 − density, rescale, sum; rank r",
     "switch": "LoRA Switch (Zhong et al. 2024): one LoRA active at a time, the next every k denoising steps",
     "composite": "LoRA Composite (Zhong et al. 2024): every step runs each LoRA alone and averages (N× the cost)",
+    "arrow": "Arrow (Ostapenko et al. 2024, run by PEFT's create_arrow_model): training-free per-token routing of "
+             "each layer's input to the LoRAs whose top singular vector it matches; text models only",
     "base": "the model without any LoRA",
 }
+# method -> its name on screens (the app's choices, result labels)
+NAMES = {"mole": "MoLE", "linear": "Linear merge", "svd": "SVD merge", "ties": "TIES", "dare": "DARE",
+         "switch": "LoRA Switch", "composite": "LoRA Composite", "arrow": "Arrow (PEFT)", "base": "Base model"}
 MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
-NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite")
+NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
 # expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
 # trigger no prompt names is off. Train it with balance α = 0 (a uniform balance target fights the routing).
@@ -66,6 +71,11 @@ class Mix:
 
     def replace(self, **changes) -> "Mix":
         return dataclasses.replace(self, **changes)
+
+    def merge_label(self, rank: int) -> str:
+        """A merge result's label: the method and the numbers that made it (`rank`: the merged LoRA's)."""
+        return {"linear": "Linear merge", "svd": f"SVD r={rank}", "ties": f"TIES d={self.density:g} r={rank}",
+                "dare": f"DARE d={self.density:g} r={rank}"}[self.method]
 
     @property
     def single(self) -> str | None:

@@ -27,7 +27,7 @@ def tiny_pipe(tmp_path):
 @pytest.fixture(scope="module")
 def world_engine():
     """An Engine on the embedded pixel world (skipped where the world is not in the checkout)."""
-    from mole_core.engine import Engine
+    from mole_core.image.engine import Engine
     if not (Path(DEFAULT_MODEL) / "model_index.json").exists():
         pytest.skip("the embedded world is not in this checkout")
     return Engine(DEFAULT_MODEL, DEFAULT_BANK)

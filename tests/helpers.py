@@ -16,7 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from mole_core.attach import MoleConfig, attach
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL
-from mole_core.lora import Lora, LoraWeights, save_lora
+from mole_core.lora import Lora, LoraWeights
+from mole_core.image.lora_files import save_lora
 from mole_core.train import TrainResult
 from tests.tiny import build_tokenizer, make_bank, make_model_dir
 
@@ -77,7 +78,7 @@ def run(comps: nn.ModuleDict, x) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def close(a, b, tol=1e-5):
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=tol)
 
 

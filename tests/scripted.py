@@ -4,7 +4,7 @@ The engine draws exactly the scene a caption describes with the world's renderer
 caption outside the world's grammar), except where a method is told to drop a subject (`drops`) or to
 paint in the night style (`night`), and except what a Mix's mask switches off; the base model draws no
 subject and a single LoRA only its own. The oracle reads back the scene each image was drawn from, and is
-scored with the real world's fidelity functions (mole_core.world.oracle).
+scored with the real world's fidelity functions (mole_core.world.pixel.oracle).
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 from PIL import Image
 
 from mole_core.attach import MoleConfig
-from mole_core.study import Suite
-from mole_core.world.scoring import WorldScorer, world_plain_prompts, world_prompts
+from mole_core.studies.image import Suite
+from mole_core.world.pixel.scoring import WorldScorer, world_plain_prompts, world_prompts
 
-world = importlib.import_module("mole_core.world.render")      # the package re-exports a function `render`
-world_oracle = importlib.import_module("mole_core.world.oracle")
+world = importlib.import_module("mole_core.world.pixel.render")      # the package re-exports a function `render`
+world_oracle = importlib.import_module("mole_core.world.pixel.oracle")
 
 FACE, RING, CHECKER, NIGHT = "face", "ring", "checker", "night"
 TRIGGER = {s.key: s.trigger for s in world.SUBJECTS} | {s.key: s.trigger for s in world.STYLES}

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from gradio_client import Client
 
-import app
-from mole_core.engine import Engine
+from ui import session
+from mole_core.image.engine import Engine
 from tests.helpers import SETTINGS, distinct_copy, launch, pixels, world_paths
 
 NO_WEIGHTS = {"headers": ["expert", "weight"], "data": []}   # an empty weights table: the bank's defaults
@@ -25,7 +25,7 @@ NO_WEIGHTS = {"headers": ["expert", "weight"], "data": []}   # an empty weights 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory):
     """(url, bank keys, studio) of a running app."""
-    studio = app.Studio(Engine(*world_paths(request.config, tmp_path_factory)),
+    studio = session.Studio(Engine(*world_paths(request.config, tmp_path_factory)),
                         root=tmp_path_factory.mktemp("api_sessions"))
     demo, url = launch(studio)
     yield url, [e.key for e in studio.engine.bank.entries if not e.error][:2], studio
@@ -44,9 +44,9 @@ def compare_call(c: Client, keys, methods, seed=SETTINGS["seed"]):
 
 def toggle_call(c: Client, keys, switches):
     s = SETTINGS
-    switches = list(switches) + [True] * (app.MAX_EXPERTS - len(switches))
+    switches = list(switches) + [True] * (session.MAX_EXPERTS - len(switches))
     return c.predict(keys, s["prompt"], s["negative"], s["seed"], s["steps"], s["guidance"], "block", "sample",
-                     *switches, *[1.0] * app.MAX_EXPERTS, api_name="/toggle")
+                     *switches, *[1.0] * session.MAX_EXPERTS, api_name="/toggle")
 
 
 def train_submit(c: Client, keys, steps, gate="sample"):
@@ -140,7 +140,7 @@ def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, 
     from gradio_client import handle_file
     model, bank = world_paths(request.config, tmp_path_factory)
     shutil.copytree(bank, tmp_path / "bank")
-    studio = app.Studio(Engine(model, str(tmp_path / "bank")), root=tmp_path / "sessions")
+    studio = session.Studio(Engine(model, str(tmp_path / "bank")), root=tmp_path / "sessions")
     demo, url = launch(studio, delete_cache=(1, 1), session_ttl=3)
     cache = Path(gradio.utils.get_upload_folder())
 
@@ -192,7 +192,7 @@ def test_a_study_stops_when_its_visitor_goes(served, monkeypatch):
     gallery, _, _ = compare_call(client(url), keys, ["base"])
     assert gallery
     deadline = time.time() + 120
-    while studio.engine._training is not None and time.time() < deadline:
+    while studio.engine._kept._training is not None and time.time() < deadline:
         time.sleep(0.1)
     done = len(steps)
     time.sleep(1)

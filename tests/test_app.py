@@ -18,7 +18,8 @@ import PIL.Image
 import pytest
 
 import app
-from mole_core.engine import Engine
+from ui import bank_tab, compare_tab, evaluate_tab, export_tab, inspect_tab, session, toggle_tab, train_tab
+from mole_core.image.engine import Engine
 from tests.helpers import SETTINGS, bank_digest, distinct_copy, pixels, world_paths
 
 
@@ -29,7 +30,7 @@ def world(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def studio(world, tmp_path_factory):
-    return app.Studio(Engine(*world), root=tmp_path_factory.mktemp("sessions"))
+    return session.Studio(Engine(*world), root=tmp_path_factory.mktemp("sessions"))
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def compare_args(keys, methods, state, seed=SETTINGS["seed"], randomise=False, w
 
 def toggle_args(keys, state, switches, strengths=None, granularity="block", gate="sample"):
     s = SETTINGS
-    switches = list(switches) + [True] * (app.MAX_EXPERTS - len(switches))
-    strengths = list(strengths or []) + [1.0] * (app.MAX_EXPERTS - len(strengths or []))
+    switches = list(switches) + [True] * (session.MAX_EXPERTS - len(switches))
+    strengths = list(strengths or []) + [1.0] * (session.MAX_EXPERTS - len(strengths or []))
     return (keys, s["prompt"], s["negative"], s["seed"], s["steps"], s["guidance"], granularity, gate, state,
             *switches, *strengths)
 
@@ -70,7 +71,7 @@ def test_build_demo_loads_no_model(world):
 
 def test_bank_views_show_every_lora(studio):
     bank = studio.engine.bank
-    gallery, table = app.bank_gallery(bank), app.bank_table(studio, bank)
+    gallery, table = bank_tab.bank_gallery(bank), bank_tab.bank_table(studio, bank)
     assert len(gallery) == len(bank.entries)
     for (image, caption), entry in zip(gallery, bank.entries):
         assert Path(image).exists() and entry.name in caption
@@ -87,42 +88,42 @@ def test_entries_without_examples_or_manifest_never_break_the_page(world, tmp_pa
     (Path(bank) / "noexamples.json").write_text(json.dumps({**manifest, "examples": []}))
     shutil.copy(first, Path(bank) / "noexamples.safetensors")
     (Path(bank) / "orphan.json").write_text(json.dumps(manifest))          # no LoRA file
-    studio = app.Studio(Engine(model, bank), root=tmp_path / "sessions")
+    studio = session.Studio(Engine(model, bank), root=tmp_path / "sessions")
     demo = app.build_demo(studio)                                         # start-up works
-    gallery = app.bank_gallery(studio.engine.bank)
+    gallery = bank_tab.bank_gallery(studio.engine.bank)
     by_key = dict(zip(studio.engine.bank.keys(), gallery))
     assert isinstance(by_key["noexamples"][0], PIL.Image.Image)           # a placeholder, never None
     assert by_key["bare"][1].endswith("broken") and by_key["orphan"][1].endswith("broken")
     # the page's postprocessing accepts every item (this is what used to raise "Cannot process type")
     gallery_component = next(b for b in demo.blocks.values() if isinstance(b, gr.Gallery))
     gallery_component.postprocess(gallery)
-    table = app.bank_table(studio, studio.engine.bank)
+    table = bank_tab.bank_table(studio, studio.engine.bank)
     assert "no manifest bare.json" in table and str(tmp_path) not in table
-    assert "noexamples" in dict(app.bank_choices(studio.engine.bank)).values()
-    assert "bare" not in dict(app.bank_choices(studio.engine.bank)).values()
+    assert "noexamples" in dict(bank_tab.bank_choices(studio.engine.bank)).values()
+    assert "bare" not in dict(bank_tab.bank_choices(studio.engine.bank)).values()
 
 
 def test_selection_drives_methods_weights_and_rows(studio, keys):
-    methods, weights, *rest = app.on_selection(studio, keys, ["mole", "single:nope"], app.new_session())
+    methods, weights, *rest = compare_tab.on_selection(studio, keys, ["mole", "single:nope"], session.new_session())
     values = [value for _, value in methods.choices]
     assert values[:8] == ["mole", "linear", "svd", "ties", "dare", "switch", "composite", "base"]
     assert values[8:] == [f"single:{k}" for k in keys]
     assert methods.value == ["mole"]                                      # a vanished choice is dropped
     assert list(weights["expert"]) == keys
-    rows, switches = rest[:app.MAX_EXPERTS], rest[app.MAX_EXPERTS:2 * app.MAX_EXPERTS]
-    assert [r.visible for r in rows] == [i < len(keys) for i in range(app.MAX_EXPERTS)]
+    rows, switches = rest[:session.MAX_EXPERTS], rest[session.MAX_EXPERTS:2 * session.MAX_EXPERTS]
+    assert [r.visible for r in rows] == [i < len(keys) for i in range(session.MAX_EXPERTS)]
     assert [s.label for s in switches[:len(keys)]] == [studio.engine.bank.get(k).name for k in keys]
 
 
 def test_caption_from_the_chosen_loras_is_grammatical(studio, keys):
     bank = studio.engine.bank
     triggers = [bank.get(k).trigger[0] for k in keys]
-    assert app.insert_triggers(studio, keys, app.new_session()) == \
+    assert compare_tab.insert_triggers(studio, keys, session.new_session()) == \
         f"a {triggers[0]} on the left and a {triggers[1]} on the right"
-    assert app.insert_triggers(studio, keys[:1], app.new_session()) == f"a {triggers[0]} in the center"
+    assert compare_tab.insert_triggers(studio, keys[:1], session.new_session()) == f"a {triggers[0]} in the center"
     with pytest.raises(gr.Error, match="No LoRA is selected"):
-        app.insert_triggers(studio, [], app.new_session())
-    assert app.prompt_examples(bank)[0].startswith("a ")
+        compare_tab.insert_triggers(studio, [], session.new_session())
+    assert compare_tab.prompt_examples(bank)[0].startswith("a ")
 
 
 # ---- validation -----------------------------------------------------------------------------------
@@ -137,14 +138,14 @@ def test_caption_from_the_chosen_loras_is_grammatical(studio, keys):
     (dict(weights=pd.DataFrame({"expert": ["dog"], "weight": [float("nan")]})), "must be a finite number"),
     (dict(density=0.0), "density must be above 0"),
 ])
-def test_check_compare_refuses_bad_input_with_a_sentence(studio, keys, change, message):
+def test_compare_refuses_bad_input_with_a_sentence(studio, keys, change, message):
     args = dict(keys=keys, prompt="a dog", negative="", seed=0, randomise=False, steps=3, guidance=4.0,
                 methods=["mole", "linear", "ties"], weights=None, rank=2, normalize=True, density=0.5,
-                switch_every=2, granularity="block", gate="sample", state=app.new_session()) | change
+                switch_every=2, granularity="block", gate="sample", state=session.new_session()) | change
     if "weights" in change:
         args["weights"] = pd.DataFrame({"expert": [keys[0]], "weight": [float("nan")]})
     with pytest.raises(gr.Error, match=message):
-        app.check_compare(studio, **args)
+        compare_tab.compare(studio, **args)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -158,18 +159,16 @@ def test_check_compare_refuses_bad_input_with_a_sentence(studio, keys, change, m
 ])
 def test_check_train_refuses_bad_input(studio, keys, change, message):
     args = dict(keys=keys, granularity="block", steps=2, lr=1e-3, alpha=0.5, seed=0, gate="sample",
-                state=app.new_session()) | change
+                state=session.new_session()) | change
     with pytest.raises(gr.Error, match=message):
-        app.check_train(studio, **args)
+        train_tab.check_train(studio, **args)
 
 
 def test_long_prompt_is_warned_not_silently_cut(studio, keys):
     long_prompt = " ".join(["a red circle on the left and a blue square on the right"] * 20)
-    args = list(compare_args(keys, ["base"], app.new_session()))
+    args = list(compare_args(keys, ["base"], session.new_session()))
     args[1] = long_prompt
-    with pytest.warns(UserWarning, match="words are cut"):
-        app.check_compare(studio, *args)
-    _, _, notes, _ = app.compare(studio, *args)
+    _, _, notes, _ = compare_tab.compare(studio, *args)      # the engine checks once; warnings come back
     assert "words are cut" in notes and "the right" in notes.split("words are cut")[1]
 
 
@@ -178,8 +177,8 @@ def test_long_prompt_is_warned_not_silently_cut(studio, keys):
 def compared(studio, keys):
     """One comparison of every kind of method, shared by the tests below: (methods, outputs, state)."""
     methods = ["mole", "linear", "svd", "ties", "dare", "switch", "composite", "base", f"single:{keys[0]}"]
-    state = app.new_session()
-    return methods, app.compare(studio, *compare_args(keys, methods, state)), state
+    state = session.new_session()
+    return methods, compare_tab.compare(studio, *compare_args(keys, methods, state)), state
 
 
 def test_compare_renders_each_method_labelled_with_its_time(studio, keys, compared):
@@ -194,36 +193,36 @@ def test_compare_renders_each_method_labelled_with_its_time(studio, keys, compar
     assert "untrained" in notes
     assert state["gates"] and [m.method for m in state["compared"]["mixes"]] == methods
     # randomise picks a seed and reports it
-    _, random_seed, _, _ = app.compare(studio, *compare_args(keys, ["base"], app.new_session(), randomise=True))
+    _, random_seed, _, _ = compare_tab.compare(studio, *compare_args(keys, ["base"], session.new_session(), randomise=True))
     assert isinstance(random_seed, int) and random_seed >= 0
 
 
 def test_toggle_rerenders_mole_with_experts_off(studio, keys, compared):
     _, (gallery, *_), _ = compared
-    state = app.new_session()
-    all_on, caption, state = app.toggle(studio, *toggle_args(keys, state, [True, True]))
+    state = session.new_session()
+    all_on, caption, state = toggle_tab.toggle(studio, *toggle_args(keys, state, [True, True]))
     assert np.array_equal(pixels(all_on), pixels(gallery[0][0])), "all experts on == the compared MoLE image"
     assert SETTINGS["prompt"] in caption and f"seed {SETTINGS['seed']}" in caption
-    one_off, caption, state = app.toggle(studio, *toggle_args(keys, state, [False, True]))
+    one_off, caption, state = toggle_tab.toggle(studio, *toggle_args(keys, state, [False, True]))
     assert not np.array_equal(pixels(one_off), pixels(all_on)) and f"experts on: {keys[1]}" in caption
-    none_on, _, state = app.toggle(studio, *toggle_args(keys, state, [False, False]))
+    none_on, _, state = toggle_tab.toggle(studio, *toggle_args(keys, state, [False, False]))
     assert np.array_equal(pixels(none_on), pixels(gallery[7][0])), "every expert off == the base model"
-    weaker, caption, _ = app.toggle(studio, *toggle_args(keys, state, [True, True], [0.3, 1.0]))
+    weaker, caption, _ = toggle_tab.toggle(studio, *toggle_args(keys, state, [True, True], [0.3, 1.0]))
     assert not np.array_equal(pixels(weaker), pixels(all_on)) and f"{keys[0]} ×0.3" in caption
     with pytest.raises(gr.Error, match="strength"):
-        app.toggle(studio, *toggle_args(keys, state, [True, True], [float("nan"), 1.0]))
+        toggle_tab.toggle(studio, *toggle_args(keys, state, [True, True], [float("nan"), 1.0]))
 
 
 def test_untrained_mole_follows_the_form_not_another_session(studio, keys):
     """The attachment is keyed by what the Mix asks for: a 'layer' MoLE after a 'block' one is 'layer'."""
-    block, *_ = app.compare(studio, *compare_args(keys, ["mole"], app.new_session(), granularity="block"))
-    layer, *_ = app.compare(studio, *compare_args(keys, ["mole"], app.new_session(), granularity="layer"))
+    block, *_ = compare_tab.compare(studio, *compare_args(keys, ["mole"], session.new_session(), granularity="block"))
+    layer, *_ = compare_tab.compare(studio, *compare_args(keys, ["mole"], session.new_session(), granularity="layer"))
     assert block[0][1].startswith("MoLE (block") and layer[0][1].startswith("MoLE (layer")
 
 
 def test_show_gates_heatmap_chart_and_csv(studio, keys, compared):
     _, _, state = compared
-    heatmap, per_step, csv, _ = app.show_gates(studio, state)
+    heatmap, per_step, csv, _ = inspect_tab.show_gates(studio, state)
     frame = pd.DataFrame(state["gates"])
     groups = frame["group"].nunique()
     assert isinstance(heatmap, PIL.Image.Image) and heatmap.height > groups * 10
@@ -232,22 +231,22 @@ def test_show_gates_heatmap_chart_and_csv(studio, keys, compared):
     written = pd.read_csv(csv)
     assert list(written.columns) == ["group", "step", "sample", "expert", "weight"]
     assert len(written) == len(frame)
-    assert app.show_gates(studio, app.new_session())[0] is None
+    assert inspect_tab.show_gates(studio, session.new_session())[0] is None
 
 
 # ---- train, cancel, mixture round trip ------------------------------------------------------------
 def run_training(studio, keys, state, steps=3, cancel_after=None, gate="sample"):
     updates = []
-    for update in app.train(studio, keys, "block", steps, 1e-2, 0.5, 0, gate, state,
+    for update in train_tab.train(studio, keys, "block", steps, 1e-2, 0.5, 0, gate, state,
                             progress=lambda *a, **k: None):
         updates.append(update)
         if cancel_after is not None and len(updates) == cancel_after:
-            app.cancel(state)
+            train_tab.cancel(state)
     return updates
 
 
 def test_train_streams_loss_and_keeps_the_mixture(studio, keys):
-    state = app.new_session()
+    state = session.new_session()
     updates = run_training(studio, keys, state, steps=4)
     assert len(updates) == 5  # one per step, then the finished mixture
     *_, (state, status, task, balance, gates, mixture_file) = updates
@@ -257,19 +256,19 @@ def test_train_streams_loss_and_keeps_the_mixture(studio, keys):
     assert list(task[task["term"] == "task (this step)"]["step"]) == [1, 2, 3, 4]
     assert set(gates["expert"]) == set(keys) and len(gates) == 4 * len(keys)
     assert Path(mixture_file).exists() and list(state["mixture"].names) == keys
-    gallery, _, notes, state = app.compare(studio, *compare_args(keys, ["mole"], state))
+    gallery, _, notes, state = compare_tab.compare(studio, *compare_args(keys, ["mole"], state))
     assert "untrained" not in gallery[0][1] and notes == ""
-    assert "load_mixture('mixture.safetensors')" in app.snippet(studio, state)
+    assert "load_mixture('mixture.safetensors')" in export_tab.snippet(studio, state)
     # the downloaded file loads back into a fresh session and gives the same MoLE image
-    fresh = app.new_session()
-    fresh, chosen, message = app.load_mixture_upload(studio, mixture_file, fresh)
+    fresh = session.new_session()
+    fresh, chosen, message = train_tab.load_mixture_upload(studio, mixture_file, fresh)
     assert chosen == keys and "block" in message
-    reloaded, *_ = app.compare(studio, *compare_args(keys, ["mole"], fresh))
+    reloaded, *_ = compare_tab.compare(studio, *compare_args(keys, ["mole"], fresh))
     assert np.array_equal(pixels(reloaded[0][0]), pixels(gallery[0][0]))
 
 
 def test_cancel_stops_training_early(studio, keys):
-    state = app.new_session()
+    state = session.new_session()
     updates = run_training(studio, keys, state, steps=50, cancel_after=1)
     *_, (state, status, task, _, _, mixture_file) = updates
     assert status.startswith("**Stopped") and task["step"].max() < 50
@@ -277,9 +276,9 @@ def test_cancel_stops_training_early(studio, keys):
 
 
 def test_training_states_its_expected_duration(studio):
-    text = app.train_estimate(studio, 60, "token")
-    seconds = studio.engine.expected_seconds(train_steps=60, gate="token", batch_size=app.TRAIN_BATCH)
-    assert text == f"Expected: about {app._duration(seconds)} on this server (60 steps)." and seconds > 0
+    text = train_tab.train_estimate(studio, 60, "token")
+    seconds = studio.engine.expected_seconds(train_steps=60, gate="token", batch_size=train_tab.TRAIN_BATCH)
+    assert text == f"Expected: about {train_tab.duration(seconds)} on this server (60 steps)." and seconds > 0
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -289,27 +288,27 @@ def test_a_bad_mixture_is_refused_at_load_with_its_name(studio, tmp_path, bad, m
     path = tmp_path / "my_mix.safetensors"
     path.write_bytes(bad)
     with pytest.raises(gr.Error, match=message) as err:
-        app.load_mixture_upload(studio, str(path), app.new_session())
+        train_tab.load_mixture_upload(studio, str(path), session.new_session())
     assert "my_mix.safetensors" in str(err.value) and str(tmp_path) not in str(err.value)
 
 
 # ---- export, snippet, upload ----------------------------------------------------------------------
 @pytest.mark.parametrize("method, fmt", [("linear", "diffusers"), ("svd", "kohya"), ("ties", "diffusers")])
 def test_export_writes_a_lora_the_model_accepts(studio, world, keys, method, fmt):
-    from mole_core.lora import load_lora, validate_lora
-    path, _ = app.export(studio, keys, method, fmt, None, 2, True, 0.5, app.new_session())
+    from mole_core.image.lora_files import load_lora, validate_lora
+    path, _ = export_tab.export(studio, keys, method, fmt, None, 2, True, 0.5, session.new_session())
     lora = load_lora(path)
     validate_lora(lora, Engine(*world).components)  # a fresh model: no MoLE wrappers attached
     assert lora.format == fmt and lora.modules
     with pytest.raises(gr.Error, match="No LoRA is selected"):
-        app.export(studio, [], method, fmt, None, 2, True, 0.5, app.new_session())
+        export_tab.export(studio, [], method, fmt, None, 2, True, 0.5, session.new_session())
 
 
 def test_snippet_reproduces_the_last_comparison(studio, keys, compared):
     with pytest.raises(gr.Error, match="run a comparison"):
-        app.snippet(studio, app.new_session())
+        export_tab.snippet(studio, session.new_session())
     methods, _, state = compared
-    code = app.snippet(studio, state)
+    code = export_tab.snippet(studio, state)
     compile(code, "snippet", "exec")
     assert "engine.compare(mixes, request)" in code and f"Mix('ties', {tuple(keys)!r}" in code
     assert str(Path(studio.engine.bank.folder).parent) not in code, "no server folder in the snippet"
@@ -318,7 +317,7 @@ def test_snippet_reproduces_the_last_comparison(studio, keys, compared):
 @pytest.mark.slow
 def test_snippet_run_gives_the_same_images(studio, compared, tmp_path, monkeypatch):
     methods, (gallery, *_), state = compared
-    code = app.snippet(studio, state)
+    code = export_tab.snippet(studio, state)
     engine = studio.engine
     code = code.replace(f"Engine({Path(engine.model_id).name!r}, {engine.bank.folder.name!r})",
                         f"Engine({engine.model_id!r}, {str(engine.bank.folder)!r})")   # where the files lie here
@@ -333,14 +332,14 @@ def test_upload_of_a_bad_lora_changes_nothing_on_disk(studio, world, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"this is not a safetensors file")
     with pytest.raises(gr.Error) as err:
-        app.upload_lora(studio, str(broken), "Broken", "zzz", "", [], app.new_session())
+        bank_tab.upload_lora(studio, str(broken), "Broken", "zzz", "", [], session.new_session())
     assert "broken.safetensors: not a readable" in str(err.value) and str(tmp_path) not in str(err.value)
     not_lora = tmp_path / "notes.txt"
     not_lora.write_text("hello")
     with pytest.raises(gr.Error, match="not a .safetensors file"):
-        app.upload_lora(studio, str(not_lora), "Notes", "zzz", "", [], app.new_session())
+        bank_tab.upload_lora(studio, str(not_lora), "Notes", "zzz", "", [], session.new_session())
     with pytest.raises(gr.Error, match="trigger word is empty"):
-        app.upload_lora(studio, str(broken), "Broken", " ", "", [], app.new_session())
+        bank_tab.upload_lora(studio, str(broken), "Broken", " ", "", [], session.new_session())
     assert bank_digest(world[1]) == before
 
 
@@ -348,37 +347,37 @@ def test_upload_stays_in_the_uploaders_session_and_goes_with_it(world, keys, tmp
     """Default (a public Space): the upload joins only this session's bank; the shared bank folder is
     untouched; another session does not see it; when the session ends its folder is gone."""
     model, bank = copy_world(world, tmp_path)
-    studio = app.Studio(Engine(model, bank), root=tmp_path / "sessions")
+    studio = session.Studio(Engine(model, bank), root=tmp_path / "sessions")
     before = bank_digest(bank)
     source = studio.engine.bank.get(keys[0])
     upload = tmp_path / "upload.safetensors"
     distinct_copy(source.lora_path, upload)
-    mine, theirs = app.new_session(), app.new_session()
-    gallery, table, chosen, mine = app.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [], mine)
+    mine, theirs = session.new_session(), session.new_session()
+    gallery, table, chosen, mine = bank_tab.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [], mine)
     assert ("My Pony (pony)", "my_pony") in chosen.choices and isinstance(gallery[-1][0], PIL.Image.Image)
     assert bank_digest(bank) == before, "the shared bank folder is not written"
     manifest = json.loads(next((tmp_path / "sessions").rglob("my_pony.json")).read_text())
     assert manifest["base_model"] == Path(model).name, "a portable model name, not a server path"
-    assert "my_pony" in app.bank_of(studio, mine).keys() and "my_pony" not in app.bank_of(studio, theirs).keys()
-    gallery, _, _, _ = app.compare(studio, *compare_args([keys[1], "my_pony"], ["linear"], mine))
+    assert "my_pony" in session.bank_of(studio, mine).keys() and "my_pony" not in session.bank_of(studio, theirs).keys()
+    gallery, _, _, _ = compare_tab.compare(studio, *compare_args([keys[1], "my_pony"], ["linear"], mine))
     with pytest.raises(gr.Error, match="Unknown LoRA 'my_pony'"):
-        app.compare(studio, *compare_args([keys[1], "my_pony"], ["linear"], theirs))
+        compare_tab.compare(studio, *compare_args([keys[1], "my_pony"], ["linear"], theirs))
     with pytest.raises(gr.Error, match="already has an entry"):
-        app.upload_lora(studio, str(upload), "My Pony", "pony", "", [], mine)
-    app.end_session(studio, mine)
+        bank_tab.upload_lora(studio, str(upload), "My Pony", "pony", "", [], mine)
+    session.end_session(studio, mine)
     assert not any((tmp_path / "sessions").iterdir()), "the session folder is removed"
 
 
 def test_writable_bank_upload_is_seen_by_every_session(world, keys, tmp_path):
     model, bank = copy_world(world, tmp_path)
-    studio = app.Studio(Engine(model, bank), writable_bank=True, root=tmp_path / "sessions")
+    studio = session.Studio(Engine(model, bank), writable_bank=True, root=tmp_path / "sessions")
     source = studio.engine.bank.get(keys[0])
     upload = tmp_path / "upload.safetensors"
     distinct_copy(source.lora_path, upload)
-    app.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [str(source.examples[0][0])],
-                    app.new_session())
+    bank_tab.upload_lora(studio, str(upload), "My Pony", "pony", "a pony", [str(source.examples[0][0])],
+                    session.new_session())
     assert (Path(bank) / "my_pony.json").exists()
-    gallery, _, chosen, _, model = app.on_load(studio, app.new_session())     # another visitor's page load
+    gallery, _, chosen, _, model = bank_tab.on_load(studio, session.new_session())     # another visitor's page load
     assert "Stable Diffusion 1.x/2.x" in model and "px by default" in model
     assert ("My Pony (pony)", "my_pony") in chosen.choices
 
@@ -387,24 +386,24 @@ def test_a_session_leaves_nothing_on_disk(world, keys, tmp_path):
     """20 uploads and 20 exports in one session, then the session ends: the server's session folder is
     back to empty and the bank folder unchanged."""
     model, bank = copy_world(world, tmp_path)
-    studio = app.Studio(Engine(model, bank), root=tmp_path / "sessions")
+    studio = session.Studio(Engine(model, bank), root=tmp_path / "sessions")
     before = bank_digest(bank)
     source = studio.engine.bank.get(keys[0])
-    state = app.new_session()
+    state = session.new_session()
     for i in range(20):
         upload = tmp_path / f"u{i}.safetensors"
         distinct_copy(source.lora_path, upload, i)
-        *_, state = app.upload_lora(studio, str(upload), f"Upload {i}", "pony", "", [], state)
-        app.export(studio, keys, "linear", "diffusers", None, 2, True, 0.5, state)
+        *_, state = bank_tab.upload_lora(studio, str(upload), f"Upload {i}", "pony", "", [], state)
+        export_tab.export(studio, keys, "linear", "diffusers", None, 2, True, 0.5, state)
     files = [p for p in (tmp_path / "sessions").rglob("*") if p.is_file()]
     assert len([p for p in files if p.suffix == ".safetensors"]) == 20 + 1   # the uploads and the latest export
-    app.end_session(studio, state)
+    session.end_session(studio, state)
     assert not any((tmp_path / "sessions").iterdir())
     assert bank_digest(bank) == before
 
 
 def test_messages_never_show_server_folders(studio, tmp_path):
-    text = app.public_message(studio, f"{studio.engine.bank.folder}/face.json: bad; {studio.root}/x/y/mix.safetensors: bad")
+    text = session.public_message(studio, f"{studio.engine.bank.folder}/face.json: bad; {studio.root}/x/y/mix.safetensors: bad")
     assert str(studio.engine.bank.folder) not in text and str(studio.root) not in text
     assert "face.json: bad" in text and "mix.safetensors: bad" in text
 
@@ -412,16 +411,16 @@ def test_messages_never_show_server_folders(studio, tmp_path):
 def test_study_refuses_counts_above_the_servers_limits(studio, keys):
     limits = studio.engine.limits
     with pytest.raises(gr.Error, match="Seeds must be between 1 and"):
-        next(app.study(studio, keys, limits.study_seeds + 1, 1, 1, app.new_session(),
+        next(evaluate_tab.study(studio, keys, limits.study_seeds + 1, 1, 1, session.new_session(),
                        progress=lambda *a, **k: None))
     with pytest.raises(gr.Error, match="Gate-training steps must be between 1 and"):
-        next(app.study(studio, keys, 1, 1, 10**6, app.new_session(), progress=lambda *a, **k: None))
+        next(evaluate_tab.study(studio, keys, 1, 1, 10**6, session.new_session(), progress=lambda *a, **k: None))
 
 
 @pytest.mark.slow
 def test_study_scores_every_method(studio, keys):
-    pytest.importorskip("matplotlib")  # mole_core.evaluate draws its chart with matplotlib
-    *_, (text, table, chart) = app.study(studio, keys, 1, 1, 2, app.new_session(), progress=lambda *a, **k: None)
+    pytest.importorskip("matplotlib")  # mole_core.studies.evaluate draws its chart with matplotlib
+    *_, (text, table, chart) = evaluate_tab.study(studio, keys, 1, 1, 2, session.new_session(), progress=lambda *a, **k: None)
     assert "###" in text and len(table) >= 4 + len(keys)
     assert isinstance(chart, PIL.Image.Image)
 
@@ -430,16 +429,16 @@ def test_the_same_file_twice_under_another_name_is_refused(world, keys, tmp_path
     """A byte-identical copy of a bank LoRA (or of this session's own upload) is refused, naming the entry
     that holds it; nothing is written."""
     model, bank = copy_world(world, tmp_path)
-    studio = app.Studio(Engine(model, bank), root=tmp_path / "sessions")
+    studio = session.Studio(Engine(model, bank), root=tmp_path / "sessions")
     source = studio.engine.bank.get(keys[0])
     same = tmp_path / "renamed.safetensors"
     shutil.copy(source.lora_path, same)
-    state = app.new_session()
+    state = session.new_session()
     with pytest.raises(gr.Error, match=rf"renamed.safetensors is already in the bank as '{source.name}'"):
-        app.upload_lora(studio, str(same), "Another name", "xyz", "", [], state)
+        bank_tab.upload_lora(studio, str(same), "Another name", "xyz", "", [], state)
     mine = distinct_copy(source.lora_path, tmp_path / "mine.safetensors")
-    *_, state = app.upload_lora(studio, str(mine), "Mine", "xyz", "", [], state)
+    *_, state = bank_tab.upload_lora(studio, str(mine), "Mine", "xyz", "", [], state)
     again = tmp_path / "mine_again.safetensors"
     shutil.copy(mine, again)
     with pytest.raises(gr.Error, match="already in the bank as 'Mine'"):
-        app.upload_lora(studio, str(again), "Mine again", "xyz", "", [], state)
+        bank_tab.upload_lora(studio, str(again), "Mine again", "xyz", "", [], state)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import app
-from mole_core.engine import Engine
+from ui import bank_tab, compare_tab, session
+from mole_core.image.engine import Engine
 from tests.test_engine_families import make_bank
 from tests.tiny_families import SIDE, make_family_dir
 
@@ -25,7 +26,7 @@ def studio(request, tmp_path_factory):
     engine = Engine(str(model_dir), str(make_bank(root / "bank", model_dir, request.param)))
     if request.param == "flux":      # FluxPipeline's default side (1024 px) is not saved with the folder
         engine.pipe.default_sample_size = SIDE // 8
-    return request.param, app.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
+    return request.param, session.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
 
 
 def event(demo, api_name: str):
@@ -35,15 +36,14 @@ def event(demo, api_name: str):
 def test_the_app_starts_on_the_family_and_compare_returns_every_method(studio):
     family, studio = studio
     demo = app.build_demo(studio)
-    state = app.new_session()
-    *_, model_info = app.on_load(studio, state)
+    state = session.new_session()
+    *_, model_info = bank_tab.on_load(studio, state)
     assert TITLES[family] in model_info and f"{SIDE}×{SIDE} px" in model_info
     guidance = {"sdxl": 5.0, "sd3": 7.0, "flux": 3.5}[family]             # each pipeline's own __call__ default
     assert f"guidance {guidance:g} (its pipeline's own default)" in model_info
     keys = ["a", "b"]
-    methods = [value for _, value in app.COMPARE_METHODS] + [f"single:{k}" for k in keys]
+    methods = [value for _, value in compare_tab.COMPARE_METHODS] + [f"single:{k}" for k in keys]
     args = (keys, "a photo of a", "", 3, False, 2, 3.0, methods, None, 2, True, 0.5, 1, "block", "sample", state)
-    app.check_compare(studio, *args)
     gallery, seed, notes, state = event(demo, "compare")(*args)
     assert seed == 3 and len(gallery) == len(methods)
     labels = [caption.rsplit(" · ", 1)[0] for _, caption in gallery]

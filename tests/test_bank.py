@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mole_core.bank import Bank
-from mole_core.lora import pipeline_components, save_lora
+from mole_core.image.bank import Bank
+from mole_core.image.lora_files import pipeline_components, save_lora
 from tests.helpers import TARGETS, random_lora
 
 

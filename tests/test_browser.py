@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import app
-from mole_core.engine import Engine
+from ui import compare_tab
+from mole_core.image.engine import Engine
 from tests.helpers import launch
 from tests.helpers import world_paths
 
@@ -68,7 +68,7 @@ def read_gallery(page, engine) -> list[str]:
     """The oracle's reading of every image of the Compare gallery ("caption · what the oracle sees")."""
     import io
     import PIL.Image
-    from mole_core.world import Oracle
+    from mole_core.world.pixel import Oracle
     captions = [c.strip() for c in page.locator("#results .caption-label").all_inner_texts()]
     images = [PIL.Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())).convert("RGB")
               for img in page.locator("#results img").all()]
@@ -109,7 +109,7 @@ def test_select_train_compare_toggle_inspect(served, page):
                            arg=triggers)
     page.locator("#steps input[type=number]").fill("2")
     page.locator("#compare-button").click()
-    n = len(app.DEFAULT_METHODS)
+    n = len(compare_tab.DEFAULT_METHODS)
     page.wait_for_function(f"() => document.querySelectorAll('#results img').length === {n}")
     # the images are really shown (loaded and decoded), not just their frames
     page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
@@ -142,7 +142,7 @@ def test_select_train_compare_toggle_inspect(served, page):
     open_tab(page, "Compare")
     first = page.locator("#results img").first.get_attribute("src")
     page.get_by_label("Randomise seed").check()
-    for label, _ in app.COMPARE_METHODS:
+    for label, _ in compare_tab.COMPARE_METHODS:
         if label not in ("MoLE", "base"):
             page.locator("#methods").get_by_label(label, exact=True).set_checked(False)
     page.locator("#compare-button").click()
@@ -164,7 +164,7 @@ def test_defaults_train_and_compare_on_the_first_example_prompt(served, page):
     print(page.locator("#train-status").inner_text())
     open_tab(page, "Compare")
     page.locator("#compare-button").click()
-    n = len(app.DEFAULT_METHODS)
+    n = len(compare_tab.DEFAULT_METHODS)
     page.wait_for_function(f"() => document.querySelectorAll('#results img').length === {n}")
     page.wait_for_function("() => Array.from(document.querySelectorAll('#results img'))"
                            ".every(i => i.complete && i.naturalWidth > 0)")

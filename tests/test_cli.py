@@ -128,7 +128,7 @@ def test_the_other_peers(paths, tmp_path, capsys, method, extra, label):
     pytest.param("dare", ["--density", "0.5", "--seed", "3"]),
 ])
 def test_merge_writes_a_lora_that_fits(world, tmp_path, capsys, method, extra):
-    from mole_core.lora import load_lora
+    from mole_core.image.lora_files import load_lora
     out = tmp_path / "merged.safetensors"
     assert merge(world, out, "--method", method, *extra) == 0, capsys.readouterr().err
     assert f"{method} merge of 2 LoRA(s)" in capsys.readouterr().out
@@ -261,7 +261,7 @@ def test_help_shows_the_numbers_and_the_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "mole, linear, svd, ties, dare, switch, composite, base, single:KEY" in text
+    assert "mole, linear, svd, ties, dare, switch, composite, arrow, base, single:KEY" in text
 
 
 def _imports_torch(code: str) -> bool:

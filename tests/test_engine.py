@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mole_core.attach import MoleConfig
-from mole_core.engine import Engine, GenerateRequest, Mix, write_gates_csv
-from mole_core.lora import load_lora
+from mole_core.image.engine import Engine, GenerateRequest, Mix, write_gates_csv
+from mole_core.image.lora_files import load_lora
 from mole_core.train import TrainConfig
 from tests.tiny import LORAS, make_bank, make_model_dir
 

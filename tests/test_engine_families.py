@@ -11,9 +11,10 @@ import PIL.Image
 import pytest
 import torch
 
-from mole_core.engine import Engine, GenerateRequest, Mix
-from mole_core.families import FAMILIES, components, load_pipeline
-from mole_core.lora import Lora, LoraWeights, save_lora
+from mole_core.image.engine import Engine, GenerateRequest, Mix
+from mole_core.image.families import FAMILIES, components, load_pipeline
+from mole_core.lora import Lora, LoraWeights
+from mole_core.image.lora_files import save_lora
 from mole_core.train import TrainConfig
 from mole_core.attach import MoleConfig
 from tests.tiny_families import SIDE, make_family_dir
@@ -176,9 +177,10 @@ def test_a_few_gate_training_steps_lower_the_task_loss_on_a_fixed_batch(engine):
     """Each family's own objective on one fixed batch (same examples, noise and timesteps every step): five
     steps of gate training (α = 0: the task loss alone) lower it; only the gates moved."""
     from mole_core.attach import attach
-    from mole_core.train import DiffusionTask, examples_from_bank, train_gates
+    from mole_core.train import train_gates
+    from mole_core.image.task import DiffusionTask, examples_from_bank
     keys = ["a", "b"]
-    engine._detach()
+    engine._kept.detach()
     handle = attach(engine.components, [engine.bank.load(k) for k in keys], MoleConfig(gate="token"))
     task = DiffusionTask(engine.pipe, examples_from_bank(engine.bank, keys), SIDE)
 

@@ -1,4 +1,4 @@
-"""The evaluation as the app and the CLI run it (mole_core.evaluate): the small study, what a model is
+"""The evaluation as the app and the CLI run it (mole_core.studies.evaluate): the small study, what a model is
 scored with, the CLI flags, and the whole CLI on a tiny pipeline scored by a tiny CLIP.
 
 The harness itself is tested in tests/test_study.py; the scripted engine is in tests/scripted.py.
@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from mole_core import evaluate as ev
+from mole_core.studies import evaluate as ev
 from mole_core.defaults import DEFAULT_MODEL
-from mole_core.engine import Engine
-from mole_core.study import SINGLES, EvalConfig, Suite
-from mole_core.world.scoring import WorldScorer, world_plain_prompts, world_prompts
+from mole_core.image.engine import Engine
+from mole_core.studies.image import SINGLES, EvalConfig, Suite
+from mole_core.world.pixel.scoring import WorldScorer, world_plain_prompts, world_prompts
 from tests.helpers import build_tiny_clip
 from tests.scripted import (FACE, RING, SECONDS_PER_IMAGE, SECONDS_PER_TRAIN_STEP, FakeMixture, ScriptedEngine,
                             scripted)

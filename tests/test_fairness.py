@@ -9,7 +9,7 @@ import time
 import torch
 
 from mole_core.attach import MoleConfig
-from mole_core.engine import GenerateRequest, Mix
+from mole_core.image.engine import GenerateRequest, Mix
 from mole_core.train import TrainConfig
 
 CONFIG = TrainConfig(steps=30, lr=1e-2, batch_size=1)

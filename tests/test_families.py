@@ -13,11 +13,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from mole_core.families import (FAMILIES, components, default_size, denoiser, family_of, family_of_lora,
+from mole_core.image.families import (FAMILIES, components, default_size, denoiser, family_of, family_of_lora,
                                 latent_shape, latents_for, lora_families, load_pipeline, pipeline_class,
                                 text_encoders)
-from mole_core.lora import (Lora, LoraWeights, check_family, delta_weight, inspect_lora, load_lora, save_lora,
-                            validate_lora)
+from mole_core.lora import Lora, LoraWeights, delta_weight
+from mole_core.image.lora_files import check_family, inspect_lora, load_lora, save_lora, validate_lora
 from mole_core.merge import merged_weights
 from tests.tiny_families import SIDE, call_kwargs, make_family_dir
 

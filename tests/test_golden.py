@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mole_core.attach import MoleConfig
-from mole_core.engine import GenerateRequest, Mix
+from mole_core.image.engine import GenerateRequest, Mix
 from mole_core.train import TrainConfig
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_images.json").read_text())

@@ -1,4 +1,4 @@
-"""ZeroGPU (mole_core.gpu): with the `spaces` package importable, the app's model-running events run under
+"""ZeroGPU (ui.gpu): with the `spaces` package importable, the app's model-running events run under
 `spaces.GPU(duration=...)` with a duration sized from the engine's expected seconds; without it, nothing changes.
 A fake `spaces` module in sys.modules stands in for the real one (which only does something on a ZeroGPU Space).
 """
@@ -10,8 +10,9 @@ import types
 import pytest
 
 import app
-from mole_core import gpu
-from mole_core.engine import Engine
+from ui import compare_tab, session, train_tab
+from ui import gpu
+from mole_core.image.engine import Engine
 from tests.helpers import world_paths
 
 
@@ -64,25 +65,25 @@ def test_with_spaces_the_function_runs_under_spaces_gpu_with_a_fitting_duration(
 
 def test_the_apps_model_events_run_under_spaces_gpu(fake_spaces, request, tmp_path_factory):
     engine = Engine(*world_paths(request.config, tmp_path_factory))
-    studio = app.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
+    studio = session.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
     app.build_demo(studio)
     wrapped = {fn.func.__name__: duration for fn, duration in fake_spaces}
     assert set(wrapped) == {"train", "compare", "toggle", "study"}
     assert engine._pipe is None, "sizing the GPU time must not load the model at build time"
     keys = ["a", "b"]
-    state = app.new_session()
+    state = session.new_session()
     compare = wrapped["compare"](keys, "p", "", 0, False, 20, 2.5, ["mole", "linear", "composite"], None, 2, True,
                                  0.5, 5, "block", "sample", state)
     assert compare == gpu.fit_seconds(engine.expected_seconds(images=4, denoise_steps=20))
     train = wrapped["train"](keys, "block", 100, 1e-3, 0.5, 0, "token", state)
-    assert train == gpu.fit_seconds(engine.expected_seconds(train_steps=100, gate="token", batch_size=app.TRAIN_BATCH))
+    assert train == gpu.fit_seconds(engine.expected_seconds(train_steps=100, gate="token", batch_size=train_tab.TRAIN_BATCH))
     assert wrapped["toggle"](keys, "p", "", 0, 20, 2.5, "block", "sample", state) == \
         gpu.fit_seconds(engine.expected_seconds(images=1, denoise_steps=20))
     assert gpu.MIN_SECONDS <= train <= gpu.MAX_SECONDS
 
 
 def test_without_spaces_the_app_handlers_are_plain(no_spaces, request, tmp_path_factory):
-    studio = app.Studio(Engine(*world_paths(request.config, tmp_path_factory)),
+    studio = session.Studio(Engine(*world_paths(request.config, tmp_path_factory)),
                         root=tmp_path_factory.mktemp("sessions"))
-    handler = app.on_model(app.compare, app.compare_seconds, studio)
-    assert handler.func is app.compare and handler.args == (studio,)
+    handler = session.on_model(compare_tab.compare, compare_tab.compare_seconds, studio)
+    assert handler.func is compare_tab.compare and handler.args == (studio,)

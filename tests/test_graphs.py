@@ -17,8 +17,9 @@ import mole_core.graphs as graphs
 from bench.common import random_loras, target_paths
 from bench.ops import count_ops
 from mole_core.attach import MoleConfig, attach
-from mole_core.cli import add_precision_arguments, engine_precision
-from mole_core.engine import Engine, GenerateRequest, Mix
+from mole_core.cli import add_precision_arguments
+from mole_core.cli.image import engine_precision
+from mole_core.image.engine import Engine, GenerateRequest, Mix
 from mole_core.mix import mole_config_for
 from tests.tiny import build_pipeline, make_bank, make_model_dir
 from tests.tiny_families import build_flux

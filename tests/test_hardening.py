@@ -29,10 +29,12 @@ from safetensors.torch import save_file
 
 from mole_core.atomic import write_text
 from mole_core.attach import MoleConfig
-from mole_core.bank import Bank
+from mole_core.image.bank import Bank
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, Limits
-from mole_core.engine import Engine, FairLock, GenerateRequest, Mix
-from mole_core.lora import MAX_ABS, inspect_lora, load_lora, save_lora, weight_module
+from mole_core.image.engine import Engine, GenerateRequest, Mix
+from mole_core.locks import FairLock
+from mole_core.lora import MAX_ABS, weight_module
+from mole_core.image.lora_files import inspect_lora, load_lora, save_lora
 from mole_core.mixture import META_KEY, MixtureError, load_mixture, save_mixture
 from mole_core.train import TrainConfig
 from tests.tiny import BLOCK, LORAS, UP, make_bank, make_model_dir

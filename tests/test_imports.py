@@ -41,17 +41,19 @@ def top_level_statements(body):
                     yield from top_level_statements(inner.body if isinstance(inner, ast.ExceptHandler) else [inner])
 
 
-def imports_of(name: str) -> set[str]:
-    """The package's modules that `name` imports at module level."""
+def imports_of(name: str, deep: bool = False) -> set[str]:
+    """The package's modules that `name` imports at module level (deep: inside functions too)."""
     path = MODULES[name]
-    return parse_imports(path.read_text(), name, is_package=path.name == "__init__.py")
+    return parse_imports(path.read_text(), name, is_package=path.name == "__init__.py", deep=deep)
 
 
-def parse_imports(source: str, name: str, is_package: bool = False) -> set[str]:
-    """The package's modules that the module `name` with this source imports at module level."""
+def parse_imports(source: str, name: str, is_package: bool = False, deep: bool = False) -> set[str]:
+    """The package's modules that the module `name` with this source imports at module level, or anywhere
+    in it (function-level imports too) with deep=True."""
     package = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in top_level_statements(ast.parse(source).body):
+    tree = ast.parse(source)
+    for node in (ast.walk(tree) if deep else top_level_statements(tree.body)):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -65,6 +67,7 @@ def parse_imports(source: str, name: str, is_package: bool = False) -> set[str]:
 
 
 GRAPH = {name: imports_of(name) for name in MODULES}
+DEEP = {name: imports_of(name, deep=True) for name in MODULES}   # function-level imports included
 
 
 def reachable(start: str) -> set[str]:
@@ -76,13 +79,17 @@ def reachable(start: str) -> set[str]:
     return seen
 
 
-def find_cycle() -> list[str] | None:
-    """One import cycle as [a, b, ..., a], or None."""
+def find_cycle(graph: dict[str, set[str]] | None = None) -> list[str] | None:
+    """One import cycle as [a, b, ..., a] in `graph` (default GRAPH), or None. A package and its own
+    the root package's lazy faces (`mole_core/__init__` imports its submodules on first use) do not count."""
+    graph = GRAPH if graph is None else graph
     state: dict[str, str] = {}          # "open" while on the path, "done" after
 
     def visit(node, path):
         state[node] = "open"
-        for nxt in sorted(GRAPH[node]):
+        for nxt in sorted(graph[node]):
+            if PACKAGE in (node, nxt):
+                continue
             if state.get(nxt) == "open":
                 return path[path.index(nxt):] + [nxt]
             if nxt not in state:
@@ -92,7 +99,7 @@ def find_cycle() -> list[str] | None:
         state[node] = "done"
         return None
 
-    for start in sorted(GRAPH):
+    for start in sorted(graph):
         if start not in state:
             cycle = visit(start, [start])
             if cycle:
@@ -101,24 +108,26 @@ def find_cycle() -> list[str] | None:
 
 
 def test_the_graph_reader_sees_the_imports_it_should():
-    assert "mole_core.world.render" in GRAPH["mole_core.world.oracle"]       # from mole_core.world import render
-    assert "mole_core.world.quality" in GRAPH["mole_core.world.build"]
-    assert "mole_core.world.config" in GRAPH["mole_core.world.quality"]
+    assert "mole_core.world.pixel.render" in GRAPH["mole_core.world.pixel.oracle"]       # from mole_core.world.pixel import render
+    assert "mole_core.world.pixel.quality" in GRAPH["mole_core.world.pixel.build"]
+    assert "mole_core.world.pixel.config" in GRAPH["mole_core.world.pixel.quality"]
     source = """
-from . import mix
+from .. import mix
 from .engine import Engine
 from ..defaults import DEFAULT_MODEL
 import mole_core.atomic as atomic
 try:
-    from mole_core.world import scoring
+    from mole_core.world.pixel import scoring
 except ImportError:
-    from mole_core import report
+    from mole_core.studies import report
 def later():
     from mole_core import cli
 """
-    assert parse_imports(source, "mole_core.world.quality") == {
-        "mole_core.world", "mole_core.defaults", "mole_core.atomic", "mole_core.world.scoring", "mole_core.report"}
-    assert parse_imports(source, "mole_core", is_package=True) >= {"mole_core.mix", "mole_core.engine"}
+    assert parse_imports(source, "mole_core.image.bank") == {
+        "mole_core.mix", "mole_core.image.engine", "mole_core.defaults", "mole_core.atomic",
+        "mole_core.world.pixel.scoring", "mole_core.studies.report"}
+    assert "mole_core.cli" in parse_imports(source, "mole_core.image.bank", deep=True)
+    assert parse_imports(source, "mole_core.image", is_package=True) >= {"mole_core.image.engine", "mole_core.mix"}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -130,16 +139,46 @@ def test_no_import_cycle_between_package_modules():
     assert find_cycle() is None, f"import cycle: {' -> '.join(find_cycle())}"
 
 
+def test_no_import_cycle_counting_function_level_imports():
+    cycle = find_cycle(DEEP)
+    assert cycle is None, f"import cycle through function-level imports: {' -> '.join(cycle)}"
+
+
+def test_the_core_imports_no_wing():
+    """The core (the package's top-level modules) knows neither images nor text: no import of image/, text/,
+    world/, studies/ or cli/ from it, function-level imports included."""
+    wings = ("image", "text", "world", "studies", "cli")
+    core = [name for name in MODULES if name.count(".") == 1 and name.split(".")[1] not in (*wings, "__main__")]
+    found = {name: sorted(m for m in DEEP[name] if m.split(".")[1:2] and m.split(".")[1] in wings) for name in core}
+    assert {name: ms for name, ms in found.items() if ms} == {}
+
+
+def test_the_engine_package_never_imports_gradio():
+    users = [str(path.relative_to(ROOT)) for path in MODULES.values()
+             if any(isinstance(node, (ast.Import, ast.ImportFrom))
+                    and any((getattr(node, "module", None) or alias.name).split(".")[0] == "gradio"
+                            for alias in node.names)
+                    for node in ast.walk(ast.parse(path.read_text())))]
+    assert users == []
+
+
+def test_the_wings_sit_in_their_own_packages():
+    flat = sorted(p.name for p in (ROOT / PACKAGE).glob("*.py"))
+    assert not [name for name in flat if name.startswith("text_")], flat
+    for wing in ("image", "text", "world", "studies", "cli"):
+        assert (ROOT / PACKAGE / wing / "__init__.py").exists()
+
+
 def test_a_cycle_would_be_found(monkeypatch):
-    monkeypatch.setitem(GRAPH, "mole_core.world.config", GRAPH["mole_core.world.config"] | {"mole_core.world.build"})
+    monkeypatch.setitem(GRAPH, "mole_core.world.pixel.config", GRAPH["mole_core.world.pixel.config"] | {"mole_core.world.pixel.build"})
     assert find_cycle() is not None
 
 
-@pytest.mark.parametrize("name", ["mole_core.metrics", "mole_core.study", "mole_core.report"])
+@pytest.mark.parametrize("name", ["mole_core.metrics", "mole_core.studies.image", "mole_core.studies.report"])
 def test_the_generic_evaluation_knows_nothing_of_the_world(name):
-    assert not {m for m in reachable(name) | {name} if m.startswith("mole_core.world")}
+    assert not {m for m in reachable(name) | {name} if m.startswith("mole_core.world.pixel")}
 
 
 def test_the_world_build_and_its_quality_bars_do_not_import_each_other_back():
-    assert "mole_core.world.build" not in reachable("mole_core.world.quality")
-    assert "mole_core.world.evaluate" not in MODULES          # one module named evaluate: mole_core.evaluate
+    assert "mole_core.world.pixel.build" not in reachable("mole_core.world.pixel.quality")
+    assert "mole_core.world.pixel.evaluate" not in MODULES          # one module named evaluate: mole_core.studies.evaluate

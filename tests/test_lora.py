@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mole_core.lora import (delta_weight, inspect_lora, load_lora, pipeline_components,
-                            save_lora, sha256_file, validate_lora)
+from mole_core.lora import delta_weight, sha256_file
+from mole_core.image.lora_files import inspect_lora, load_lora, pipeline_components, save_lora, validate_lora
 from mole_core.merge import merged_weights
 from tests.tiny import build_pipeline
 from tests.helpers import TARGETS, assert_close, model_outputs, random_lora

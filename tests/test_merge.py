@@ -8,7 +8,8 @@ import re
 import torch
 import pytest
 
-from mole_core.lora import LoraWeights, Lora, delta_weight, load_lora, pipeline_components, save_lora
+from mole_core.lora import LoraWeights, Lora, delta_weight
+from mole_core.image.lora_files import load_lora, pipeline_components, save_lora
 from mole_core.merge import (dare_delta, drop, linear_factors, merge_loras, merged_weights, svd_factors, ties_delta,
                              trim)
 from tests.helpers import TARGETS, assert_close, model_outputs, random_lora

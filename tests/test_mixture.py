@@ -8,7 +8,7 @@ import torch
 
 import mole_core.mixture as mixture_mod
 from mole_core.attach import MoleConfig, attach
-from mole_core.lora import save_lora
+from mole_core.image.lora_files import save_lora
 from mole_core.mixture import MixtureError, apply_mixture, load_mixture, save_mixture
 from mole_core.train import TrainConfig
 from tests.helpers import make_lora

@@ -16,7 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCau
 
 from mole_core.attach import MoleConfig, attach
 from mole_core.layers import Gate, MoleConv2d, MoleLinear
-from mole_core.lora import Lora, LoraWeights, delta_weight, save_lora
+from mole_core.lora import Lora, LoraWeights, delta_weight
+from mole_core.image.lora_files import save_lora
 from mole_core.merge import merge_loras, merged_weights
 from tests.helpers import (CONVS, UNET_LINEAR, close, components_of, inputs, make_lora, pipeline_loras,
                            randomise_gates, run)

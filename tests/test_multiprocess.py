@@ -53,7 +53,8 @@ def worker(mode: str, batch_size: int, alpha: float, out: Path) -> None:
     from accelerate import PartialState
 
     from mole_core.attach import MoleConfig, attach
-    from mole_core.train import DiffusionTask, TrainConfig, train_gates
+    from mole_core.train import TrainConfig, train_gates
+    from mole_core.image.task import DiffusionTask
     from tests.helpers import components_of, pipeline_loras
     from tests.tiny import build_pipeline
 

@@ -1,5 +1,5 @@
 """Composition peers on the tiny pipeline: learned static weights (MoleConfig(gate="static")), LoRA Switch
-and LoRA Composite (mole_core.peers). Equivalences, as for MoLE: untrained static == the normalised linear
+and LoRA Composite (mole_core.image.peers). Equivalences, as for MoLE: untrained static == the normalised linear
 merge; static weights == the linear merge with those weights; Switch with k ≥ steps == the first LoRA
 alone; Composite of one expert == that LoRA alone, of two == the hand-computed average; both leave the
 pipeline bit-identical, also after an exception."""
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mole_core.attach import MoleConfig, attach
-from mole_core.lora import save_lora
+from mole_core.image.lora_files import save_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mixture import MixtureError, apply_mixture, load_mixture, save_mixture
-from mole_core.peers import compositing, switching
+from mole_core.image.peers import compositing, switching
 from mole_core.train import TrainConfig, train_gates
 from tests.helpers import close, components_of, inputs, pipeline_loras, run
 

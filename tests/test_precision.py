@@ -12,8 +12,8 @@ import torch
 
 from mole_core import cli
 from mole_core.attach import MoleConfig
-from mole_core.engine import DTYPES, Engine, GenerateRequest, Mix
-from mole_core.families import prepare
+from mole_core.image.engine import DTYPES, Engine, GenerateRequest, Mix
+from mole_core.image.families import prepare
 from mole_core.train import TrainConfig
 from tests.test_engine_families import make_bank
 from tests.tiny_families import SIDE, build_flux, make_family_dir
@@ -37,12 +37,12 @@ def test_a_bfloat16_model_keeps_float32_gates(flux_folders):
     images = [np.asarray(r.image, dtype=np.int16) for r in results]
     assert not np.array_equal(images[0], images[1])
     mixture = engine.train(list(keys), MoleConfig(gate="token"), TrainConfig(steps=2, lr=5e-2, batch_size=2))
-    gates = engine._handle.gate_parameters()
+    gates = engine._kept.handle.gate_parameters()
     assert gates and all(p.dtype == torch.float32 for p in gates)
     assert all(t.dtype == torch.float32 for t in mixture.gate_state.values())
     assert any(t.abs().max() > 0 for k, t in mixture.gate_state.items() if k.endswith("proj.weight"))
     trained = engine.generate(Mix("mole", keys, mixture=mixture), REQUEST)
-    with engine._handle.recording() as rec, torch.no_grad():
+    with engine._kept.handle.recording() as rec, torch.no_grad():
         engine._call_pipe(REQUEST, engine._latents(REQUEST))
     assert rec.entries and all(w.dtype == torch.float32 for *_, w in rec.entries)
     assert trained.image.size == (SIDE, SIDE)

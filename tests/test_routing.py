@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mole_core.attach import MoleConfig, attach
-from mole_core.lora import save_lora
+from mole_core.image.lora_files import save_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.routing import trigger_positions, trigger_token_ids
 from tests.helpers import components_of, inputs, pipeline_loras, randomise_gates, run
@@ -168,7 +168,8 @@ def test_route_needs_per_token_gates_and_a_known_route(setup):
 
 def test_training_provides_trigger_positions(setup):
     """DiffusionTask's captions reach the UNet's routing through the text-encoder hook."""
-    from mole_core.train import DiffusionTask, TrainConfig, train_gates
+    from mole_core.train import TrainConfig, train_gates
+    from mole_core.image.task import DiffusionTask
     import PIL.Image
     pipe, comps, loras = setup
     handle = routed(comps, loras, pipe)

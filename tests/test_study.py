@@ -1,4 +1,4 @@
-"""The study harness (mole_core.study) and its reports (mole_core.report), on the scripted engine of
+"""The study harness (mole_core.studies.image) and its reports (mole_core.studies.report), on the scripted engine of
 tests/scripted.py: every number they report can be checked by hand."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 from PIL import Image
 
-from mole_core import report
-from mole_core import study as st
+from mole_core.studies import report
+from mole_core.studies import image as st
 from mole_core.metrics import Target
 from mole_core.mix import Mix
 from tests.scripted import (CHECKER, FACE, NIGHT, RING, SECONDS_PER_IMAGE, SECONDS_PER_TRAIN_STEP, Bank,

@@ -1,4 +1,4 @@
-"""The text half: text LoRAs on a transformers seq2seq model (the text world, mole_core.textworld) and the
+"""The text half: text LoRAs on a transformers seq2seq model (the text world, mole_core.world.text) and the
 TextEngine. Equivalences on a tiny random encoder-decoder (BART layout) built from config; nothing downloaded. When the built text world
 is in the repo (assets/text-world, text_bank), its shipped LoRAs are checked against their bars on a few
 held-out items.
@@ -9,19 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from mole_core.attach import MoleConfig
-from mole_core.lora import Lora, LoraFileError, LoraWeights, load_lora
+from mole_core.attach import MoleConfig, attach
+from mole_core.lora import Lora, LoraFileError, LoraWeights
+from mole_core.image.lora_files import load_lora
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextBank, TextEngine, attach_text
-from mole_core.textworld import (BANK_TASKS, DISTRACTOR_TASKS, LORA_TASKS, composed, greedy, load_model, load_text_lora,
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine
+from mole_core.text.bank import TextBank
+from mole_core.world.text import (BANK_TASKS, DISTRACTOR_TASKS, LORA_TASKS, composed, greedy, load_model, load_text_lora,
                                 save_text_lora)
-from mole_core.textworld.build import batch_tensors
-from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig
-from mole_core.textworld.quality import BARS, held_out_sets, score
-from mole_core.textworld.tasks import is_held_out, sample_items
-from mole_core.textworld.tokenizer import build_tokenizer
-from mole_core.train import TokenTask, TrainConfig, train_gates
+from mole_core.world.text.build import batch_tensors
+from mole_core.world.text.config import LORA_TARGETS, TextBuildConfig
+from mole_core.world.text.quality import BARS, held_out_sets, score
+from mole_core.world.text.tasks import is_held_out, sample_items
+from mole_core.world.text.tokenizer import build_tokenizer
+from mole_core.train import TrainConfig, train_gates
+from mole_core.text.task import TokenTask
 from transformers import BartForConditionalGeneration
 
 PROMPTS = ["reverse: abc", "upper: hello", "reverse upper: xyz", "copy: abcd"]
@@ -82,7 +85,7 @@ def test_untrained_mole_equals_linear_merge(tiny):
     with merged_weights(model, merge_loras(loras, method="linear")):
         want = logits(model, tok)
     for gate in ("sample", "token"):
-        handle = attach_text(model, loras, MoleConfig(gate=gate))
+        handle = attach(model, loras, MoleConfig(gate=gate))
         try:
             got = logits(model, tok)
         finally:
@@ -101,7 +104,7 @@ def test_one_hot_gate_equals_single_lora(tiny):
     with merged_weights(model, loras[1]):
         want = logits(model, tok)
     base = logits(model, tok)
-    handle = attach_text(model, loras, MoleConfig())
+    handle = attach(model, loras, MoleConfig())
     try:
         with handle.settings(gates={"alpha": 0.0, "beta": 1.0}):
             got = logits(model, tok)
@@ -120,7 +123,7 @@ def test_gate_training_lowers_token_loss(tiny):
     loras = [load_text_lora(bank / f"{k}.safetensors", name=k) for k in ("alpha", "beta")]
     pairs = [(f"reverse: {w}", w[::-1]) for w in ("abc", "hello", "xyz", "mole")]
     batch = batch_tensors(tok, pairs)
-    handle = attach_text(model, loras, MoleConfig(gate="token"))
+    handle = attach(model, loras, MoleConfig(gate="token"))
     try:
         with torch.no_grad():
             before = model(**batch).loss.item()
@@ -172,7 +175,7 @@ def test_tasks_and_held_out_words():
     assert DISTRACTOR_TASKS["swap"].item("abcde") == ("swap: abcde", "badce")
     assert len(LORA_TASKS) >= 5 and len(BANK_TASKS) == 16 and not set(LORA_TASKS) & set(DISTRACTOR_TASKS)
     import numpy as np
-    from mole_core.textworld.tasks import BASE_TASKS
+    from mole_core.world.text.tasks import BASE_TASKS
     items = sample_items(LORA_TASKS["reverse"], np.random.default_rng(0), 50, held_out=True)
     assert all(is_held_out(p.split(": ")[1]) for p, _ in items)
     copies = sample_items(BASE_TASKS["copy"], np.random.default_rng(0), 50)
@@ -194,7 +197,7 @@ def test_tokenizer_round_trip(tmp_path):
 # ---- the shipped text world ---------------------------------------------------------------------
 
 BUILT = (Path(DEFAULT_TEXT_MODEL) / "config.json").exists() and Path(DEFAULT_TEXT_BANK).is_dir()
-needs_world = pytest.mark.skipif(not BUILT, reason="the text world is not built (python -m mole_core.textworld build)")
+needs_world = pytest.mark.skipif(not BUILT, reason="the text world is not built (python -m mole_core.world.text build)")
 
 
 @needs_world
@@ -238,7 +241,7 @@ def test_build_report_bars_pass():
 
 @pytest.mark.slow
 def test_quick_build_runs(tmp_path):
-    from mole_core.textworld.build import run_build
+    from mole_core.world.text.build import run_build
     report = run_build(TextBuildConfig.quick_config(tmp_path))
     assert set(report["stages"]) == {"base", "loras", "eval"}
     assert (tmp_path / "text_bank" / "reverse.safetensors").exists()

@@ -1,4 +1,4 @@
-"""The app's Text mode (mole_core/text_ui.py): handlers, the /text_* endpoints through gradio_client, the
+"""The app's Text mode (ui/text_tab.py): handlers, the /text_* endpoints through gradio_client, the
 text-only app's /train, /compare, /toggle, and a real browser on the embedded text world (or a tiny one).
 """
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import app
-from mole_core import text_ui
+from ui import session
+from ui import text_tab as text_ui
 from mole_core.mix import Mix
-from mole_core.text_engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
+from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
 from tests.helpers import free_port
 from tests.tiny import make_text_world
 
@@ -71,6 +72,25 @@ def test_training_streams_steps_stores_the_gates_and_cancels(ts):
     assert last.startswith("**Stopped (cancelled) after") and "50 steps" not in last
 
 
+def test_the_tab_starts_on_the_prompt_gate_shows_the_expected_duration_and_offers_the_mixture(ts, engine):
+    """Defaults: every main LoRA ticked (here both), the prompt gate; the expected duration is shown before
+    training; the trained mixture is offered as a file that loads; a new selection re-renders the answers."""
+    from mole_core.mixture import load_mixture
+    assert text_ui.starting_keys(engine) == ["alpha", "beta"] and text_ui.TEXT_GATES[0] == "prompt"
+    estimate = text_ui.train_estimate(ts, ["alpha", "beta"], "prompt", 100, "block")
+    assert estimate.startswith("Expected duration: about **") and " s**" in estimate
+    assert "at least two" in text_ui.train_estimate(ts, ["alpha"], "prompt", 100, "block")
+    state = text_ui.new_text_session()
+    updates = list(text_ui.train(ts, ["alpha", "beta"], "block", "prompt", 5, 5e-2, 0.5, state, progress=no_progress))
+    path = updates[-1][2]["value"]
+    assert load_mixture(path).gate == "prompt" and state["mixture"].gate == "prompt"
+    table, view, _, _ = text_ui.recompare(ts, ["alpha", "beta"], "alpha: abc", ["mole", "arrow", "base"], "block",
+                                          "prompt", 0, 0.5, state)
+    assert table.count("<tr>") == 4 and "Arrow" in table and "class='tok'" in view
+    nothing = text_ui.recompare(ts, ["alpha", "beta"], "", ["mole"], "block", "prompt", 0, 0.5, state)
+    assert nothing[0] == text_ui.gr.update()
+
+
 @pytest.mark.parametrize("bad, field", [((["alpha"], 5, 5e-3, 0.5), "two different LoRAs"),
                                         ((["alpha", "beta"], 0, 5e-3, 0.5), "Training steps"),
                                         ((["alpha", "beta"], 5, float("nan"), 0.5), "learning rate"),
@@ -106,8 +126,8 @@ def test_text_endpoints_through_gradio_client(engine):
         table, view, _ = client.predict(["alpha", "beta"], "reverse: abc", ["mole", "linear", "base"], "block",
                                         "sample", 0, 0.5, api_name="/compare")
         assert table.count("<tr>") == 4 and "class='tok'" in view
-        status = client.predict(["alpha", "beta"], "block", "sample", 3, 5e-3, 0.5, api_name="/train")
-        assert "Trained after 3 steps" in status
+        status, mixture_file = client.predict(["alpha", "beta"], "block", "sample", 3, 5e-3, 0.5, api_name="/train")
+        assert "Trained after 3 steps" in status and ".safetensors" in str(mixture_file)   # the download (an update)
         caption, _ = client.predict(["alpha", "beta"], "alpha: abc", ["beta"], "block", "sample", api_name="/toggle")
         assert caption.startswith("1 of 2 experts on")
     finally:
@@ -115,7 +135,7 @@ def test_text_endpoints_through_gradio_client(engine):
 
 
 def test_the_image_app_has_a_text_tab(engine, world_engine):
-    demo = app.build_demo(app.Studio(world_engine, text=engine))
+    demo = app.build_demo(session.Studio(world_engine, text=engine))
     names = {fn.api_name for fn in demo.fns.values() if getattr(fn, "api_name", None)}
     assert {"text_train", "text_cancel", "text_compare", "text_toggle", "train", "compare", "toggle"} <= names
 
@@ -159,8 +179,22 @@ def test_text_mode_in_a_browser(engine, tmp_path):
             assert page.locator("#text-view span.tok").count() > 0
             page.screenshot(path=str(artifacts / "text_compare.png"), full_page=True)
             page.get_by_role("tab", name="Train gates").click()
+            page.wait_for_function("() => document.querySelector('#text-estimate').innerText.includes('Expected duration')")
             page.locator("#text-train").click()
             page.wait_for_function("() => document.querySelector('#text-status').innerText.includes('Trained after')")
+            page.wait_for_function("() => document.querySelector('#text-mixture a') !== null")   # the download
+            if text is not engine:         # the shipped world, defaults: MoLE right, the merges wrong
+                assert text_ui.starting_keys(text) == ["chop", "double", "drop", "reverse", "upper"]
+                page.get_by_role("tab", name="Compare").click()
+                page.locator("#text-compare").click()
+                page.wait_for_function("() => [...document.querySelectorAll('#text-results tr')].some("
+                                       "r => r.innerText.startsWith('MoLE (prompt') && !r.innerText.includes('untrained'))")
+                rows = page.locator("#text-results tr").all_inner_texts()
+                mole = next(r for r in rows if r.startswith("MoLE"))
+                linear = next(r for r in rows if r.startswith("Linear merge"))
+                assert "✓" in mole and "✗" in linear, rows
+                assert page.locator("#text-view span.tok").count() > 0
+                page.screenshot(path=str(artifacts / "text_trained.png"), full_page=True)
             page.get_by_role("tab", name="Toggle experts").click()
             page.locator("#text-toggle").click()
             page.wait_for_function("() => document.querySelector('#text-caption').innerText.includes('experts on')")

@@ -15,8 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 from mole_core.lora import LoraFileError
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
-from mole_core.text_engine import TextEngine, decode, is_text_model, load_text_model
-from mole_core.textworld.tokenizer import build_tokenizer
+from mole_core.text.engine import TextEngine, decode, is_text_model, load_text_model
+from mole_core.world.text.tokenizer import build_tokenizer
 from mole_core.train import TrainConfig
 from mole_core.attach import MoleConfig
 
@@ -139,7 +139,7 @@ def test_bad_adapter_folders_are_refused_by_name(tmp_path, world):
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{not json")
     (bad / "adapter_model.safetensors").write_bytes(b"\0" * 16)
-    from mole_core.text_engine import load_peft_adapter
+    from mole_core.text.lora_io import load_peft_adapter
     with pytest.raises(LoraFileError, match="broken"):
         load_peft_adapter(bad, engine.model)
     assert str(tmp_path) not in str(pytest.raises(LoraFileError, load_peft_adapter, bad, engine.model).value)

@@ -1,12 +1,12 @@
-"""The text study's pieces (mole_core/text_study.py) on a tiny random text world: scores, LoraHub's weights,
+"""The text study's pieces (mole_core/studies/text.py) on a tiny random text world: scores, LoraHub's weights,
 every method row, the tables."""
 from __future__ import annotations
 
 import pytest
 
 from mole_core.merge import merge_loras, merged_weights
-from mole_core.text_engine import TextEngine
-from mole_core.text_study import (TextStudyConfig, full_loss, lorahub_weights, markdown, method_rows, part_b, pool,
+from mole_core.text.engine import TextEngine
+from mole_core.studies.text import (TextStudyConfig, full_loss, lorahub_weights, markdown, method_rows, part_b, pool,
                                   run_rows, score, similarity, with_train)
 from tests.tiny import make_text_world
 
@@ -39,14 +39,17 @@ def test_lorahub_finds_weights_that_lower_the_loss_and_leaves_the_model_as_found
 def test_every_method_row_runs_and_the_tables_render(engine):
     cfg = with_train(TextStudyConfig(items=3, granularities=("block",), gates=("sample",), lorahub_budget=6), steps=2)
     pairs = [("alpha: abc", "cba"), ("beta: xyz", "zyx")]
-    rows = method_rows(engine, ["alpha", "beta"], pairs, cfg, singles=True)
+    rows = method_rows(engine, ["alpha", "beta"], pairs, cfg, singles=True, oracle={"alpha": "alpha", "beta": "beta"})
     labels = [label for label, _, _ in rows]
-    assert labels == ["base", "alpha alone", "beta alone", "linear (NLA)", "PEMs (sum)", "SVD r=4", "TIES", "DARE",
-                      "LoraHub", "MoLE untrained", "MoLE block, per-sample"]
+    assert labels == ["base", "Oracle (own LoRA per task)", "alpha alone", "beta alone", "linear (NLA)", "PEMs (sum)",
+                      "SVD r=4", "TIES", "DARE", "LoraHub", "Arrow (PEFT, training-free)", "MoLE untrained",
+                      "MoLE prompt gate (default)", "MoLE block, per-sample"]
     tasks = {"alpha": [("alpha: abc", "cba")], "beta": [("beta: xyz", "zyx")]}
     out = run_rows(engine, rows, tasks, log=lambda m: None)
     assert set(out) == set(labels) and out["LoraHub"]["weights"].keys() == {"alpha", "beta"}
     assert out["MoLE untrained"]["tasks"] == {t: {**v} for t, v in out["linear (NLA)"]["tasks"].items()}
+    for task in tasks:                        # the oracle row answers each task with its own LoRA
+        assert out["Oracle (own LoRA per task)"]["tasks"][task]["correct"] == out[f"{task} alone"]["tasks"][task]["correct"]
     table = markdown({"config": {"items": 3}, "A": {"keys": ["alpha", "beta"], "methods": out},
                       "B": {"alpha beta": {"methods": out}}})
     assert "### Part A" in table and "### Part B" in table and "| LoraHub |" in table
@@ -58,10 +61,10 @@ def test_part_b_and_the_pools():
 
 
 def test_part_b_on_a_composed_task(engine, monkeypatch):
-    import mole_core.text_study as ts
+    import mole_core.studies.text as ts
     monkeypatch.setattr(ts, "task_items", lambda key, n, seed, held_out=True: [(f"{key}: abc", "cba")] * n)
     cfg = with_train(TextStudyConfig(items=2, shots=2, granularities=("block",), gates=("token",),
-                                     merges=("linear",)), steps=2)
+                                     merges=("linear",), prompt_gate=False), steps=2)
     cell = part_b(engine, ("alpha", "beta"), ["alpha", "beta"], cfg, log=lambda m: None)
     assert cell["task"] == "alpha beta" and len(cell["shots"]) == 2
     assert list(cell["methods"]) == ["base", "linear (NLA)", "MoLE untrained", "MoLE block, per-token"]

@@ -14,7 +14,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mole_core.attach import MoleConfig, attach
-from mole_core.train import DiffusionTask, TokenTask, TrainConfig, train_gates
+from mole_core.train import TrainConfig, train_gates
+from mole_core.image.task import DiffusionTask
+from mole_core.text.task import TokenTask
 from tests.helpers import components_of, make_lora, pipeline_loras
 from tests.tiny import build_tokenizer
 
@@ -168,9 +170,10 @@ def test_precision_can_change_between_trainings_in_one_process():
 
 
 def test_examples_from_bank(tmp_path):
-    from mole_core.bank import Bank
-    from mole_core.lora import Lora, save_lora
-    from mole_core.train import examples_from_bank
+    from mole_core.image.bank import Bank
+    from mole_core.lora import Lora
+    from mole_core.image.lora_files import save_lora
+    from mole_core.image.task import examples_from_bank
 
     folder = tmp_path / "bank"
     (folder / "examples").mkdir(parents=True)

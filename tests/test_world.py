@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mole_core.world import render as world
+from mole_core.world.pixel import render as world
 from mole_core.metrics import Target
-from mole_core.world.oracle import (Oracle, accuracy_on_renders, caption_fidelity, items_satisfied,
+from mole_core.world.pixel.oracle import (Oracle, accuracy_on_renders, caption_fidelity, items_satisfied,
                                     subject_fidelity)
-from mole_core.world.scoring import WorldScorer, shipped_oracle, speaks_world, world_plain_prompts, world_prompts
-from mole_core.world.tokenizer import build_tokenizer
+from mole_core.world.pixel.scoring import WorldScorer, shipped_oracle, speaks_world, world_plain_prompts, world_prompts
+from mole_core.world.pixel.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "assets" / "pixel-world"
@@ -165,7 +165,7 @@ def test_shipped_loras_fit_the_shipped_pipeline_in_both_formats():
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from mole_core.lora import load_lora, pipeline_components, validate_lora
+    from mole_core.image.lora_files import load_lora, pipeline_components, validate_lora
     pipe = StableDiffusionPipeline.from_pretrained(MODEL)
     components = pipeline_components(pipe)
     formats = set()
@@ -191,7 +191,7 @@ def test_quick_build_regenerates_everything(tmp_path):
     assert "BAR base objects correct" in result.stdout
     model = tmp_path / "assets" / "pixel-world"
     report = json.loads((model / "build_report.json").read_text())
-    from mole_core.world.build import STAGES
+    from mole_core.world.pixel.build import STAGES
     assert set(report["stages"]) == set(STAGES)
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(model)
@@ -201,7 +201,7 @@ def test_quick_build_regenerates_everything(tmp_path):
 
 
 def test_build_refuses_an_unknown_lora_before_training(tmp_path):
-    from mole_core.world.build import BuildConfig, stage_loras
+    from mole_core.world.pixel.build import BuildConfig, stage_loras
     cfg = BuildConfig.quick_config(tmp_path)
     cfg.loras = ("face", "unicorn")
     with pytest.raises(ValueError, match=r"unknown LoRA\(s\) \['unicorn'\]"):
@@ -210,7 +210,7 @@ def test_build_refuses_an_unknown_lora_before_training(tmp_path):
 
 
 def test_lora_scenes_show_their_subject_or_style_with_the_asked_object_counts():
-    from mole_core.world.build import lora_specs
+    from mole_core.world.pixel.build import lora_specs
     rng = np.random.default_rng(0)
     for spec in lora_specs():
         for p, n in (((1, 0, 0), 1), ((0, 0, 1), 3)):
@@ -223,8 +223,8 @@ def test_lora_scenes_show_their_subject_or_style_with_the_asked_object_counts():
 
 
 def test_the_world_is_measured_at_the_guidance_the_app_draws_with():
-    from mole_core.engine import DEFAULT_GUIDANCE, GenerateRequest
-    from mole_core.world.build import BuildConfig
+    from mole_core.image.engine import DEFAULT_GUIDANCE, GenerateRequest
+    from mole_core.world.pixel.build import BuildConfig
     report = json.loads((REPO / "assets" / "pixel-world" / "build_report.json").read_text())
     assert BuildConfig().guidance == DEFAULT_GUIDANCE == GenerateRequest("x").guidance
     assert report["stages"]["eval"]["settings"]["guidance_scale"] == DEFAULT_GUIDANCE
@@ -279,7 +279,7 @@ def test_world_scorer_on_clean_renders():
 
 def test_build_eval_stage_runs_the_quality_bars_from_the_command_line(tmp_path, monkeypatch):
     from mole_core.world import __main__ as world_main
-    from mole_core.world import build, quality
+    from mole_core.world.pixel import build, quality
     assert build.stage_eval is quality.stage_eval
     seen = []
     monkeypatch.setattr(build, "stage_eval", lambda cfg: seen.append(cfg) or {"bars": {}})

@@ -122,9 +122,9 @@ def make_text_world(folder: Path, keys=("alpha", "beta")) -> tuple[Path, Path]:
     from transformers import BartForConditionalGeneration
 
     from mole_core.lora import Lora, LoraWeights
-    from mole_core.textworld.config import LORA_TARGETS, TextBuildConfig
-    from mole_core.textworld.lora_io import save_text_lora
-    from mole_core.textworld.tokenizer import build_tokenizer
+    from mole_core.world.text.config import LORA_TARGETS, TextBuildConfig
+    from mole_core.text.lora_io import save_text_lora
+    from mole_core.world.text.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     model_dir, bank = Path(folder) / "text-model", Path(folder) / "text-bank"

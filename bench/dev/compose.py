@@ -22,28 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from mole_core.attach import MoleConfig, attach                      # noqa: E402
-from mole_core.engine import Engine, GenerateRequest, _file_stamp    # noqa: E402
+from mole_core.attach import MoleConfig                              # noqa: E402
+from mole_core.image.engine import Engine, GenerateRequest    # noqa: E402
 from mole_core.mix import Mix                                        # noqa: E402
-from mole_core.study import targets_from_bank                         # noqa: E402
-from mole_core.train import TrainConfig                               # noqa: E402
-from mole_core.world.scoring import WorldScorer, shipped_oracle, world_plain_prompts, world_prompts  # noqa: E402
-
-
-class DevEngine(Engine):
-    """Engine whose MoLE attachment is keyed on the WHOLE MoleConfig and gets the bank's trigger words
-    (what the lead wires into Engine._attached)."""
-
-    def _attached(self, keys, mole, bank):
-        wanted = (tuple((k, _file_stamp(bank.get(k).lora_path)) for k in keys), repr(mole))
-        if self._handle is not None and (wanted != self._handle_key or self._handle is self._training):
-            self._detach()
-        if self._handle is None:
-            self._handle = attach(self.components, [bank.load(k) for k in keys], mole)
-            if hasattr(self._handle, "set_triggers"):
-                self._handle.set_triggers(self.pipe.tokenizer, {k: bank.get(k).trigger for k in keys})
-            self._handle_key = wanted
-        return self._handle
+from mole_core.studies.image import targets_from_bank                         # noqa: E402
+from mole_core.train import TrainConfig  # noqa: E402
+from mole_core.world.pixel.scoring import WorldScorer, shipped_oracle, world_plain_prompts, world_prompts  # noqa: E402
 
 
 # name -> (MoleConfig kwargs, TrainConfig kwargs) ; None = a merge / peer method
@@ -108,7 +92,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     keys = args.keys.split(",")
-    engine = DevEngine()
+    engine = Engine()
     scorer = WorldScorer.load(shipped_oracle(engine.model_id))
     targets = targets_from_bank(engine.bank, keys)
     captions = world_prompts(targets, args.captions, seed=args.caption_seed)
@@ -132,7 +116,7 @@ def main():
                 mean_gates = mixture.meta.get("mean_gates")
                 betas = [float(v) for k, v in mixture.gate_state.items() if k.endswith("route_beta")]
                 mix = Mix("mole", tuple(keys), mixture=mixture)
-        engine._detach()
+        engine._kept.detach()
         t1 = time.perf_counter()
         images, caps = [], []
         for c in captions:
@@ -157,7 +141,7 @@ def main():
             pf = scorer.score(pimgs, pcaps, [])["caption_fidelity"]
             row["plain_fidelity"] = float(pf.mean())
             row["plain_ci95"] = float(1.96 * pf.std(ddof=1) / np.sqrt(len(pf)))
-        engine._detach()
+        engine._kept.detach()
         print(json.dumps({k: v for k, v in row.items() if k not in ("captions", "seeds")}), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

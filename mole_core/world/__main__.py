@@ -1,12 +1,12 @@
 """`python -m mole_core.world build [--out DIR] [--seed S] [--quick] [--stage vae,base,...] [--force] [--lora KEYS]`;
-with `--text`, the text world instead (`python -m mole_core.textworld build` with the same options)."""
+with `--text`, the text world instead (`python -m mole_core.world.text build` with the same options)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from mole_core.world.build import STAGES, run_build
-from mole_core.world.config import REPO_ROOT, BuildConfig
+from mole_core.world.pixel.build import STAGES, run_build
+from mole_core.world.pixel.config import REPO_ROOT, BuildConfig
 
 
 def main(argv=None) -> None:
@@ -23,11 +23,11 @@ def main(argv=None) -> None:
     build.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     build.add_argument("--lora", default="", help="stage loras: only these LoRAs (comma-separated keys)")
     build.add_argument("--text", action="store_true",
-                       help="build the text world (assets/text-world/, text_bank/) instead: mole_core.textworld")
+                       help="build the text world (assets/text-world/, text_bank/) instead: mole_core.world.text")
     args = parser.parse_args(argv)
     if args.text:
-        from mole_core.textworld.__main__ import main as text_main
-        from mole_core.textworld.build import STAGES as TEXT_STAGES
+        from mole_core.world.text.__main__ import main as text_main
+        from mole_core.world.text.build import STAGES as TEXT_STAGES
         stage = args.stage if args.stage != ",".join(STAGES) else ",".join(TEXT_STAGES)
         text_main(["build", "--out", str(args.out), "--seed", str(args.seed), "--stage", stage, "--lora", args.lora,
                    *(["--quick"] if args.quick else []), *(["--force"] if args.force else [])])

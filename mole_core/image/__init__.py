@@ -1,0 +1,1 @@
+"""The image wing: diffusers pipelines and families, the image engine, bank, peers."""

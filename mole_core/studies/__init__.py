@@ -1,0 +1,1 @@
+"""The evaluation harnesses (image and text) and their reports."""

@@ -1,0 +1,1 @@
+"""The Gradio UI of MoLE Studio: one module per tab and what they share (app.py wires them)."""
