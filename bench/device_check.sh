@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # GPU check of MoLE Studio (issue 15), sized to finish in under 5 minutes on one GPU:
-#   1. every method through the CLI (python -m mole_core generate) on the embedded world: the engine picks
-#      CUDA by itself, in float32 (the CLI's --dtype float16 is step 2's precision through the engine)
-#   2. every method in float16 through the engine (Engine(dtype=torch.float16)), each image checked finite
-#      and not blank, and compared with its float32 image
+#   1. every method through the CLI (mole_core.cli.main generate, all in ONE process) on the embedded world:
+#      the engine picks CUDA (and CUDA graphs) by itself, in float32
+#   2. every method in float16 through the engine (Engine(dtype=torch.float16)), graphed (the default) and eager
+#      (graphs=False), each image checked finite and not blank, compared with its float32 image and graphed with
+#      eager; the seconds of each one's second call (graphs captured)
 #   3. one gate-training step (CLI, float32) and one with fp16 autocast (TrainConfig(mixed_precision="fp16"))
 #   4. the inference overhead at SD 1.5 size, float16 (bench/inference_overhead.py: base / diffusers unfused /
-#      MoLE / linear merge, interleaved rounds, plus one gate-training vs one LoRA-training step), and the
+#      MoLE / linear merge, interleaved rounds, plus one gate-training vs one LoRA-training step; then compute
+#      ops per forward and graphed beside eager times), and the
 #      FLUX-shaped transformer at FLUX.1's 1024-px token count in bfloat16
 # Everything goes to $OUT (default out/device_check/); a summary line per step, "DEVICE CHECK PASSED" at the end.
 #
@@ -38,7 +40,7 @@ if [ "$MODE" = cpu ]; then
   DEVICE=cpu; HALF=float32; BF=float32; STEPS=2; ROUNDS=1; SMALL=(--small); FLUX=(--double-blocks 1 --single-blocks 1 --image-side 4 --text-tokens 8)
   THREADS=1
 else
-  DEVICE=cuda; HALF=float16; BF=bfloat16; STEPS=20; ROUNDS=20; SMALL=(); FLUX=(--double-blocks 2 --single-blocks 4 --image-side 64 --text-tokens 512)
+  DEVICE=cuda; HALF=float16; BF=bfloat16; STEPS=20; ROUNDS=10; SMALL=(); FLUX=(--double-blocks 2 --single-blocks 4 --image-side 64 --text-tokens 512)
   THREADS=4
 fi
 export DEVICE HALF STEPS PROMPT OUT
@@ -87,37 +89,58 @@ elif [ "$MODE" = dry ]; then
 fi
 [ "$MODE" = dry ] || mkdir -p "$OUT"
 
-# 1. every method through the CLI (float32; the engine picks CUDA when it is there)
-for m in "${METHODS[@]}"; do
-  sel=("${LORAS[@]}"); [ "$m" = base ] && sel=()
-  step "cli_generate_$m" 120 $PY -m mole_core generate --method "$m" "${sel[@]}" --prompt "$PROMPT" --seed 1 \
-    --steps "$STEPS" --out "$OUT/cli_$m.png"
-done
+# 1. every method through the CLI (float32; the engine picks CUDA, and CUDA graphs, when it is there), all in
+#    ONE process (mole_core.cli.main per method: python and torch start once, not eight times)
+export METHODS_LIST="${METHODS[*]}"
+step cli_generate 240 $PY - <<'EOF'
+import os, sys, time
+from mole_core.cli import main
+out, prompt, steps = os.environ["OUT"], os.environ["PROMPT"], os.environ["STEPS"]
+for m in os.environ["METHODS_LIST"].split():
+    sel = [] if m == "base" else ["--lora", "face", "--lora", "ring"]
+    t = time.perf_counter()
+    code = main(["generate", "--method", m, *sel, "--prompt", prompt, "--seed", "1", "--steps", steps,
+                 "--out", f"{out}/cli_{m}.png"])
+    print(f"cli generate {m:10s} exit {code}  {time.perf_counter() - t:6.2f} s", flush=True)
+    if code:
+        sys.exit(f"generate --method {m} failed (exit {code})")
+EOF
 
 # 2. every method in float16 through the engine, checked against float32
-step fp16_generate 240 $PY - <<'EOF'
+step fp16_generate 270 $PY - <<'EOF'
 import json, os, time
 import numpy as np, torch
 from mole_core.image.engine import Engine, GenerateRequest
 from mole_core.mix import Mix
 dev, half, out = os.environ["DEVICE"], getattr(torch, os.environ["HALF"]), os.environ["OUT"]
 req = GenerateRequest(prompt=os.environ["PROMPT"], seed=1, steps=int(os.environ["STEPS"]))
-engines = {"half": Engine(device=dev, dtype=half), "float32": Engine(device=dev, dtype=torch.float32)}
+# "half" runs graphed (the engine's CUDA default), "half_eager" with graphs=False (--no-graphs): the graphed
+# image must match the eager one; the second call of each (graphs captured) is the time reported
+engines = {"half": Engine(device=dev, dtype=half), "half_eager": Engine(device=dev, dtype=half, graphs=False),
+           "float32": Engine(device=dev, dtype=torch.float32)}
 rows, bad = [], []
-for m in ["mole", "linear", "svd", "ties", "dare", "switch", "composite", "base"]:
-    mix = Mix(m, () if m == "base" else ("face", "ring"))
-    px = {}
+for m in ["mole", "mole:sample", "linear", "svd", "ties", "dare", "switch", "composite", "base"]:
+    method, _, gate = m.partition(":")
+    mix = Mix(method, () if m == "base" else ("face", "ring"), **({"gate": gate} if gate else {}))
+    px, secs = {}, {}
     for name, eng in engines.items():
-        if dev == "cuda": torch.cuda.synchronize()
-        t = time.perf_counter(); res = eng.generate(mix, req); s = time.perf_counter() - t
+        for _ in range(1 if name == "float32" else 2):       # the first call compiles / captures
+            if dev == "cuda": torch.cuda.synchronize()
+            t = time.perf_counter(); res = eng.generate(mix, req); secs[name] = time.perf_counter() - t
         px[name] = np.asarray(res.image, dtype=np.float32)
-        if name == "half": res.image.save(f"{out}/fp16_{m}.png"); secs = s
+        if name == "half": res.image.save(f"{out}/fp16_{m.replace(':', '_')}.png")
     a = px["half"]
     finite, blank = bool(np.isfinite(a).all()), float(a.std()) < 1.0
     diff = float(np.abs(a - px["float32"]).mean())
-    rows.append({"method": m, "seconds": round(secs, 3), "finite": finite, "blank": blank, "mean_abs_px_vs_fp32": round(diff, 2)})
-    print(f"{m:10s} {os.environ['HALF']} {secs:6.2f} s  finite {finite}  blank {blank}  mean |px - fp32| {diff:6.2f} / 255")
-    if not finite or blank or diff > 20: bad.append(m)
+    graph_diff = float(np.abs(a - px["half_eager"]).max())
+    failure = engines["half"].graphs.failure
+    rows.append({"method": m, "seconds_graphed": round(secs["half"], 3), "seconds_eager": round(secs["half_eager"], 3),
+                 "finite": finite, "blank": blank, "mean_abs_px_vs_fp32": round(diff, 2),
+                 "max_abs_px_graphed_vs_eager": graph_diff, "graphs_failure": failure})
+    print(f"{m:12s} {os.environ['HALF']} graphed {secs['half']:6.2f} s  eager {secs['half_eager']:6.2f} s  finite {finite}  "
+          f"blank {blank}  mean |px - fp32| {diff:6.2f} / 255  max |graphed - eager| {graph_diff:.1f}"
+          + (f"  [{failure}]" if failure else ""))
+    if not finite or blank or diff > 20 or graph_diff > 8: bad.append(m)
 json.dump(rows, open(f"{out}/fp16_generate.json", "w"), indent=1)
 assert not bad, f"half-precision images wrong for: {bad} (NaN, blank, or > 20/255 from float32)"
 print("fp16 generate: all methods ok")

@@ -376,6 +376,82 @@ def routed_lines(rat: dict, fmt) -> list[str]:
             f"- MoLE default gate / diffusers unfused: {fmt(rat['routed/diffusers'])}; "
             f"/ per-sample MoLE: {fmt(rat['routed/mole'])}"]
 
+# ---- compute ops per forward, and CUDA-graphed times ----------------------------------------------
+
+def mole_variants() -> dict:
+    """The MoLE configurations the op counts and graphed times cover: per-sample and the product's default."""
+    from mole_core.defaults import DEFAULT_GATE
+    from mole_core.mix import mole_config_for
+    return {"MoLE per-sample": MoleConfig(granularity="block"),
+            f"MoLE default gate ({DEFAULT_GATE})": mole_config_for("block", DEFAULT_GATE)}
+
+
+def run_ops_and_graphs(setup: Setup, args, device, dtype, log=print) -> list[str]:
+    """Markdown lines: compute ops per forward (bench/ops.py: aten ops that reach a kernel, views left out;
+    on CUDA about one launch each) for base, diffusers unfused, MoLE per-sample and MoLE's default gate; on
+    CUDA also each one's time with the forward compiled with torch.compile(mode="reduce-overhead") (replayed
+    CUDA graphs) beside its eager time (median of --rounds after 3 warm-up calls, wall time, synchronised)."""
+    from bench.ops import count_ops
+    model, comps, loras = setup.model, setup.comps, setup.loras
+    n = len(loras[0].modules)
+    counts, graphed, eager, notes = {}, {}, {}, []
+
+    def measure(name):
+        with torch.no_grad():
+            setup.forward()                                        # gates materialised, leaders known
+            counts[name] = sum(count_ops(setup.forward).values())
+            if device.type != "cuda":
+                return
+            for mode, store in (("eager", eager), ("graphed", graphed)):
+                torch._dynamo.reset()
+                if mode == "graphed":
+                    model.forward = torch.compile(type(model).forward.__get__(model), mode="reduce-overhead",
+                                                  dynamic=False)
+                try:
+                    for _ in range(3):
+                        setup.forward()
+                    store[name] = timed(setup.forward, device, args.rounds)[0]
+                except Exception as error:                     # capture failed: say so, keep the eager figure
+                    notes.append(f"{name}: graphs failed ({type(error).__name__}: {str(error)[:120]})")
+                finally:
+                    vars(model).pop("forward", None)
+
+    measure("base")
+    for lora in loras:                                             # diffusers' unfused adapters, as run_inference
+        model.load_lora_adapter({k: v.to(device, dtype) for k, v in peft_state_dict(lora).items()},
+                                adapter_name=lora.name, prefix=None)
+    model.set_adapters([lora.name for lora in loras], weights=[1 / N_LORAS] * N_LORAS)
+    measure("diffusers unfused")
+    model.unload_lora()
+    for name, config in mole_variants().items():
+        try:
+            handle = attach(comps, loras, config)
+        except ValueError as error:                                # e.g. routing this family cannot do yet
+            notes.append(f"{name}: not measured ({error})")
+            continue
+        try:
+            measure(name)
+        finally:
+            handle.detach()
+    base = counts["base"]
+    lines = ["", f"Compute ops per forward (bench/ops.py: aten ops reaching a kernel, views left out; on CUDA about "
+                 f"one launch each), {n} adapted modules:", ""]
+    for name, c in counts.items():
+        extra = "" if name == "base" else f" (+{(c - base) / n:.2f} per adapted module)"
+        lines.append(f"- ops per forward, {name}: {c:,}{extra}")
+    if graphed or eager:
+        lines += ["", "CUDA graphs (torch.compile mode reduce-overhead) beside eager, ms per forward (wall):", "",
+                  "| method | eager | graphed | graphed / base graphed |", "|---|---|---|---|"]
+        for name in counts:
+            g, e = graphed.get(name), eager.get(name)
+            ratio = f"{g / graphed['base']:.3f}" if g and graphed.get("base") else ""
+            lines.append(f"| {name} | {e * 1e3:,.2f} | " + (f"{g * 1e3:,.2f}" if g else "failed") + f" | {ratio} |"
+                         if e else f"| {name} | | | |")
+    lines += [f"- {note}" for note in notes]
+    for line in lines:
+        log(line)
+    return lines
+
 
 # ---- training (one mode per subprocess) ----------------------------------------------------------
 
@@ -444,6 +520,7 @@ def main():
                     help="what the ratios use: process CPU time or wall time (auto: CPU time on the CPU with one "
                          "thread, wall time on CUDA or with several threads)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in both training modes")
+    ap.add_argument("--no-ops", action="store_true", help="skip the op counts (and, on CUDA, the graphed times)")
     ap.add_argument("--no-train", action="store_true", help="skip the training comparison (flux never trains)")
     ap.add_argument("--markdown", type=Path, help="also write the inference results as Markdown to this file")
     ap.add_argument("--train-mode", choices=["gates", "lora"], help=argparse.SUPPRESS)   # subprocess use
@@ -475,6 +552,8 @@ def main():
                         f"{where}; load average (1, 5, 15 min) {load_start} at the start, {load_average()} at the end "
                         f"(`os.getloadavg`; {os.cpu_count()} CPUs). Finished {time.strftime('%Y-%m-%d %H:%M')}."])
     lines = report_inference(r, args, header)
+    if not args.no_ops:
+        lines += run_ops_and_graphs(setup, args, device, dtype, log=lambda s: None)
     print("\n".join(lines), flush=True)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

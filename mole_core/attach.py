@@ -217,8 +217,8 @@ class MoleHandle:
         self._groups = groups
         self.gates = nn.ModuleDict({_gate_key(g): grp.gate for g, grp in groups.items()})
         self._runtime = runtime
-        self._hook_specs = hooks                           # [(network root, forward pre-hook)]
-        self._hooks = [root.register_forward_pre_hook(fn) for root, fn in hooks]
+        self._hook_specs = hooks                           # [(network root, pre-hook, post-hook)]
+        self._hooks = _register(hooks)
         self.router = router                               # routing.TriggerRouter (route="trigger") or None
         if router is not None:
             router.install()
@@ -268,7 +268,7 @@ class MoleHandle:
             places.append((parent, child, layer))
         for parent, child, layer in places:
             setattr(parent, child, layer)
-        self._hooks = [root.register_forward_pre_hook(fn) for root, fn in self._hook_specs]
+        self._hooks = _register(self._hook_specs)
         if self.router is not None:
             self.router.install()
         self.attached = True
@@ -431,6 +431,14 @@ class MoleHandle:
 # attach
 # ----------------------------------------------------------------------------------------------
 
+def _register(hooks: list) -> list:
+    """Register (root, pre-hook, post-hook) triples; the removable handles."""
+    handles = []
+    for root, pre, post in hooks:
+        handles += [root.register_forward_pre_hook(pre), root.register_forward_hook(post)]
+    return handles
+
+
 def _check_fit(lora: Lora, key: str, module: nn.Module, w: LoraWeights) -> None:
     """ValueError naming the LoRA, the module, the expected and the found shapes (lora.module_problem's rule)."""
     if isinstance(module, (MoleLinear, MoleConv2d)):
@@ -495,7 +503,8 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         raise ValueError(f"Module '{missing[0]}' is registered under another name too (a shared module); "
                          f"address it by its first name.")
     keys = sorted(modules, key=order.__getitem__)
-    runtime = Runtime(names)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    runtime = Runtime(names, device)
     if router is not None:
         router.runtime = runtime
     groups: dict[str, Group] = {}
@@ -509,7 +518,6 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
                               runtime, config.gate == "token", router)
 
     # 3. wrap: replace each module in its parent (the first member of a group owns its gate)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers: dict[str, nn.Module] = {}
     owned: set[str] = set()
     for key in keys:
@@ -524,8 +532,9 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         layers[key] = layer
 
-    # 4. a pre-hook on each network root starts a new forward pass: clear the gates' cache, count calls
-    hooks = []                                   # (root, hook): the handle registers them
+    # 4. a pre-hook on each network root starts a new forward pass (clear the groups' caches, count calls);
+    #    a post-hook hands the pass's gate weights to the recording (host copies outside the forward)
+    hooks = []                                   # (root, pre-hook, post-hook): the handle registers them
     networks = dict.fromkeys(grp.network for grp in groups.values())
     for network in networks:
         root = model[network] if network else model
@@ -535,10 +544,14 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
         def start_pass(module, args, network=network, members=members):
             runtime.calls[network] = runtime.calls.get(network, 0) + 1
             runtime.evaluated[network] = []
+            runtime.pending = [p for p in runtime.pending if p[1] != network]   # a pass that raised
             for grp in members:
-                grp.cache = None
+                grp.start_pass()
 
-        hooks.append((root, start_pass))
+        def end_pass(module, args, output, network=network):
+            runtime.flush(network)
+
+        hooks.append((root, start_pass, end_pass))
     return MoleHandle(model, config, names, layers, groups, runtime, hooks, router)
 
 

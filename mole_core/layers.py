@@ -31,7 +31,14 @@ equal-weight linear merge, like the other kinds.
 Trigger-routed gates (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): the leader's
 softmax is cached unrouted; every member then takes it at its own tokens (the mean over the leader's tokens
 for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with β the gate's
-`route_beta`, renormalises, and only then applies forced weights and the mask.
+`route_beta`, renormalises, and only then applies forced weights and the mask — computed once per token count
+and routing map of the pass (the router's `stamp`), not once per member.
+
+On a GPU (issue 26): a member costs three ops beyond its base layer (A_cat x; h ⊙ c; one addmm / baddbmm
+adding B_cat (h ⊙ c) into the base output); the gate and the per-rank scales c are computed once per group and
+pass; nothing in a forward syncs with the host (no .item(), no data-dependent shapes; call-time settings live on
+the device, recorded gates are copied to the host after the network's forward), so a step can be captured as a
+CUDA graph (mole_core/graphs.py) and torch.compile traces it without graph breaks.
 
 Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
@@ -119,19 +126,67 @@ class Runtime:
     """State shared by all layers of one attachment for the current call (not persistent modes).
 
     mask (N,) bool | None, strengths (N,) float | None, gates (N,) or (B, N) float | None: set by
-    `MoleHandle.settings`. recording: a `Recording` or None. calls: forward count per network (the
-    recording's step index). evaluated: per network, the softmax gates (with grad) of its last forward,
-    for the balance loss.
+    `MoleHandle.settings`; each is kept on the attachment's `device` (so a forward copies nothing from the
+    host, and a CUDA graph reads them as inputs), and the mask's "every expert off" is decided once, here
+    (`all_off`, a Python bool: no host sync inside a forward). recording: a `Recording` or None; gate weights
+    wait in `pending` (on the device) until the network's forward returns, then go to the recording. calls:
+    forward count per network (the recording's step index). evaluated: per network, the softmax gates (with
+    grad) of its last forward, for the balance loss.
     """
 
-    def __init__(self, expert_names: list[str]):
+    def __init__(self, expert_names: list[str], device=None):
         self.expert_names = list(expert_names)
-        self.mask: torch.Tensor | None = None
-        self.strengths: torch.Tensor | None = None
-        self.gates: torch.Tensor | None = None
+        self.device = device                      # where the model's weights are (None: leave tensors as given)
+        self.all_off = False                      # mask set and no expert on: the base model exactly
+        self._mask = self._strengths = self._gates = None
         self.recording = None
+        self.pending: list[tuple[str, str, torch.Tensor]] = []   # (group, network, weights) not yet recorded
         self.calls: dict[str, int] = {}
         self.evaluated: dict[str, list[torch.Tensor]] = {}
+
+    def _here(self, value: torch.Tensor | None) -> torch.Tensor | None:
+        return value if value is None or self.device is None else value.to(self.device)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self.all_off = value is not None and not bool(value.any())         # once per setting, not per forward
+        self._mask = self._here(value)
+
+    @property
+    def strengths(self) -> torch.Tensor | None:
+        return self._strengths
+
+    @strengths.setter
+    def strengths(self, value: torch.Tensor | None) -> None:
+        self._strengths = self._here(value)
+
+    @property
+    def gates(self) -> torch.Tensor | None:
+        return self._gates
+
+    @gates.setter
+    def gates(self, value: torch.Tensor | None) -> None:
+        self._gates = self._here(value)
+
+    def record(self, group: str, network: str, G: torch.Tensor) -> None:
+        """Keep one gate evaluation for the recording (moved to the host after the forward: `flush`)."""
+        if self.recording is not None:
+            self.pending.append((group, network, G.detach()))
+
+    def flush(self, network: str) -> None:
+        """After a forward of `network`: hand its pending gate weights to the recording (one host copy each)."""
+        step = self.calls.get(network, 1) - 1
+        keep = []
+        for group, net, G in self.pending:
+            if net != network:
+                keep.append((group, net, G))
+            elif self.recording is not None:
+                self.recording.add(group, net, step, G)
+        self.pending = keep
 
 
 def _per_sample(G: torch.Tensor) -> torch.Tensor:
@@ -140,7 +195,12 @@ def _per_sample(G: torch.Tensor) -> torch.Tensor:
 
 
 class Group:
-    """A gate plus its per-pass cache; shared (not registered) by the members of one group."""
+    """A gate plus its per-pass caches; shared (not registered) by the members of one group.
+
+    The gate is evaluated once per pass (by the leader); what the members need from it — the weights at
+    their token count, routed where routing applies, and the per-rank-channel scales c — is computed once
+    per pass for each distinct need and reused (`coef`), so a member costs three ops: A, the scaling, B.
+    """
 
     def __init__(self, name: str, network: str, gate: Gate, runtime: Runtime, per_token: bool = False,
                  router=None):
@@ -149,20 +209,60 @@ class Group:
         self.router = router                              # routing.TriggerRouter (route="trigger") or None
         self.cache: torch.Tensor | None = None            # (B, N) or (B, T, N) effective weights of this pass
                                                           # (routed groups: the gate's own softmax)
+        self.routed: dict = {}                            # routed groups: (T, router stamp) -> weights (B, T, N)
+        self.coef: dict = {}                              # (weights key, member layout, dtype) -> c (B, T|1, R)
 
-    def routed_weights(self, member: "_MoleBase", outputs_fn, T: int) -> torch.Tensor:
-        """Trigger-routed groups: the gate's softmax (evaluated by the leader, cached) brought to this
-        member's T tokens, times the routing term of its tokens, then forced weights and the mask."""
-        gate, rt = self.gate, self.runtime
+    def start_pass(self) -> None:
+        """A new forward of the network: forget this pass's weights."""
+        self.cache, self.routed, self.coef = None, {}, {}
+
+    def _is_leader(self, member: "_MoleBase") -> bool:
+        gate = self.gate
         if gate.leader is None:
             gate.leader = member.key
-        leader = member.key == gate.leader
+        if member.key != gate.leader and self.cache is None:
+            raise RuntimeError(
+                f"MoLE group '{self.name}': module '{member.key}' ran before the group's leader "
+                f"'{gate.leader}' in this forward pass. The gate is evaluated by the first module of the "
+                f"group to run; this model runs its modules in a different order than when the gate "
+                f"was built (or a submodule was called outside its network's forward).")
+        return member.key == gate.leader
+
+    def _evaluate(self, member: "_MoleBase", h: torch.Tensor) -> torch.Tensor:
+        """The gate's softmax (B, N) or (B, T, N) from the leader's stacked down-projections h (B, T, R)."""
+        gate = self.gate
+        if gate.logits is not None:                                        # static: the input does not count
+            lead = (h.shape[0], h.shape[1]) if self.per_token else (h.shape[0],)
+            return torch.softmax(gate.logits.float() / gate.log_tau.float().exp(), dim=-1).expand(*lead, -1)
+        gate.materialise(member.d_out, h.device)
+        return gate(member.expert_outputs(h, self.per_token))             # (B, [T,] N)
+
+    def weights(self, member: "_MoleBase", h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Effective expert weights for `member` (B, N) or per token (B, T', N), and a key naming them within
+        this pass; the leader evaluates, the others reuse. h: the member's down-projections (B, T, R)."""
+        if self.router is not None:
+            return self._routed_weights(member, h)
+        if self._is_leader(member):
+            rt = self.runtime
+            G = self._evaluate(member, h)
+            rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
+            G = self._forced_and_masked(G)
+            rt.record(self.name, self.network, G)
+            self.cache = G
+        return self.cache, ("gate",)
+
+    def _routed_weights(self, member: "_MoleBase", h: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Trigger-routed groups: the gate's softmax (evaluated by the leader, cached) brought to this
+        member's T tokens, times the routing term of its tokens, then forced weights and the mask; computed
+        once per token count and routing map of the pass (the router's `stamp` changes with each new map)."""
+        gate, rt, T = self.gate, self.runtime, h.shape[1]
+        leader = self._is_leader(member)
         if leader:
-            outputs = outputs_fn()                                         # (B, T, N, d_out)
-            gate.materialise(outputs.shape[-1], outputs.device)
-            self.cache = gate(outputs)                                     # (B, T, N) softmax
-        elif self.cache is None:
-            return self.weights(member, outputs_fn)                        # raises the ordering error
+            self.cache = self._evaluate(member, h)                         # (B, T, N) softmax
+        stamp = getattr(self.router, "stamp", None)                        # None: no stamp, nothing reused
+        key = None if stamp is None else ("routed", T, stamp)
+        if key is not None and key in self.routed:
+            return self.routed[key], key
         G = self.cache
         if G.shape[1] != T:
             G = G.mean(1, keepdim=True).expand(G.shape[0], T, G.shape[2])  # another token layout
@@ -170,9 +270,11 @@ class Group:
         if leader:
             rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
         G = self._forced_and_masked(G)
-        if leader and rt.recording is not None:
-            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, G)
-        return G
+        if leader:
+            rt.record(self.name, self.network, G)
+        if key is not None:
+            self.routed[key] = G
+        return G, key
 
     def _forced_and_masked(self, G: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
@@ -180,35 +282,35 @@ class Group:
             forced = rt.gates.to(G.device, G.dtype)
             G = (forced.unsqueeze(1) if forced.dim() == 2 and G.dim() == 3 else forced).expand_as(G)
         if rt.mask is not None:                                            # G'_i = m_i G_i / Σ m_j G_j
-            m = rt.mask.to(G.device, G.dtype)
-            G = G * m
+            G = G * rt.mask
             G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
         return G
 
-    def weights(self, member: "_MoleBase", outputs_fn) -> torch.Tensor:
-        """Effective expert weights for `member`, (B, N) or per token (B, T, N); the leader evaluates,
-        the others reuse. outputs_fn() gives the experts' outputs (B, N, d_out) or (B, T, N, d_out)."""
-        gate, rt = self.gate, self.runtime
-        if gate.leader is None:
-            gate.leader = member.key
-        if member.key != gate.leader:
-            if self.cache is None:
-                raise RuntimeError(
-                    f"MoLE group '{self.name}': module '{member.key}' ran before the group's leader "
-                    f"'{gate.leader}' in this forward pass. The gate is evaluated by the first module of the "
-                    f"group to run; this model runs its modules in a different order than when the gate "
-                    f"was built (or a submodule was called outside its network's forward).")
-            return self.cache
-        # the leader: evaluate the gate
-        outputs = outputs_fn()                                             # (B, [T,] N, d_out)
-        gate.materialise(outputs.shape[-1], outputs.device)
-        G = gate(outputs)                                                  # (B, [T,] N) softmax
-        rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
-        G = self._forced_and_masked(G)
-        if rt.recording is not None:
-            rt.recording.add(self.name, self.network, rt.calls.get(self.network, 1) - 1, G)
-        self.cache = G
-        return G
+    def coefficients(self, member: "_MoleBase", h: torch.Tensor) -> torch.Tensor:
+        """Per-rank-channel scales c = G_i s_i strength_i for `member`: (B, 1, R), or (B, T, R) for per-token
+        gates; computed once per pass for each (weights, rank layout and scales, dtype) and shared.
+
+        h: the member's stacked down-projections in token layout (B, T, R)."""
+        G, key = self.weights(member, h)                                   # (B, N) or (B, T', N)
+        if G.shape[0] != h.shape[0]:
+            raise RuntimeError(f"MoLE group '{self.name}': gate computed for batch {G.shape[0]} by "
+                               f"'{self.gate.leader}', but '{member.key}' got batch {h.shape[0]}.")
+        tokens = h.shape[1] if G.dim() == 3 and G.shape[1] == h.shape[1] else 1
+        ckey = None if key is None else (key, tokens, member.layout, h.dtype)
+        if ckey is not None and ckey in self.coef:
+            return self.coef[ckey]
+        if G.dim() == 2:
+            G = G.unsqueeze(1)                                             # (B, 1, N)
+        elif tokens == 1:
+            G = G.mean(1, keepdim=True)          # another token layout than the leader's (e.g. text tokens)
+        if self.runtime.strengths is not None:
+            G = G * self.runtime.strengths
+        # c_r = G_i s_i strength_i on expert i's rank channels r; a matmul with the one-hot (N, R) rows of s_i
+        # is that gather (every other term is an exact zero)
+        c = (G @ member.rank_mix.float()).to(h.dtype)                     # (B, T|1, R)
+        if ckey is not None:
+            self.coef[ckey] = c
+        return c
 
 
 class _MoleBase(nn.Module):
@@ -222,16 +324,19 @@ class _MoleBase(nn.Module):
         self.group = group                                # plain object: not registered (shared)
         w = base.weight
         ranks = [0 if e is None else e.rank for e in experts]
+        scales = [0.0 if e is None else float(e.scale) for e in experts]
         A = [e.A.reshape(e.rank, *A_shape) for e in experts if e is not None]
         B = [e.B.reshape(e.B.shape[0], e.rank) for e in experts if e is not None]
         d_out = w.shape[0]
         self.register_buffer("A_cat", torch.cat(A).to(w.device, w.dtype))            # (R, *A_shape)
         self.register_buffer("B_cat", torch.cat(B, dim=1).to(w.device, w.dtype))      # (d_out, R)
-        self.register_buffer("scales", torch.tensor([0.0 if e is None else float(e.scale) for e in experts],
-                                                    device=w.device))                   # (N,) s_i
+        self.register_buffer("scales", torch.tensor(scales, device=w.device))         # (N,) s_i
         self.register_buffer("expert_of_rank", torch.repeat_interleave(
             torch.arange(len(experts), device=w.device), torch.tensor(ranks, device=w.device)))  # (R,)
         self.register_buffer("rank_onehot", F.one_hot(self.expert_of_rank, len(experts)).float())  # (R, N)
+        # (N, R): row i holds s_i on expert i's rank channels, for the gate's pooled expert outputs
+        self.register_buffer("rank_mix", (self.rank_onehot * self.scales[self.expert_of_rank, None]).T.contiguous())
+        self.layout = (tuple(ranks), tuple(scales))       # members with equal layouts share their scales c
         self.n_experts, self.d_out = len(experts), d_out
 
     @property
@@ -243,39 +348,28 @@ class _MoleBase(nn.Module):
     def extra_repr(self) -> str:
         return f"key={self.key!r}, experts={self.n_experts}, rank={self.A_cat.shape[0]}, group={self.group.name!r}"
 
+    def expert_outputs(self, h: torch.Tensor, per_token: bool) -> torch.Tensor:
+        """The gate's input: E_i = s_i B_i h_i pooled over tokens (B, N, d_out), or per token (B, T, N, d_out);
+        float32. h: the stacked down-projections (B, T, R) (mean pooling commutes with B)."""
+        h_in = h if per_token else h.mean(1)                               # (B, [T,] R)
+        blocks = h_in.float().unsqueeze(-2) * self.rank_mix.float()        # (B, [T,] N, R)
+        return blocks @ self.B_cat.float().t()                             # (B, [T,] N, d_out)
+
     def _mix(self, h: torch.Tensor) -> torch.Tensor:
         """Per-rank-channel scales c from the group's gate: (B, 1, R), or (B, T, R) for per-token gates.
 
         h: the stacked down-projections in token layout (B, T, R)."""
-        def expert_outputs():        # E_i = s_i B_i h_i, pooled (B, N, d_out) or per token (B, T, N, d_out)
-            h_in = h if self.group.per_token else h.mean(1)                # (B, [T,] R)
-            scales = self.scales.float()[self.expert_of_rank, None]                     # (R, 1)
-            blocks = h_in.float().unsqueeze(-1) * (self.rank_onehot.float() * scales)   # (B, [T,] R, N)
-            return (self.B_cat.float() @ blocks).transpose(-1, -2)        # (B, [T,] N, d_out)
-
-        if self.group.router is not None:                                  # trigger routing: per member
-            G = self.group.routed_weights(self, expert_outputs, h.shape[1])  # (B, T, N)
-        else:
-            G = self.group.weights(self, expert_outputs)                   # (B, N) or (B, T', N)
-        if G.shape[0] != h.shape[0]:
-            raise RuntimeError(f"MoLE group '{self.group.name}': gate computed for batch {G.shape[0]} by "
-                               f"'{self.group.gate.leader}', but '{self.key}' got batch {h.shape[0]}.")
-        if G.dim() == 2:
-            G = G.unsqueeze(1)                                             # (B, 1, N)
-        elif G.shape[1] != h.shape[1]:
-            G = G.mean(1, keepdim=True)          # another token layout than the leader's (e.g. text tokens)
-        per_expert = G * self.scales.float()                                       # (B, T|1, N)
-        if self.group.runtime.strengths is not None:
-            per_expert = per_expert * self.group.runtime.strengths.to(G.device)
-        return per_expert[..., self.expert_of_rank].to(h.dtype)           # (B, T|1, R)
+        return self.group.coefficients(self, h)
 
     def _all_off(self) -> bool:
-        mask = self.group.runtime.mask
-        return mask is not None and not bool(mask.any())
+        return self.group.runtime.all_off
 
 
 class MoleLinear(_MoleBase):
-    """nn.Linear `base` plus gated LoRA experts. Input (B, ..., d_in) or (B, d_in)."""
+    """nn.Linear `base` plus gated LoRA experts. Input (B, ..., d_in) or (B, d_in).
+
+    Three ops beyond the base's own: h = A_cat x, h ⊙ c, and y + B_cat (h ⊙ c) as one addmm into the base's
+    output (the group's gate work is done once per group and pass, see `Group`)."""
 
     def __init__(self, base: nn.Linear, key: str, experts: list[LoraWeights | None], group: Group):
         super().__init__(base, key, experts, (base.in_features,), group)
@@ -284,16 +378,19 @@ class MoleLinear(_MoleBase):
         y = self.base(x)
         if self._all_off():
             return y                                                       # every expert off: the base model
-        h = F.linear(x, self.A_cat.to(x.dtype))                            # (B, ..., R)
-        if h.dim() == 1:
+        if x.dim() == 1:
             raise ValueError(f"MoLE module '{self.key}' got an unbatched 1-D input; MoLE gates are per sample.")
+        h = F.linear(x, self.A_cat.to(x.dtype))                            # (B, ..., R)
         tokens = h.reshape(h.shape[0], -1, h.shape[-1])                    # (B, T, R), T = 1 for 2-D input
-        c = self._mix(tokens)                                              # (B, T|1, R)
-        return y + F.linear((tokens * c).reshape(h.shape), self.B_cat.to(x.dtype))   # (B, ..., d_out)
+        scaled = tokens * self._mix(tokens)                                # (B, T, R)
+        out = torch.addmm(y.reshape(-1, self.d_out), scaled.reshape(-1, scaled.shape[-1]),
+                          self.B_cat.to(x.dtype).t())                      # (B·T, d_out) = y + (h ⊙ c) B_catᵀ
+        return out.reshape(y.shape)                                        # (B, ..., d_out)
 
 
 class MoleConv2d(_MoleBase):
-    """nn.Conv2d `base` plus gated LoRA experts: A with the base's kernel/stride/padding, B 1x1."""
+    """nn.Conv2d `base` plus gated LoRA experts: A with the base's kernel/stride/padding, B 1x1 (applied as
+    one batched matmul accumulated into the base's output)."""
 
     def __init__(self, base: nn.Conv2d, key: str, experts: list[LoraWeights | None], group: Group):
         super().__init__(base, key, experts, tuple(base.weight.shape[1:]), group)
@@ -308,7 +405,8 @@ class MoleConv2d(_MoleBase):
         h = F.conv2d(x, self.A_cat.to(x.dtype), None, b.stride, b.padding, b.dilation)   # (B, R, H', W')
         Bn, R, H, W = h.shape
         tokens = h.flatten(2).transpose(1, 2)              # (B, H'W', R): row-major, as diffusers' attention
-        c = self._mix(tokens)                                              # (B, H'W'|1, R)
-        c = c.transpose(1, 2).reshape(Bn, R, *((H, W) if c.shape[1] > 1 else (1, 1)))
-        up = self.B_cat.to(x.dtype)[:, :, None, None]                      # (d_out, R, 1, 1)
-        return y + F.conv2d(h * c, up)                                     # (B, d_out, H', W')
+        c = self._mix(tokens).transpose(1, 2)                              # (B, R, H'W'|1)
+        scaled = h.reshape(Bn, R, H * W) * c                               # (B, R, H'W')
+        up = self.B_cat.to(x.dtype).expand(Bn, -1, -1)                     # (B, d_out, R)
+        out = torch.baddbmm(y.reshape(Bn, self.d_out, H * W), up, scaled)  # y + B_cat (h ⊙ c)
+        return out.reshape(y.shape)                                        # (B, d_out, H', W')

@@ -58,6 +58,9 @@ def add_precision_arguments(p) -> None:
     p.add_argument("--cpu-offload", action="store_true",
                    help="keep the models in CPU memory and move each to the GPU only while it runs (diffusers' "
                         "enable_model_cpu_offload; needs a CUDA GPU): for models bigger than the GPU")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run the denoiser eagerly on a GPU (default there: each step replayed as a CUDA graph, "
+                        "torch.compile mode reduce-overhead; the first image at a new size compiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:

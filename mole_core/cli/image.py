@@ -24,7 +24,8 @@ def engine_precision(args) -> dict:
     from mole_core.image.engine import DTYPES
 
     dtype = getattr(args, "dtype", None)
-    return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False))}
+    return {"dtype": DTYPES[dtype] if dtype else None, "cpu_offload": bool(getattr(args, "cpu_offload", False)),
+            **({"graphs": False} if getattr(args, "no_graphs", False) else {})}
 
 
 def load_components(model_dir: str):

@@ -50,6 +50,7 @@ from mole_core.image.families import (default_size, family_of, latent_shape, lat
                                       pipeline_encoders)
 from mole_core.lora import Lora
 from mole_core.image.lora_files import save_lora, validate_lora
+from mole_core.graphs import Graphs, graphs_default
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training, mole_config_for
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
@@ -102,12 +103,15 @@ class Engine:
     (the gates stay float32 whatever the model's dtype). cpu_offload: diffusers' `enable_model_cpu_offload`
     (each model on the GPU only while it runs), for models bigger than the GPU; needs a CUDA GPU.
     limits: the largest counts a request may ask for (mole_core.defaults.Limits; the CLI uses the local ones).
+    graphs: run the denoiser's steps under CUDA graphs (mole_core.graphs; None: on a CUDA device); when capture
+    fails, one warning says so (`engine.graphs.failure`) and the steps run eagerly.
     Expert names are bank keys everywhere (masks, strengths, weights, gate rows, mixtures). Every verb takes
     an optional `bank=` (a session's own bank, see `Bank.overlay`); the default is the engine's bank.
     """
 
     def __init__(self, model=DEFAULT_MODEL, bank: str | Path | Bank = DEFAULT_BANK, device: str | None = None,
-                 dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False):
+                 dtype: torch.dtype | None = None, limits: Limits | None = None, cpu_offload: bool = False,
+                 graphs: bool | None = None):
         self.model_id = str(model) if isinstance(model, (str, Path)) else None
         self._family = None                      # mole_core.image.families.Family (the `family` property loads it)
         self.bank = bank if isinstance(bank, Bank) else Bank(bank)
@@ -120,9 +124,11 @@ class Engine:
             raise ValueError(f"CPU offload (--cpu-offload) moves each model to a CUDA GPU while it runs; there is "
                              f"none here (device {self.device}). Leave it off on this machine.")
         self.limits = limits or Limits()
+        self.graphs = Graphs(graphs_default(self.device) if graphs is None else graphs)   # CUDA graphs of each step
         self._pipe = None if self.model_id else self._prepare(model)
         self._kept = KeptAttachment()            # the MoLE attachment kept between calls
         self._fits: set[str] = set()             # LoRA files (path, mtime) already validated against the model
+        self._merges: dict[tuple, Lora] = {}       # the last merges computed (Engine.merge), by mix and file state
         self._lock = FairLock()                  # one model call at a time, in arrival order
         self.costs = Costs()                     # seconds per denoising / training step, timed on this machine
         self._load_lock = threading.Lock()       # one lazy load
@@ -337,11 +343,18 @@ class Engine:
         bank = bank or self.bank
         if mix.method not in MERGES:
             raise ValueError(f"Only the merges ({', '.join(MERGES)}) give one LoRA; got {mix.method!r}.")
-        loras = [bank.load(k) for k in mix.keys]
         weights = [float((mix.weights or {}).get(k, bank.get(k).default_weight)) for k in mix.keys]
         extra = {"density": mix.density} if mix.method in ("ties", "dare") else {}
-        return merge_loras(loras, weights, method=mix.method, rank=mix.rank, normalize=mix.normalize,
-                           name=name or f"{mix.method}:{'+'.join(mix.keys)}", **extra)
+        name = name or f"{mix.method}:{'+'.join(mix.keys)}"
+        # once per mix and file state: a TIES / DARE / SVD merge is seconds of dense SVDs, the same every time
+        key = (mix.method, tuple(mix.keys), tuple(weights), mix.rank, mix.normalize, tuple(sorted(extra.items())),
+               name, tuple(file_stamp(bank.get(k).lora_path) for k in mix.keys))
+        if key not in self._merges:
+            loras = [bank.load(k) for k in mix.keys]
+            merged = merge_loras(loras, weights, method=mix.method, rank=mix.rank, normalize=mix.normalize,
+                                 name=name, **extra)
+            self._merges = {**dict(list(self._merges.items())[-(_MERGES_KEPT - 1):]), key: merged}
+        return self._merges[key]
 
     # ---- gate training --------------------------------------------------------------------------
     def train(self, keys, mole: MoleConfig, train: TrainConfig, on_step=None, should_stop=None,
@@ -481,7 +494,7 @@ class Engine:
         if self.family.packed:
             negative = {**negative, "true_cfg_scale": float(request.true_cfg)} if request.negative and \
                 float(request.true_cfg) > 1 else {}
-        with torch.no_grad():
+        with torch.no_grad(), self.graphs.on(getattr(self.pipe, self.family.denoiser)):
             out = self.pipe(prompt=request.prompt, **negative,
                             height=height, width=width, num_inference_steps=request.steps,
                             guidance_scale=float(request.guidance), latents=latents.to(self.device, self.dtype),
@@ -533,6 +546,7 @@ class Engine:
         return "\n".join(lines) + "\n"
 
 
+_MERGES_KEPT = 4                                 # merges an engine keeps for reuse
 
 
 def _mask(mix: Mix) -> dict[str, bool] | None:
