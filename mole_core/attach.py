@@ -448,6 +448,26 @@ def _check_fit(lora: Lora, key: str, module: nn.Module, w: LoraWeights) -> None:
         raise ValueError(f"LoRA '{lora.name}', {problem}.")
 
 
+def _router(model: nn.Module, config: MoleConfig, n_experts: int):
+    """The TriggerRouter a routed config asks for (None without routing); ValueError naming a bad setting."""
+    if config.route == "none":
+        return None
+    from mole_core.routing import ROUTE_ABSENT, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
+    if config.route not in ROUTES:
+        raise ValueError(f"Unknown route '{config.route}' (expected one of {', '.join(ROUTES)}).")
+    if config.gate != "token":
+        raise ValueError(f"route='{config.route}' needs per-token gates (gate='token'); got gate='{config.gate}'.")
+    if config.route_absent not in ROUTE_ABSENT:
+        raise ValueError(f"route_absent must be one of {', '.join(ROUTE_ABSENT)}; got {config.route_absent!r}.")
+    if config.route_tokens not in ROUTE_TOKENS or config.route_norm not in ROUTE_NORMS:
+        raise ValueError(f"route_tokens must be one of {', '.join(ROUTE_TOKENS)} and route_norm one of "
+                         f"{', '.join(ROUTE_NORMS)}; got {config.route_tokens!r}, {config.route_norm!r}.")
+    if not (float(config.route_eps) > 0):
+        raise ValueError(f"route_eps must be above 0; got {config.route_eps!r}.")
+    return TriggerRouter(model, n_experts, config.route_tokens, config.route_norm, float(config.route_eps),
+                         bool(config.route_pixels), config.route_absent)
+
+
 def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None) -> MoleHandle:
     """Wrap every module targeted by any of `loras` in a MoleLinear / MoleConv2d; return the handle.
 
@@ -463,22 +483,7 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
     if config.gate == "prompt" and isinstance(model, nn.ModuleDict):
         raise ValueError("gate='prompt' reads a text model's prompt (mole_core.text.gate); a pipeline takes the gate "
                          "kinds sample, token, static or routed.")
-    router = None
-    if config.route != "none":
-        from mole_core.routing import ROUTE_ABSENT, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
-        if config.route not in ROUTES:
-            raise ValueError(f"Unknown route '{config.route}' (expected one of {', '.join(ROUTES)}).")
-        if config.gate != "token":
-            raise ValueError(f"route='{config.route}' needs per-token gates (gate='token'); got gate='{config.gate}'.")
-        if config.route_absent not in ROUTE_ABSENT:
-            raise ValueError(f"route_absent must be one of {', '.join(ROUTE_ABSENT)}; got {config.route_absent!r}.")
-        if config.route_tokens not in ROUTE_TOKENS or config.route_norm not in ROUTE_NORMS:
-            raise ValueError(f"route_tokens must be one of {', '.join(ROUTE_TOKENS)} and route_norm one of "
-                             f"{', '.join(ROUTE_NORMS)}; got {config.route_tokens!r}, {config.route_norm!r}.")
-        if not (float(config.route_eps) > 0):
-            raise ValueError(f"route_eps must be above 0; got {config.route_eps!r}.")
-        router = TriggerRouter(model, len(loras), config.route_tokens, config.route_norm, float(config.route_eps),
-                               bool(config.route_pixels), config.route_absent)
+    router = _router(model, config, len(loras))
     names = [lora.name for lora in loras]
     if not loras:
         raise ValueError("attach needs at least one LoRA.")

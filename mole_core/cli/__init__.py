@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                        arguments=lambda p: importlib.import_module("mole_core.studies.evaluate").add_arguments(p))
     p.set_defaults(func=cmd_evaluate)
 
+    _add_train_gates(sub, granularities, gate_kinds)
+    _add_generate(sub, granularities, gate_kinds)
+    return parser
+
+
+def _add_train_gates(sub, granularities, gate_kinds) -> None:
     p = sub.add_parser("train-gates", help="train MoLE gates over bank LoRAs and write a mixture file")
     add_model_arguments(p)
     p.add_argument("--lora", action="append", required=True, metavar="KEY", help="a bank key; repeat (2 or more)")
@@ -115,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output mixture .safetensors file")
     p.set_defaults(func=cmd_train_gates)
 
+
+def _add_generate(sub, granularities, gate_kinds) -> None:
     p = sub.add_parser("generate", help="render one image with MoLE, a merge, a peer, the base model or one LoRA")
     add_model_arguments(p)
     p.add_argument("--method", required=True, metavar="METHOD",
@@ -153,8 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output image (.png)")
     p.add_argument("--gates-out", help="write the recorded MoLE gates as CSV (group, step, sample, expert, weight)")
     p.set_defaults(func=cmd_generate)
-
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

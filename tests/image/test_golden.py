@@ -16,7 +16,7 @@ from mole_core.attach import MoleConfig
 from mole_core.image.engine import GenerateRequest, Mix
 from mole_core.train import TrainConfig
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_images.json").read_text())
+GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "golden_images.json").read_text())
 KEYS = ("face", "ring")
 
 

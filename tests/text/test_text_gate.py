@@ -14,7 +14,7 @@ from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEng
 from mole_core.text.gate import PREFIX, load_prompt_state, split_state
 from mole_core.train import TrainConfig
 from mole_core.text.decode import decode
-from tests.test_text_models import _save_world
+from tests.text.test_text_models import _save_world
 from tests.tiny import make_text_world
 
 PROMPTS = ["alpha: abc", "beta: hello", "alpha: xy", "beta: abcd"]

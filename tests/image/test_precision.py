@@ -15,7 +15,7 @@ from mole_core.attach import MoleConfig
 from mole_core.image.engine import DTYPES, Engine, GenerateRequest, Mix
 from mole_core.image.families import prepare
 from mole_core.train import TrainConfig
-from tests.test_engine_families import make_bank
+from tests.image.test_engine_families import make_bank
 from tests.tiny_families import SIDE, build_flux, make_family_dir
 
 REQUEST = GenerateRequest("a photo of a", seed=3, steps=2, guidance=3.0, height=SIDE, width=SIDE)

@@ -161,7 +161,7 @@ def test_text_mode_in_a_browser(engine, tmp_path):
     demo = text_ui.build_text_demo(text)
     demo.queue()
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+    artifacts = Path(__file__).resolve().parents[2] / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     try:
         with sync_playwright() as p:

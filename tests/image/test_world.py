@@ -19,7 +19,7 @@ from mole_core.world.pixel.oracle import (Oracle, accuracy_on_renders, caption_f
 from mole_core.world.pixel.scoring import WorldScorer, shipped_oracle, speaks_world, world_plain_prompts, world_prompts
 from mole_core.world.pixel.tokenizer import build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "assets" / "pixel-world"
 BANK = REPO / "lora_bank"
 MANIFEST_KEYS = {"name", "trigger", "description", "base_model", "kind", "default_weight", "examples"}

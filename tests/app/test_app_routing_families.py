@@ -1,5 +1,5 @@
 """The app's Compare and Toggle tabs route on the families the app opens (`--model` folder): on tiny SDXL and
-FLUX folders with a bank whose triggers the tokenizers split (tests.test_routing_families), the default gate
+FLUX folders with a bank whose triggers the tokenizers split (tests.image.test_routing_families), the default gate
 (routed) gives the base image for a prompt without triggers and another image for a prompt naming one; the
 notes and captions say what ran, and a LoRA without a trigger is reported, never silent. Driven through the
 handlers the page registers ("compare", "toggle").
@@ -13,7 +13,7 @@ import app
 from ui import session
 from mole_core.defaults import DEFAULT_GATE
 from mole_core.image.engine import Engine
-from tests.test_routing_families import NAMED, PLAIN, family_dir, make_bank
+from tests.image.test_routing_families import NAMED, PLAIN, family_dir, make_bank
 from tests.tiny_families import SIDE
 
 

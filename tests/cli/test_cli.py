@@ -19,7 +19,7 @@ from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
 from tests.tiny import make_bank, make_model_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

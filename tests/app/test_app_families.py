@@ -13,7 +13,7 @@ import pytest
 import app
 from ui import bank_tab, compare_tab, session
 from mole_core.image.engine import Engine
-from tests.test_engine_families import make_bank
+from tests.image.test_engine_families import make_bank
 from tests.tiny_families import SIDE, make_family_dir
 
 TITLES = {"sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3", "flux": "FLUX.1"}
