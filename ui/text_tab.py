@@ -9,6 +9,7 @@ current Blocks; its events are named `{prefix}train`, `{prefix}cancel`, `{prefix
 from __future__ import annotations
 
 import html
+import shutil
 import math
 import re
 import tempfile
@@ -41,7 +42,14 @@ class TextStudio:
 
 
 def new_text_session() -> dict:
-    return {"mixture": None, "cancel": False}
+    return {"mixture": None, "cancel": False, "mixture_dir": None}
+
+
+def end_text_session(state: dict) -> None:
+    """The browser went away: stop its training and remove its mixture's folder."""
+    if isinstance(state, dict):
+        state["cancel"] = True
+        shutil.rmtree(state.get("mixture_dir") or "", ignore_errors=True)
 
 
 class FieldNumber(gr.Number):
@@ -303,7 +311,9 @@ def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, s
     _human(ts, ts.engine.check_train, keys, mole, config)
     state["cancel"] = False
     losses = []
-    out_path = Path(tempfile.mkdtemp(prefix="mole_text_")) / f"mixture_{'_'.join(keys)[:60]}.safetensors"
+    shutil.rmtree(state.get("mixture_dir") or "", ignore_errors=True)     # one mixture file per session at a time
+    state["mixture_dir"] = tempfile.mkdtemp(prefix="mole_text_")
+    out_path = Path(state["mixture_dir"]) / f"mixture_{'_'.join(keys)[:60]}.safetensors"
     worker = StepWorker(lambda on_step: ts.engine.train(keys, mole, config, on_step=on_step, out_path=out_path,
                                                         should_stop=lambda: state["cancel"]))
     try:
@@ -338,7 +348,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
     long = long or dict(concurrency_id="long", concurrency_limit=1)
     engine = ts.engine
     start = starting_keys(engine)
-    state = gr.State(new_text_session)
+    state = gr.State(new_text_session, time_to_live=4 * 3600, delete_callback=end_text_session)
     world = engine.model_name == "text-world"
     gr.Markdown(
         "MoLE over **text LoRAs** — the paper's NLP half (its Flan-T5 task LoRAs)"

@@ -24,8 +24,8 @@ def wants_text(args) -> bool:
 
 
 IMAGE_ONLY = {"generate": (("height", None), ("width", None), ("guidance", None), ("negative", ""), ("true_cfg", 1.0),
-                            ("cpu_offload", False)),
-              "train-gates": (("cpu_offload", False),)}                # (flag, the value it has when not given)
+                            ("cpu_offload", False), ("dtype", None)),
+              "train-gates": (("cpu_offload", False), ("dtype", None))}                # (flag, the value it has when not given)
 
 
 def refuse_image_flags(args) -> None:

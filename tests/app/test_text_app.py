@@ -317,3 +317,13 @@ def test_a_diverging_training_says_so():
     noisy = [2.6, 4.18, 1.73, 3.37, 3.11, 2.25, 2.99, 2.7, 1.35, 2.61, 1.62, 3.75, 3.2, 2.73, 2.72, 5.45, 4.49,
              2.29, 2.69, 2.97, 5.09, 2.69, 3.28, 3.01, 2.34, 1.86, 3.43, 3.97, 2.63, 3.16]
     assert divergence_note(noisy, 0.3) == "" and divergence_note([3.0, 2.0, 1.0], 1.0) == ""
+
+
+def test_a_text_session_removes_its_mixture_folder_when_it_ends(tmp_path):
+    """Disk growth: each training's mixture lives in one folder per session, removed when the session ends."""
+    folder = tmp_path / "mole_text_x"
+    folder.mkdir()
+    (folder / "mixture.safetensors").write_bytes(b"0" * 16)
+    state = text_ui.new_text_session() | {"mixture_dir": str(folder)}
+    text_ui.end_text_session(state)
+    assert not folder.exists() and state["cancel"]

@@ -313,7 +313,8 @@ def test_text_prompt_longer_than_the_models_positions_is_one_sentence(text_world
 @pytest.mark.parametrize("flags, named", [
     (["--height", "2048"], "--height: for image pipelines only"),
     (["--guidance", "7", "--negative", "bad", "--steps", "50"], "--guidance, --negative, --steps: for image pipelines"),
-    (["--cpu-offload"], "--cpu-offload: for image pipelines only")])
+    (["--cpu-offload"], "--cpu-offload: for image pipelines only"),
+    (["--dtype", "float16"], "--dtype: for image pipelines only")])
 def test_image_only_flags_on_a_text_model_are_refused(text_world, tmp_path, capsys, flags, named):
     """C11/C12: were silently ignored."""
     assert text_generate(text_world, tmp_path / "a.txt", *flags) == 1
