@@ -259,3 +259,19 @@ def distinct_copy(src, dst, i: int = 0):
     tensors[first] = tensors[first] * (1 + 0.001 * (i + 1))
     save_file(tensors, str(dst), metadata=metadata)
     return dst
+
+
+def event(demo, api_name: str):
+    """The handler a Blocks event registered under `api_name` (call it as the server would)."""
+    return next(d.fn for d in demo.fns.values() if d.api_name == api_name)
+
+
+def family_studio(family: str, model_dir, bank_dir, sessions):
+    """The app's Studio over a tiny family folder (FLUX: its default side is not saved with the folder)."""
+    from mole_core.image.engine import Engine
+    from tests.tiny_families import SIDE
+    from ui import session
+    engine = Engine(str(model_dir), str(bank_dir))
+    if family == "flux":
+        engine.pipe.default_sample_size = SIDE // 8
+    return session.Studio(engine, root=sessions)

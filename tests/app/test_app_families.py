@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import app
+from tests.helpers import event, family_studio
 from ui import bank_tab, compare_tab, session
-from mole_core.image.engine import Engine
 from tests.image.test_engine_families import make_bank
 from tests.tiny_families import SIDE, make_family_dir
 
@@ -23,14 +23,8 @@ TITLES = {"sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3", "flux": "F
 def studio(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"app_{request.param}")
     model_dir = make_family_dir(request.param, root)
-    engine = Engine(str(model_dir), str(make_bank(root / "bank", model_dir, request.param)))
-    if request.param == "flux":      # FluxPipeline's default side (1024 px) is not saved with the folder
-        engine.pipe.default_sample_size = SIDE // 8
-    return request.param, session.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
-
-
-def event(demo, api_name: str):
-    return next(d.fn for d in demo.fns.values() if d.api_name == api_name)
+    bank = make_bank(root / "bank", model_dir, request.param)
+    return request.param, family_studio(request.param, model_dir, bank, tmp_path_factory.mktemp("sessions"))
 
 
 def test_the_app_starts_on_the_family_and_compare_returns_every_method(studio):

@@ -10,25 +10,19 @@ import numpy as np
 import pytest
 
 import app
+from tests.helpers import event, family_studio
 from ui import session
 from mole_core.defaults import DEFAULT_GATE
 from mole_core.image.engine import Engine
 from tests.image.test_routing_families import NAMED, PLAIN, family_dir, make_bank
-from tests.tiny_families import SIDE
 
 
 @pytest.fixture(scope="module", params=["sdxl", "flux"])
 def studio(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"app_route_{request.param}")
     model_dir = family_dir(request.param, root)
-    engine = Engine(str(model_dir), str(make_bank(root / "bank", model_dir, request.param)))
-    if request.param == "flux":      # FluxPipeline's default side (1024 px) is not saved with the folder
-        engine.pipe.default_sample_size = SIDE // 8
-    return session.Studio(engine, root=tmp_path_factory.mktemp("sessions"))
-
-
-def event(demo, api_name: str):
-    return next(d.fn for d in demo.fns.values() if d.api_name == api_name)
+    bank = make_bank(root / "bank", model_dir, request.param)
+    return family_studio(request.param, model_dir, bank, tmp_path_factory.mktemp("sessions"))
 
 
 def compare(demo, studio, state, prompt):
