@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     engine = TextEngine(args.model, args.bank)
     cfg = with_train(TextStudyConfig(items=args.items, granularities=tuple(args.granularities.split(","))),
                      steps=args.steps)
-    entries = {e.key: e for e in engine.bank.entries() if e.error is None}
+    entries = {e.key: e for e in engine.bank.entries if e.error is None}
     roles = {k: json.loads((Path(args.bank) / f"{k}.json").read_text()).get("role", "main") for k in entries}
     main_keys = [k for k in entries if roles[k] == "main"]
     order = main_keys + [k for k in entries if roles[k] != "main"]

@@ -101,7 +101,7 @@ def expected_answer(prompt: str) -> str | None:
 
 def bank_rows(engine: TextEngine) -> str:
     lines = ["| LoRA | role | what it does | example |", "|---|---|---|---|"]
-    for e in engine.bank.entries():
+    for e in engine.bank.entries:
         if e.error:
             lines.append(f"| {html.escape(e.key)} | – | cannot be used: {html.escape(e.error)} | |")
             continue
@@ -113,14 +113,14 @@ def bank_rows(engine: TextEngine) -> str:
 
 def ordered_keys(engine: TextEngine) -> list[str]:
     """Usable LoRAs, main ones first (bank order within each role)."""
-    entries = [e for e in engine.bank.entries() if e.error is None]
+    entries = [e for e in engine.bank.entries if e.error is None]
     return [e.key for e in entries if e.role == "main"] + [e.key for e in entries if e.role != "main"]
 
 
 def starting_keys(engine: TextEngine) -> list[str]:
     """The LoRAs selected when the page opens: the main ones (at most 5 and the engine's expert limit), else
     the bank's first two."""
-    entries = [e for e in engine.bank.entries() if e.error is None]
+    entries = [e for e in engine.bank.entries if e.error is None]
     main = [e.key for e in entries if e.role == "main"][:min(5, engine.limits.experts)]
     return main if len(main) >= 2 else ordered_keys(engine)[:2]
 
@@ -199,7 +199,7 @@ def results_table(results, expected: str | None) -> str:
 # ---- handlers ---------------------------------------------------------------------------------
 def method_choices(engine: TextEngine, keys: list[str]) -> list[tuple[str, str]]:
     out = [(NAMES[m], m) for m in ("mole", *MERGES, "arrow", "base")]
-    out += [(f"{engine.bank.get(k).name} alone", f"single:{k}") for k in keys if k in engine.bank.keys()]
+    out += [(f"{engine.bank.get(k).name} alone", f"single:{k}") for k in keys if k in engine.bank.usable_keys()]
     return out
 
 
@@ -359,7 +359,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
            f", on {html.escape(engine.model_name)}. Pick LoRAs, type an input, compare; then train the gates on the "
            "manifests' example pairs and compare again."))
     with gr.Row():
-        by_key = {e.key: e for e in engine.bank.entries() if e.error is None}
+        by_key = {e.key: e for e in engine.bank.entries if e.error is None}
         chosen = gr.CheckboxGroup([(short_label(by_key[k]), k) for k in ordered_keys(engine)], value=start,
                                   label="Text LoRAs (experts; the distractors after the main five)", scale=2,
                                   elem_id="text-chosen")
@@ -441,6 +441,6 @@ def build_text_demo(engine: TextEngine, message=str, delete_cache: tuple[int, in
     with gr.Blocks(title="MoLE Studio — text", delete_cache=delete_cache) as demo:
         gr.Markdown(f"# MoLE Studio — text\nModel **{html.escape(engine.model_name)}** "
                     f"({'encoder-decoder' if getattr(engine.model.config, 'is_encoder_decoder', False) else 'causal LM'}), "
-                    f"{len(engine.bank.keys())} text LoRAs.")
+                    f"{len(engine.bank.usable_keys())} text LoRAs.")
         build_text_mode(TextStudio(engine, message), prefix="")
     return demo

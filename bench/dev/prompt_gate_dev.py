@@ -11,7 +11,7 @@ from mole_core.studies.text import task_items, score
 from mole_core.train import TrainConfig
 
 e = TextEngine()
-keys = [k.key for k in e.bank.entries() if k.role == "main"]
+keys = [k.key for k in e.bank.entries if k.role == "main"]
 tasks = {e.bank.get(k).task: task_items(e.bank.get(k).task, int(os.environ.get("ITEMS", 20)), 7) for k in keys}
 gate = os.environ.get("GATE", "prompt")
 steps, lr, bs, alpha = int(os.environ.get("STEPS", 150)), float(os.environ.get("LR", 1e-3)), int(os.environ.get("BS", 4)), float(os.environ.get("ALPHA", 0.5))

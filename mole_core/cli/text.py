@@ -164,7 +164,7 @@ def cmd_evaluate(args) -> int:
     from mole_core.train import TrainConfig
 
     engine = _engine(args)
-    keys = list(args.lora) or engine.bank.keys()[:5]
+    keys = list(args.lora) or engine.bank.usable_keys()[:5]
     if not 1 <= args.items <= 10_000:
         raise ValueError(f"--items must be between 1 and 10000; got {args.items}.")
     granularities = tuple(args.granularity or ("block",))

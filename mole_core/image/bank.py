@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from mole_core.atomic import atomic_path, write_text
+from mole_core.bank import as_trigger, find
 from mole_core.lora import Lora
 from mole_core.image.lora_files import load_lora, validate_lora
 
@@ -52,11 +53,7 @@ def parse_manifest(manifest: dict, folder: Path, key: str) -> dict:
     where = f"{key}.json"
     if not isinstance(manifest, dict):
         raise ValueError(f"{where}: the manifest must be a JSON object, found {type(manifest).__name__}.")
-    trigger = manifest.get("trigger", [])
-    if isinstance(trigger, str):
-        trigger = [trigger]
-    if not isinstance(trigger, list) or not all(isinstance(t, str) for t in trigger):
-        raise ValueError(f"{where}: 'trigger' must be a list of strings, found {trigger!r}.")
+    trigger = as_trigger(manifest.get("trigger", []), where)
     kind = manifest.get("kind", "subject")
     if kind not in KINDS:
         raise ValueError(f"{where}: 'kind' must be one of {KINDS}, found {kind!r}.")
@@ -87,7 +84,8 @@ def _broken(key: str, lora_path: Path | None, error: str) -> BankEntry:
 
 
 class Bank:
-    """A folder of LoRAs with manifests. `entries` lists all of them, broken ones with `error` set.
+    """A folder of LoRAs with manifests; the bank contract of mole_core.bank (`entries` lists all of them,
+    broken ones with `error` set).
 
     A bank may sit on top of another (`shared.overlay(folder)`): it lists the shared entries first, then
     its own, and `add` writes only into its own folder. That is how a visitor of a public app gets
@@ -108,6 +106,7 @@ class Bank:
 
     @property
     def entries(self) -> list[BankEntry]:
+        """Every entry: the shared bank's first (an overlay), then this folder's, each in key order."""
         return (self.base.entries if self.base is not None else []) + self.own
 
     def rescan(self) -> None:
@@ -148,13 +147,16 @@ class Bank:
         return BankEntry(key=key, lora_path=lora_path, **fields)
 
     def get(self, key: str) -> BankEntry:
-        for entry in self.entries:
-            if entry.key == key:
-                return entry
-        raise KeyError(f"no LoRA '{key}' in the bank (have: {', '.join(self.keys())}).")
+        """The entry, broken or not; mole_core.bank.UnknownLora (a KeyError) for a key the bank does not hold."""
+        return find(self.entries, key)
 
     def keys(self) -> list[str]:
+        """Every entry's key (broken ones too)."""
         return [e.key for e in self.entries]
+
+    def usable_keys(self) -> list[str]:
+        """The keys of the entries without an error."""
+        return [e.key for e in self.entries if e.error is None]
 
     def load(self, key: str) -> Lora:
         """The entry's LoRA in canonical form (named by its key), read once and cached."""

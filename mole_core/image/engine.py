@@ -40,6 +40,7 @@ from torch import nn
 
 from mole_core.atomic import atomic_path
 from mole_core.attach import KeptAttachment, MoleConfig, attach, file_stamp, write_gates_csv
+from mole_core.bank import usable_entry
 from mole_core.image.bank import Bank, BankEntry
 from mole_core.locks import FairLock
 from mole_core.image.costs import CALIBRATION_STEPS, Costs, expert_factor, image_kind, train_kind
@@ -293,14 +294,8 @@ class Engine:
 
     def _check_keys(self, keys, bank: Bank) -> None:
         """Every key is a healthy bank entry whose LoRA fits the model."""
-        known = {entry.key: entry for entry in bank.entries}
         for key in keys:
-            if key not in known:
-                raise ValueError(f"Unknown LoRA {key!r}: the bank holds "
-                                 f"{', '.join(sorted(k for k, e in known.items() if not e.error)) or 'no LoRAs'}.")
-            if known[key].error:
-                raise ValueError(f"The LoRA {key!r} of the bank cannot be used: {known[key].error}")
-            stamp = file_stamp(known[key].lora_path)
+            stamp = file_stamp(usable_entry(bank, key).lora_path)
             if stamp not in self._fits:   # once per file: neither the file nor the model changes
                 validate_lora(bank.load(key), self.components, self.family.name)
                 self._fits.add(stamp)

@@ -29,6 +29,7 @@ import torch
 
 from mole_core.atomic import write_text
 from mole_core.attach import MoleConfig
+from mole_core.bank import usable_entry
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import Mix
 from mole_core.world.text.tasks import TASKS, composed, sample_items, wilson
@@ -189,9 +190,10 @@ def part_a(engine, keys: list[str], cfg: TextStudyConfig, log=print, asked: list
     tasks of `asked` (default: all of `keys`) answered. Part C is this with distractors in the pool."""
     asked = list(asked or keys)
     log(f"Part A: multi-task over {', '.join(keys)}; asked: {', '.join(asked)}")
-    oracle = {engine.bank.get(k).task: k for k in asked}
+    entries = {k: usable_entry(engine.bank, k) for k in dict.fromkeys([*keys, *asked])}   # ValueError: unknown
+    oracle = {entries[k].task: k for k in asked}
     tasks = {name: task_items(name, cfg.items, cfg.seed) for name in oracle}
-    pairs = [p for k in keys for p in engine.bank.get(k).examples]
+    pairs = [p for k in keys for p in entries[k].examples]
     rows = method_rows(engine, keys, pairs, cfg, singles=asked == keys, oracle=oracle)
     return {"keys": keys, "asked": asked, "train_pairs": len(pairs), "methods": run_rows(engine, rows, tasks, log)}
 

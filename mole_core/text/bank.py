@@ -1,9 +1,10 @@
 """The text bank: a folder of text LoRAs, each `<key>.safetensors` + its manifest `<key>.json`, or a PEFT adapter
 folder `<key>/` (adapter_config.json + adapter_model.safetensors; its manifest `<key>.json` is optional).
 
-The same contract as the image bank (mole_core.image.bank.Bank): `entries` (every entry, an unusable one
-carrying its `error`), `keys()` (the usable ones), `get(key)` (KeyError for an unknown key, ValueError for an
-unusable one), `load(key)` (the LoRA in canonical form), `rescan()`; an entry's `trigger` is a list of words.
+The bank contract of mole_core.bank, as the image bank (mole_core.image.bank.Bank) keeps it: `entries` (every
+entry, a broken one carrying its `error`), `keys()` / `usable_keys()`, `get(key)` (the entry; UnknownLora, a
+KeyError, for an unknown key), `load(key)` (the LoRA in canonical form; ValueError for a broken entry),
+`rescan()`; an entry's `trigger` is a list of words (a manifest may give one string).
 
 References: peft `PeftModel.from_pretrained` (adapter folders).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mole_core.bank import as_trigger, find
 from mole_core.lora import Lora
 from mole_core.text.lora_io import ADAPTER_FILES, adapter_folder, read_text_lora
 
@@ -25,7 +27,7 @@ class TextEntry:
     key: str                                    # file stem, the expert name
     name: str
     task: str                                   # the task family it was trained on
-    trigger: str                                # the instruction word that asks for it
+    trigger: list[str]                          # the instruction word(s) that ask for it
     description: str
     examples: list[tuple[str, str]] = field(default_factory=list)   # (input, output): gate-training data
     default_weight: float = 1.0
@@ -41,7 +43,7 @@ def parse_text_manifest(manifest: dict, key: str) -> dict:
         raise ValueError(f"{where}: the manifest must be a JSON object, found {type(manifest).__name__}.")
     if manifest.get("kind", "text") != "text":
         raise ValueError(f"{where}: 'kind' must be 'text', found {manifest.get('kind')!r}.")
-    for name in ("name", "task", "trigger", "description"):
+    for name in ("name", "task", "description"):
         if not isinstance(manifest.get(name, ""), str):
             raise ValueError(f"{where}: '{name}' must be a string, found {manifest.get(name)!r}.")
     examples = manifest.get("examples", [])
@@ -53,14 +55,15 @@ def parse_text_manifest(manifest: dict, key: str) -> dict:
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise ValueError(f"{where}: 'default_weight' must be a number, found {weight!r}.")
     return {"name": manifest.get("name") or key, "task": manifest.get("task", key),
-            "trigger": manifest.get("trigger", key), "description": manifest.get("description", ""),
+            "trigger": as_trigger(manifest.get("trigger", key), where), "description": manifest.get("description", ""),
             "examples": [(e["input"], e["output"]) for e in examples], "default_weight": float(weight),
             "role": str(manifest.get("role", "main"))}
 
 
 class TextBank:
     """A folder of text LoRAs: `<key>.safetensors` + its manifest `<key>.json`, or a PEFT adapter folder
-    `<key>/` (adapter_config.json + adapter_model.safetensors; its manifest `<key>.json` is optional)."""
+    `<key>/` (adapter_config.json + adapter_model.safetensors; its manifest `<key>.json` is optional); the bank
+    contract of mole_core.bank."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -68,8 +71,10 @@ class TextBank:
         self._entries: list[TextEntry] | None = None      # read once (`rescan` reads the folder again)
 
     def rescan(self) -> None:
+        """Read the folder again (on the next use)."""
         self._entries = None
 
+    @property
     def entries(self) -> list[TextEntry]:
         """Every entry, usable or not (an unusable one carries its `error`)."""
         if self._entries is None:
@@ -95,20 +100,26 @@ class TextBank:
                           else parse_text_manifest({"name": key, "description": "a PEFT adapter"}, key))
                 out.append(TextEntry(key=key, lora_path=lora_path, **fields))
             except (ValueError, OSError) as e:
-                out.append(TextEntry(key=key, name=key, task="", trigger="", description="", error=str(e)))
+                out.append(TextEntry(key=key, name=key, task="", trigger=[], description="", error=str(e)))
         return out
 
     def keys(self) -> list[str]:
-        return [e.key for e in self.entries() if e.error is None]
+        """Every entry's key (broken ones too)."""
+        return [e.key for e in self.entries]
+
+    def usable_keys(self) -> list[str]:
+        """The keys of the entries without an error."""
+        return [e.key for e in self.entries if e.error is None]
 
     def get(self, key: str) -> TextEntry:
-        for entry in self.entries():
-            if entry.key == key:
-                if entry.error:
-                    raise ValueError(f"Text LoRA '{key}' cannot be used: {entry.error}")
-                return entry
-        raise ValueError(f"No text LoRA '{key}' in the bank '{self.folder.name}'; it has "
-                         f"{', '.join(self.keys()) or 'none'}.")
+        """The entry, broken or not; mole_core.bank.UnknownLora (a KeyError) for a key the bank does not hold."""
+        return find(self.entries, key)
+
+    def _usable(self, key: str) -> TextEntry:
+        entry = self.get(key)
+        if entry.error:
+            raise ValueError(entry.error)
+        return entry
 
     @staticmethod
     def _stamp(path: Path) -> tuple:
@@ -116,13 +127,13 @@ class TextBank:
 
     def needs_model(self, key: str) -> bool:
         """True when `load(key)` will read a PEFT adapter onto the model (not yet cached)."""
-        path = self.get(key).lora_path
+        path = self._usable(key).lora_path
         return adapter_folder(path) is not None and (key not in self._cache or self._cache[key][0] != self._stamp(path))
 
     def load(self, key: str, model: nn.Module | None = None) -> Lora:
         """The entry's LoRA in canonical form (cached while the file is unchanged), named by its key
-        (`read_text_lora`: a PEFT adapter folder is read onto `model`)."""
-        path = self.get(key).lora_path
+        (`read_text_lora`: a PEFT adapter folder is read onto `model`); ValueError for a broken entry."""
+        path = self._usable(key).lora_path
         stamp = self._stamp(path)
         if key not in self._cache or self._cache[key][0] != stamp:
             self._cache[key] = (stamp, read_text_lora(path, model, name=key))

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from mole_core.attach import KeptAttachment, MoleConfig, attach
+from mole_core.bank import usable_entry
 from mole_core.defaults import PACKAGE_ROOT, Limits
 from mole_core.locks import FairLock
 from mole_core.lora import Lora
@@ -145,7 +146,9 @@ class TextEngine:
             self.lora(key)
 
     def lora(self, key: str) -> Lora:
-        """The bank's LoRA `key`, checked once (per file state) against the model."""
+        """The bank's LoRA `key`, checked once (per file state) against the model; ValueError for a key the bank
+        does not hold or a broken entry."""
+        usable_entry(self.bank, key)
         with self._lock:
             if self._kept.handle is not None and self.bank.needs_model(key):
                 self._kept.detach()                       # PEFT reads an adapter onto the bare model

@@ -212,7 +212,8 @@ def test_broken_text_bank_entries_never_break_the_page(tmp_path):
     (bank / "orphan.json").write_text('{"kind": "text", "name": "Orphan"}')
     (bank / "alone.safetensors").write_bytes((bank / "alpha.safetensors").read_bytes())
     engine = TextEngine(model_dir, bank)
-    assert engine.bank.keys() == ["alpha", "beta"]
+    assert engine.bank.usable_keys() == ["alpha", "beta"]
+    assert engine.bank.keys() == ["alone", "alpha", "bad", "beta", "orphan"]      # get finds the broken ones too
     demo = text_ui.build_text_demo(engine)
     choices = [c for block in demo.blocks.values() if getattr(block, "elem_id", None) == "text-chosen"
                for c in block.choices]
@@ -226,7 +227,7 @@ def test_broken_text_bank_entries_never_break_the_page(tmp_path):
 def test_hostile_compare_values_are_refused_by_field(ts, tmp_path):
     state = text_ui.new_text_session()
     cases = [(dict(rank=10**9), "rank"), (dict(density=float("nan")), "ensity"),
-             (dict(methods=["single:../../etc"]), "No text LoRA '../../etc'")]
+             (dict(methods=["single:../../etc"]), "Unknown LoRA '../../etc'")]
     for change, words in cases:
         args = dict(keys=["alpha", "beta"], prompt="alpha: abc", methods=["svd", "ties"], granularity="block",
                     gate="sample", rank=0, density=0.5)

@@ -75,7 +75,7 @@ def test_scan_lists_good_and_broken_entries(bank_dir):
     assert bank.load("red") is lora                                   # cached
     with pytest.raises(ValueError, match="no manifest"):
         bank.load("nomanifest")
-    with pytest.raises(KeyError, match="no LoRA 'green'"):
+    with pytest.raises(KeyError, match="Unknown LoRA 'green'"):
         bank.get("green")
 
 

@@ -162,11 +162,11 @@ def test_engine_compare_and_refusals(tiny):
 
 def test_tiny_bank_manifests_parse(tiny, tmp_path):
     _, _, bank = tiny
-    entries = TextBank(bank).entries()
+    entries = TextBank(bank).entries
     assert [e.key for e in entries] == ["alpha", "beta"] and all(e.error is None for e in entries)
     assert entries[0].examples[0] == ("alpha: abc", "cba")
     (tmp_path / "broken.json").write_text('{"kind": "subject"}')
-    assert TextBank(tmp_path).entries()[0].error
+    assert TextBank(tmp_path).entries[0].error
 
 
 def test_tasks_and_held_out_words():
@@ -202,10 +202,10 @@ needs_world = pytest.mark.skipif(not BUILT, reason="the text world is not built 
 
 @needs_world
 def test_shipped_bank_manifests_parse():
-    entries = TextBank(DEFAULT_TEXT_BANK).entries()
+    entries = TextBank(DEFAULT_TEXT_BANK).entries
     assert {e.key for e in entries} == set(BANK_TASKS)
     for e in entries:
-        assert e.error is None and e.trigger == e.task == e.key and len(e.examples) >= 4
+        assert e.error is None and e.trigger == [e.key] and e.task == e.key and len(e.examples) >= 4
         assert all(not is_held_out(i.split(": ", 1)[1]) for i, _ in e.examples)
         role = json.loads((Path(DEFAULT_TEXT_BANK) / f"{e.key}.json").read_text())["role"]
         assert role == ("main" if e.key in LORA_TASKS else "distractor")
