@@ -65,7 +65,6 @@ BLOCK_CLASS = re.compile(r"(Block|EncoderLayer|DecoderLayer|Layer|ResnetBlock2D|
 @dataclass
 class MoleConfig:
     granularity: str = "block"      # "matrix" | "layer" | "block" | "network": which modules share one gate
-    balance_alpha: float = 0.5      # α in L = L_task + α·L_balance; train_gates uses it unless TrainConfig sets one
     gate: str = "sample"            # "sample": one decision per sample (the paper); "token": per token / pixel;
                                     # "static": one learned weight per expert, the same for every input
     route: str = "none"             # "trigger" (per-token gates only, pipelines only; routing.py): each

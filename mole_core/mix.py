@@ -41,8 +41,9 @@ MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: expo
 NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
 # expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
-# trigger no prompt names is off. Train it with balance α = 0 (a uniform balance target fights the routing).
-ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off", balance_alpha=0.0)
+# trigger no prompt names is off. It trains with balance α = 0 (a uniform balance target fights the routing):
+# TrainConfig.alpha_for, where α lives.
+ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off")
 GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token gates with ROUTED trigger routing
 MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
 # The fields each method reads (the rest are ignored by it, and left out of its Python, `Mix.to_python`).
@@ -155,13 +156,12 @@ class Mix:
         return f"Mix({', '.join(parts)})"
 
 
-def mole_config_for(granularity: str, gate: str, balance_alpha: float | None = None) -> MoleConfig:
-    """The MoleConfig of a gate choice (GATES). "routed" is per-token gates with the ROUTED trigger routing,
-    which trains with α = 0 by definition; otherwise α is `balance_alpha` (None: MoleConfig's 0.5)."""
+def mole_config_for(granularity: str, gate: str) -> MoleConfig:
+    """The MoleConfig of a gate choice (GATES). "routed" is per-token gates with the ROUTED trigger routing
+    (which trains with α = 0 unless a TrainConfig sets one: TrainConfig.alpha_for)."""
     if gate == "routed":
         return MoleConfig(granularity=granularity, gate="token", **ROUTED)
-    return MoleConfig(granularity=granularity, gate=gate,
-                      **({} if balance_alpha is None else {"balance_alpha": balance_alpha}))
+    return MoleConfig(granularity=granularity, gate=gate)
 
 
 def _finite(value) -> bool:
@@ -190,7 +190,7 @@ def check_training(keys, mole: MoleConfig, train, limits) -> None:
                          f"got {train.steps!r}.")
     if not _finite(train.lr) or not 0 < train.lr <= 10:
         raise ValueError(f"The learning rate must be above 0 and at most 10; got {train.lr}.")
-    alpha = train.balance_alpha if train.balance_alpha is not None else mole.balance_alpha
+    alpha = train.alpha_for(mole)
     if not _finite(alpha) or not 0 <= alpha <= 100:
         raise ValueError(f"Balance α must be between 0 and 100; got {alpha}.")
     if not _whole(train.batch_size) or not 1 <= train.batch_size <= 64:

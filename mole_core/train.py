@@ -33,7 +33,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 
-from mole_core.attach import MoleHandle
+from mole_core.attach import MoleConfig, MoleHandle
+
+BALANCE_ALPHA = 0.5                     # α of the balance loss when TrainConfig leaves it None (MoLE §3)
 
 
 @dataclass
@@ -41,11 +43,20 @@ class TrainConfig:
     steps: int = 400                    # optimiser steps (paper: 400 for images, 800 for text)
     lr: float = 1e-4                    # AdamW learning rate (paper: 1e-5; our gates start at exactly zero)
     batch_size: int = 2                 # samples per step and process (paper: 2 for images)
-    balance_alpha: float | None = None  # α of the balance loss; None = the attachment's MoleConfig (0.5)
+    balance_alpha: float | None = None  # α in L = L_task + α·L_balance, the one place α lives; None: BALANCE_ALPHA,
+                                        # or 0 for trigger-routed gates (a uniform balance target fights routing)
     seed: int = 0                       # same seed, same data order, noise and result
     mixed_precision: str = "no"         # "no" | "fp16" | "bf16" (accelerate), where the device supports it
     weight_decay: float = 0.0           # AdamW weight decay on the gate parameters
     cpu: bool = False                   # force the CPU even if an accelerator is present
+
+
+    def alpha_for(self, mole: MoleConfig) -> float:
+        """The α a training of gates laid out by `mole` uses: balance_alpha, or when None its default (0 for
+        trigger-routed gates, mix.ROUTED; else BALANCE_ALPHA)."""
+        if self.balance_alpha is not None:
+            return self.balance_alpha
+        return 0.0 if mole.route == "trigger" else BALANCE_ALPHA
 
 
 @dataclass
@@ -86,7 +97,7 @@ def train_gates(handle: MoleHandle, task, config: TrainConfig | None = None, on_
     1); should_stop() is polled before every step. The model's requires_grad flags are restored on exit.
     """
     config = config or TrainConfig()
-    alpha = handle.config.balance_alpha if config.balance_alpha is None else config.balance_alpha
+    alpha = config.alpha_for(handle.config)
     # 1. device, seed, data
     accelerator = _accelerator(config)
     set_seed(config.seed)

@@ -23,7 +23,7 @@ from mole_core.attach import GRANULARITIES, MoleConfig
 from mole_core.mix import MERGES, NAMES, Mix
 from mole_core.plots import gate_heatmap
 from mole_core.text.engine import TextEngine
-from mole_core.train import TrainConfig, divergence_note
+from mole_core.train import BALANCE_ALPHA, TrainConfig, divergence_note
 from ui.worker import StepWorker
 
 TEXT_GATES = ("prompt", "sample", "token", "static")   # "prompt" (mole_core.text.gate): the text default
@@ -303,7 +303,7 @@ def train(ts: TextStudio, keys, granularity: str, gate: str, steps, lr, alpha, s
     mixture is written to a fresh temporary folder and offered for download."""
     keys = list(keys or [])
     try:
-        mole = MoleConfig(granularity=granularity, gate=gate, balance_alpha=float(alpha))
+        mole = MoleConfig(granularity=granularity, gate=gate)
         config = TrainConfig(steps=int(steps), lr=float(lr), balance_alpha=float(alpha),
                              batch_size=TEXT_TRAIN.batch_size, seed=TEXT_TRAIN.seed)
     except (TypeError, ValueError, OverflowError) as err:
@@ -396,7 +396,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
                 steps = FieldNumber(value=TEXT_TRAIN.steps, precision=0, minimum=1, maximum=engine.limits.train_steps,
                                   label="Steps")
                 lr = FieldNumber(value=TEXT_TRAIN.lr, minimum=1e-6, maximum=10, label="Learning rate")
-                alpha = FieldNumber(value=0.5, minimum=0, maximum=100, label="Balance α")
+                alpha = FieldNumber(value=BALANCE_ALPHA, minimum=0, maximum=100, label="Balance α")
             with gr.Row():
                 train_btn = gr.Button("Train gates", variant="primary", elem_id="text-train")
                 cancel_btn = gr.Button("Cancel", elem_id="text-cancel")

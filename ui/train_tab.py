@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from mole_core.attach import GRANULARITIES, MoleConfig
+from mole_core.attach import GRANULARITIES
 from mole_core.defaults import (DEFAULT_GATE, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS)
 from mole_core.mix import mole_config_for
 from mole_core.mixture import load_mixture
@@ -31,8 +31,9 @@ def train_configs(studio: Studio, keys, granularity, steps, lr, alpha, seed, gat
             raise gr.Error(f"{label} must be a finite number; got {value!r}.")
     if float(steps) != int(steps) or float(seed) != int(seed):
         raise gr.Error("Steps and the seed must be whole numbers.")
-    mole = mole_config_for(granularity, gate, float(alpha))     # "routed" trains with α = 0 by definition
-    train = TrainConfig(steps=int(steps), lr=float(lr), seed=int(seed), batch_size=TRAIN_BATCH)
+    mole = mole_config_for(granularity, gate)
+    train = TrainConfig(steps=int(steps), lr=float(lr), seed=int(seed), batch_size=TRAIN_BATCH,
+                        balance_alpha=float(alpha))           # the α box: 0 and fixed for "routed" (alpha_field)
     return mole, train
 
 
@@ -40,7 +41,8 @@ def alpha_field(gate: str) -> gr.Number:
     """The Balance α box for a gate kind: 0 and fixed for trigger routing (it trains with α = 0), else the
     paper's 0.5, editable."""
     routed = gate == "routed"
-    return gr.Number(0.0 if routed else MoleConfig().balance_alpha, label="Balance α", minimum=0, maximum=100,
+    alpha = TrainConfig().alpha_for(mole_config_for("block", gate))      # the default of this gate kind
+    return gr.Number(alpha, label="Balance α", minimum=0, maximum=100,
                      interactive=not routed, elem_id="train-alpha",
                      info="trigger routing trains with α = 0" if routed else "weight of the balance loss")
 

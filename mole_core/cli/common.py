@@ -13,8 +13,8 @@ import logging
 import math
 
 
-# Defaults of TrainConfig / MoleConfig / Mix, repeated here so that --help shows numbers without importing
-# torch; tests/test_cli.py checks that they are still the dataclasses' own.
+# Defaults of TrainConfig (train.BALANCE_ALPHA) / Mix, repeated here so that --help shows numbers without
+# importing torch; tests/cli/test_cli.py checks that they are still the dataclasses' own.
 TRAIN_ALPHA, TRAIN_SEED = 0.5, 0
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from mole_core.cli.common import TRAIN_ALPHA, check_merge, parse_key_values, parse_lora_arg, quiet_libraries, step_bar
+from mole_core.cli.common import check_merge, parse_key_values, parse_lora_arg, quiet_libraries, step_bar
 from mole_core.defaults import Limits
 
 
@@ -100,8 +100,6 @@ def cmd_train_gates(args) -> int:
     # 1. the engine and the settings, checked before the bar opens (a refused number writes nothing)
     engine = local_engine(args)
     mole = mole_config_for(args.granularity, args.gate)
-    if args.alpha is None:                # trigger routing trains without the balance term (mix.ROUTED)
-        args.alpha = 0.0 if args.gate == "routed" else TRAIN_ALPHA
     config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=args.alpha, batch_size=args.batch_size,
                          seed=args.seed)
     for warning in engine.check_train(args.lora, mole, config):

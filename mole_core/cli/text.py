@@ -104,14 +104,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_train_gates(args) -> int:
-    from mole_core.cli.common import TRAIN_ALPHA, step_bar
+    from mole_core.cli.common import step_bar
     from mole_core.mix import mole_config_for
     from mole_core.train import TrainConfig, divergence_note
 
     engine = _engine(args)
-    mole = mole_config_for(args.granularity, args.gate or TEXT_GATE,
-                           TRAIN_ALPHA if args.alpha is None else args.alpha)
-    config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=mole.balance_alpha,
+    mole = mole_config_for(args.granularity, args.gate or TEXT_GATE)
+    config = TrainConfig(steps=args.steps, lr=args.lr, balance_alpha=args.alpha,
                          batch_size=args.batch_size, seed=args.seed)
     engine.check_train(args.lora, mole, config)          # a routed gate is refused there, as a Mix's is
     start, losses = time.perf_counter(), []

@@ -379,7 +379,8 @@ class Engine:
             if result.steps:
                 self.costs.measured_training(mole.gate, result.seconds / result.steps, len(keys), train.batch_size)
             self._kept.check_finite(handle)
-            # 3. the mixture: gates + names and hashes of the LoRA files
+            # 3. the mixture: gates + names and hashes of the LoRA files (+ the α it trained with)
+            train = dataclasses.replace(train, balance_alpha=train.alpha_for(mole))
             return self._save_mixture(handle, keys, mole, train, result, out_path, bank)
 
     def _save_mixture(self, handle, keys, mole: MoleConfig, config: TrainConfig, result: TrainResult,

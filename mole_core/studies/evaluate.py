@@ -120,7 +120,8 @@ def add_arguments(parser) -> None:
                              f"(each LoRA alone)")
     parser.add_argument("--steps", type=int, default=d.train_steps, help="gate-training steps")
     parser.add_argument("--lr", type=float, default=d.lr, help="gate learning rate (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=d.alpha, help="balance-loss weight α")
+    parser.add_argument("--alpha", type=float, default=d.alpha,
+                        help="balance-loss weight α (default: 0.5; 0 for routed rows)")
     parser.add_argument("--seed", type=int, default=d.train_seed, help="gate-training seed")
     parser.add_argument("--seeds", type=int, default=d.seeds, help="image seeds per prompt (START..START+N-1)")
     parser.add_argument("--seed-start", type=int, default=d.seed_start, help="first image seed (the study uses 1000)")

@@ -62,7 +62,7 @@ class EvalConfig:
     train_steps: int = TRAIN_STEPS        # gate-training steps of each MoLE row (the app's defaults)
     lr: float | None = TRAIN_LR           # gate learning rate (None: TrainConfig's)
     batch_size: int | None = TRAIN_BATCH  # gate-training batch (None: TrainConfig's)
-    alpha: float = 0.5                    # balance-loss weight α
+    alpha: float | None = None            # balance-loss weight α (None: TrainConfig.alpha_for, 0.5; 0 when routed)
     train_seed: int = 0                   # gate-training seed: data order and noise
 
     def __post_init__(self):
@@ -91,13 +91,13 @@ class EvalConfig:
             raise ValueError("MoLE rows need at least one granularity and one gate kind.")
 
     def mole_config(self, granularity: str, gate: str) -> MoleConfig:
-        """The MoleConfig of a MoLE row (mix.mole_config_for: "routed" brings its own α = 0)."""
-        return mole_config_for(granularity, gate, self.alpha)
+        """The MoleConfig of a MoLE row (mix.mole_config_for)."""
+        return mole_config_for(granularity, gate)
 
     def train_config(self) -> TrainConfig:
-        """Training settings of every MoLE row; α comes with the row's MoleConfig."""
+        """Training settings of every MoLE row (α None: each row's default, TrainConfig.alpha_for)."""
         given = {"lr": self.lr, "batch_size": self.batch_size}
-        return TrainConfig(steps=self.train_steps, seed=self.train_seed,
+        return TrainConfig(steps=self.train_steps, seed=self.train_seed, balance_alpha=self.alpha,
                            **{k: v for k, v in given.items() if v is not None})
 
     def to_dict(self) -> dict:

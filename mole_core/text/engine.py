@@ -355,7 +355,7 @@ class TextEngine:
                                              should_stop) as (handle, between_steps):
             # fresh, untrained gates; between steps, whoever waits for the model goes first
             if mole.gate == "prompt":                     # one decision per sample from the prompt (text.gate)
-                alpha = mole.balance_alpha if train.balance_alpha is None else train.balance_alpha
+                alpha = train.alpha_for(mole)
                 gate = attach_prompt_gate(handle)
                 result = train_prompt_gate(handle, gate, self.model, self.tokenizer, pairs, train, alpha,
                                            on_step=on_step, should_stop=between_steps)
@@ -366,6 +366,7 @@ class TextEngine:
                 task = TokenTask(self.model, self.tokenizer, pairs)
                 result = train_gates(handle, task, train, on_step=on_step, should_stop=between_steps)
             self._kept.check_finite(handle)
+            train = dataclasses.replace(train, balance_alpha=train.alpha_for(mole))   # the mixture records it
             return self._save_mixture(handle, keys, mole, train, result, out_path)
 
     def train_estimate(self, keys, mole: MoleConfig, train: TrainConfig) -> float:

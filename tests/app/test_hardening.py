@@ -159,13 +159,12 @@ BATCH = "The batch size must be a whole number between 1 and 64"
     (MoleConfig(), TrainConfig(steps=5, lr=0.0), LR),
     (MoleConfig(), TrainConfig(steps=5, balance_alpha=NAN), ALPHA + "; got nan"),
     (MoleConfig(), TrainConfig(steps=5, balance_alpha=-1.0), ALPHA + "; got -1.0"),
-    (MoleConfig(balance_alpha=NAN), TrainConfig(steps=5), ALPHA + "; got nan"),   # α from the MoleConfig
     (MoleConfig(), TrainConfig(steps=5, batch_size=0), BATCH + "; got 0"),
     (MoleConfig(), TrainConfig(steps=5, batch_size=-1), BATCH + "; got -1"),
     (MoleConfig(), TrainConfig(steps=501), "Training steps must be a whole number between 1 and 500; got 501"),
     (MoleConfig(), TrainConfig(steps=5, seed=2**63), r"The seed must be a whole number from 0 to 2\^63"),
     (MoleConfig(granularity="pixel"), TrainConfig(steps=5), "Unknown granularity 'pixel'"),
-], ids=["lr-inf", "lr-nan", "lr-0", "alpha-nan", "alpha-negative", "mole-alpha-nan", "batch-0", "batch-negative",
+], ids=["lr-inf", "lr-nan", "lr-0", "alpha-nan", "alpha-negative", "batch-0", "batch-negative",
         "steps-over-limit", "seed-2^63", "granularity"])
 def test_check_train_refuses_non_finite_and_absurd_settings(pixel_engine, mole, train, message):
     pixel_engine.check_train(["face", "ring"], MoleConfig(), TrainConfig(steps=5))      # the good one passes

@@ -12,11 +12,10 @@ import PIL.Image
 import pytest
 
 from mole_core import cli
-from mole_core.attach import MoleConfig
 from mole_core.defaults import TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
 from mole_core.mix import GATES, Mix
 from mole_core.mixture import load_mixture
-from mole_core.train import TrainConfig
+from mole_core.train import BALANCE_ALPHA, TrainConfig
 from tests.tiny import make_bank, make_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,7 +251,7 @@ def test_help_shows_the_numbers_and_the_choices(capsys):
     assert (train_args.steps, train_args.lr) == (TRAIN_STEPS, TRAIN_LR)
     assert (train_args.batch_size, train_args.seed) == (TRAIN_BATCH, TrainConfig().seed)
     assert train_args.gate is None        # resolved per model kind in main(): DEFAULT_GATE, or sample on text models
-    assert train_args.alpha is None and cli.TRAIN_ALPHA == MoleConfig().balance_alpha   # None: 0.5, routed 0
+    assert train_args.alpha is None and cli.TRAIN_ALPHA == BALANCE_ALPHA   # None: 0.5, routed 0
     assert (cli.MIX_DENSITY, cli.MIX_SWITCH_EVERY) == (Mix().density, Mix().switch_every)
     with pytest.raises(SystemExit):
         cli.main(["train-gates", "--help"])

@@ -14,7 +14,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mole_core.attach import MoleConfig, attach
-from mole_core.train import TrainConfig, train_gates
+from mole_core.mix import GATES, mole_config_for
+from mole_core.train import BALANCE_ALPHA, TrainConfig, train_gates
 from mole_core.image.task import DiffusionTask
 from mole_core.text.task import TokenTask
 from tests.helpers import components_of, make_lora, pipeline_loras
@@ -186,3 +187,14 @@ def test_examples_from_bank(tmp_path):
     assert examples_from_bank(bank, ["red"]) == [(folder / "examples" / "red_0.png", "a photo of sks", "red")]
     with pytest.raises(ValueError, match="'bare' has no example images"):
         examples_from_bank(bank, ["red", "bare"])
+
+
+def test_alpha_lives_in_train_config_alone():
+    """α has one owner (TrainConfig.balance_alpha) and one default (BALANCE_ALPHA); trigger-routed gates (the
+    "routed" choice, mix.ROUTED) train with α = 0 unless α is given; the MoleConfig has no α."""
+    import dataclasses
+    assert "balance_alpha" not in {f.name for f in dataclasses.fields(MoleConfig)} and BALANCE_ALPHA == 0.5
+    for gate in GATES:
+        mole = mole_config_for("block", gate)
+        assert TrainConfig().alpha_for(mole) == (0.0 if gate == "routed" else BALANCE_ALPHA)
+        assert TrainConfig(balance_alpha=0.25).alpha_for(mole) == 0.25
