@@ -467,6 +467,28 @@ def _router(model: nn.Module, config: MoleConfig, n_experts: int):
                          bool(config.route_pixels), config.route_absent)
 
 
+def _targets(model: nn.Module, loras: list[Lora]) -> dict[str, nn.Module]:
+    """Module key -> the model's module, for every key any of `loras` targets; ValueError for no LoRA, duplicate
+    expert names, a key that does not resolve or a LoRA that does not fit its module."""
+    names = [lora.name for lora in loras]
+    if not loras:
+        raise ValueError("attach needs at least one LoRA.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expert names must be unique; found {', '.join(names)}.")
+    if isinstance(model, nn.ModuleDict) and any("." not in k for lora in loras for k in lora.modules):
+        raise ValueError("With a ModuleDict of networks, LoRA keys must be '<network>.<module path>'.")
+    modules: dict[str, nn.Module] = {}
+    for lora in loras:
+        for key, w in lora.modules.items():
+            try:
+                module = model.get_submodule(key)
+            except AttributeError:
+                raise ValueError(f"LoRA '{lora.name}': module '{key}' does not exist in this model.") from None
+            _check_fit(lora, key, module, w)
+            modules[key] = module
+    return modules
+
+
 def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None) -> MoleHandle:
     """Wrap every module targeted by any of `loras` in a MoleLinear / MoleConv2d; return the handle.
 
@@ -484,21 +506,7 @@ def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None
                          "kinds sample, token, static or routed.")
     router = _router(model, config, len(loras))
     names = [lora.name for lora in loras]
-    if not loras:
-        raise ValueError("attach needs at least one LoRA.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"Expert names must be unique; found {', '.join(names)}.")
-    if isinstance(model, nn.ModuleDict) and any("." not in k for lora in loras for k in lora.modules):
-        raise ValueError("With a ModuleDict of networks, LoRA keys must be '<network>.<module path>'.")
-    modules: dict[str, nn.Module] = {}
-    for lora in loras:
-        for key, w in lora.modules.items():
-            try:
-                module = model.get_submodule(key)
-            except AttributeError:
-                raise ValueError(f"LoRA '{lora.name}': module '{key}' does not exist in this model.") from None
-            _check_fit(lora, key, module, w)
-            modules[key] = module
+    modules = _targets(model, loras)
 
     # 2. order the targets as the model registers them, and group them
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

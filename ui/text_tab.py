@@ -342,6 +342,19 @@ def cancel(state: dict) -> str:
 
 
 # ---- layout -----------------------------------------------------------------------------------
+def intro(engine: TextEngine) -> str:
+    """The Text mode's opening lines (Markdown): the embedded world's, or any other model's."""
+    if engine.model_name == "text-world":
+        return ("MoLE over **text LoRAs** — the paper's NLP half (its Flan-T5 task LoRAs), here on the embedded text "
+                "world: a tiny encoder-decoder that follows FLAN-style instructions, and one LoRA per task. Each LoRA "
+                "alone solves its own task; the question is how to combine them. Pick LoRAs, type an input such as "
+                "`reverse: planet` or a composed one never trained, `reverse upper: planet`, and compare; then train "
+                "the gates and compare again.")
+    return (f"MoLE over **text LoRAs** — the paper's NLP half (its Flan-T5 task LoRAs), on "
+            f"{html.escape(engine.model_name)}. Pick LoRAs, type an input, compare; then train the gates on the "
+            "manifests' example pairs and compare again.")
+
+
 def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = None, long: dict | None = None) -> None:
     """Lay the Text mode out inside the current Blocks and wire its events (fast / long: the queues' settings)."""
     fast = fast or dict(concurrency_id=TEXT_QUEUE, concurrency_limit=1)
@@ -349,15 +362,7 @@ def build_text_mode(ts: TextStudio, prefix: str = "text_", fast: dict | None = N
     engine = ts.engine
     start = starting_keys(engine)
     state = gr.State(new_text_session, time_to_live=4 * 3600, delete_callback=end_text_session)
-    world = engine.model_name == "text-world"
-    gr.Markdown(
-        "MoLE over **text LoRAs** — the paper's NLP half (its Flan-T5 task LoRAs)"
-        + (", here on the embedded text world: a tiny encoder-decoder that follows FLAN-style instructions, and one "
-           "LoRA per task. Each LoRA alone solves its own task; the question is how to combine them. Pick LoRAs, "
-           "type an input such as `reverse: planet` or a composed one never trained, `reverse upper: planet`, and "
-           "compare; then train the gates and compare again." if world else
-           f", on {html.escape(engine.model_name)}. Pick LoRAs, type an input, compare; then train the gates on the "
-           "manifests' example pairs and compare again."))
+    gr.Markdown(intro(engine))
     with gr.Row():
         by_key = {e.key: e for e in engine.bank.entries if e.error is None}
         chosen = gr.CheckboxGroup([(short_label(by_key[k]), k) for k in ordered_keys(engine)], value=start,

@@ -121,6 +121,23 @@ def _timestep(args: tuple, kwargs: dict):
     return None if t is None else float(torch.as_tensor(t).flatten()[0])
 
 
+def _averaged(module, handle: MoleHandle, output, args, kwargs, inputs_for, state: dict):
+    """LoRA Composite's step: the denoiser's `output` (expert 0 alone) averaged with every other expert alone on
+    the same inputs (each with its own prompt encodings, `inputs_for`)."""
+    n = len(handle.expert_names)
+    outs = [output[0]]                      # (B, C, H, W) or (B, L, C): a tuple or a *Output dataclass
+    state["inner"] = True                   # our hooks stay out of the calls below
+    try:
+        for i in range(1, n):
+            with handle.settings(gates=_one_hot(n, i)):
+                a, k, _ = inputs_for(i, args, kwargs)
+                outs.append(module(*a, **k)[0])
+    finally:
+        state["inner"] = False
+    mean = torch.stack(outs).mean(0)
+    return (mean, *output[1:]) if isinstance(output, tuple) else type(output)(sample=mean)
+
+
 @contextmanager
 def _driven(pipe, handle: MoleHandle, expert_at, average: bool):
     """At denoising step t (counted from each pipeline call's encode_prompt) expert `expert_at(t)` alone,
@@ -180,17 +197,7 @@ def _driven(pipe, handle: MoleHandle, expert_at, average: bool):
         step_settings.close()
         if not average or n == 1:
             return None
-        outs = [output[0]]                      # (B, C, H, W) or (B, L, C): a tuple or a *Output dataclass
-        state["inner"] = True                   # our hooks stay out of the calls below
-        try:
-            for i in range(1, n):
-                with handle.settings(gates=_one_hot(n, i)):
-                    a, k, _ = inputs_for(i, args, kwargs)
-                    outs.append(module(*a, **k)[0])
-        finally:
-            state["inner"] = False
-        mean = torch.stack(outs).mean(0)
-        return (mean, *output[1:]) if isinstance(output, tuple) else type(output)(sample=mean)
+        return _averaged(module, handle, output, args, kwargs, inputs_for, state)
 
     # 4. install, run the caller's block, and put everything back whatever happens
     hooks = []
