@@ -3,7 +3,10 @@ or the benchmarks. Read from the source with `ast`, so a nested function counts 
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LINES = 80
@@ -40,3 +43,16 @@ def test_no_function_over_80_lines():
     found = [f"{path.relative_to(ROOT)}: {name} ({lines} lines)" for path in python_files()
              for name, lines in long_functions(path.read_text())]
     assert python_files() and not found, "functions over 80 lines:\n" + "\n".join(found)
+
+
+def test_no_generated_stub_is_committed():
+    """Gradio writes ui/text_tab.pyi when ui.text_tab defines a component subclass (FieldNumber): .gitignore
+    covers *.pyi, and none is tracked."""
+    assert "*.pyi" in (ROOT / ".gitignore").read_text().split()
+    try:
+        tracked = subprocess.run(["git", "ls-files", "*.pyi"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        tracked = None
+    if tracked is None or tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert tracked.stdout.split() == []
