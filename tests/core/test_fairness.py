@@ -21,15 +21,21 @@ from tests.helpers import pixels
 REQUEST = GenerateRequest(prompt="a photo of sks dog", negative="blue", seed=3, steps=2, guidance=4.0)
 KEYS = ("dog", "cat")
 
-CONFIG = TrainConfig(steps=30, lr=1e-2, batch_size=1)
+CONFIG = TrainConfig(steps=6, lr=1e-2, batch_size=1)
 
 
 def test_another_attachment_between_training_steps(world_engine):
     engine = world_engine
     alone = engine.train(["face", "ring"], MoleConfig(), CONFIG)
     steps, out = [], {}
+
+    def on_step(step, *_):
+        steps.append(step)
+        if step == 1:
+            _wait_until(lambda: engine._lock.waiting() == 1)          # the image below is queued for the model
+
     thread = threading.Thread(target=lambda: out.setdefault("mixture", engine.train(
-        ["face", "ring"], MoleConfig(), CONFIG, on_step=lambda step, *_: steps.append(step))))
+        ["face", "ring"], MoleConfig(), CONFIG, on_step=on_step)))
     thread.start()
     while not steps:
         time.sleep(0.005)
@@ -50,12 +56,18 @@ def test_a_text_answer_during_text_training(tmp_path):
     from mole_core.text.engine import TextEngine
     from tests.tiny import make_text_world
     engine = TextEngine(*make_text_world(tmp_path))
-    keys, mole, config = ["alpha", "beta"], MoleConfig(gate="token"), TrainConfig(steps=200, lr=5e-3, batch_size=2)
+    keys, mole, config = ["alpha", "beta"], MoleConfig(gate="token"), TrainConfig(steps=10, lr=5e-3, batch_size=2)
     mix = Mix("mole", tuple(keys), gate="token")
     alone, untrained = engine.train(keys, mole, config), engine.generate(mix, "alpha: abc")
     steps, out = [], {}
+
+    def on_step(step, *_):
+        steps.append(step)
+        if step == 1:
+            _wait_until(lambda: engine._lock.waiting() == 1)          # the answer below is queued for the model
+
     thread = threading.Thread(target=lambda: out.setdefault("mixture", engine.train(
-        keys, mole, config, on_step=lambda step, *_: steps.append(step))))
+        keys, mole, config, on_step=on_step)))
     thread.start()
     while not steps:
         time.sleep(0.005)
