@@ -7,6 +7,7 @@ is served while another visitor trains, and the training goes on with the same r
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -114,14 +115,32 @@ def test_a_compare_is_served_while_another_visitor_trains(served):
     """Another visitor's compare does not wait for the whole run (the training steps aside between steps);
     the training then goes on to the very same gates as without the interruption."""
     url, keys, studio = served
-    steps = 150
+    steps, engine, answered = 8, studio.engine, threading.Event()
     alone = train_submit(client(url), keys, steps).result(timeout=600)
-    job = train_submit(client(url), keys, steps)
-    while not (job.status().code.name == "ITERATING" or job.done()):
-        time.sleep(0.05)
-    gallery, _, _ = compare_call(client(url), keys, ["base"])
-    still_training = not job.done()
-    interrupted = job.result(timeout=600)
+    train = engine.train
+
+    def held(*args, on_step=None, **kwargs):
+        """engine.train whose run, until the compare's answer is back, goes past a step only once someone waits
+        for the model (whom it then lets go first): the answer provably comes while the training runs."""
+        def step(number, *rest):
+            on_step(number, *rest)
+            deadline = time.monotonic() + 60
+            while not answered.is_set() and engine._lock.waiting() == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return train(*args, on_step=step, **kwargs)
+
+    engine.train = held
+    try:
+        job = train_submit(client(url), keys, steps)
+        while not (job.status().code.name == "ITERATING" or job.done()):
+            time.sleep(0.05)
+        gallery, _, _ = compare_call(client(url), keys, ["base"])
+        still_training = not job.done()
+        answered.set()
+        interrupted = job.result(timeout=600)
+    finally:
+        answered.set()
+        del engine.train
     assert gallery and still_training, "the compare came back only after the training ended"
     assert interrupted[0].startswith(f"**Trained after {steps} steps**")
     from mole_core.mixture import load_mixture
