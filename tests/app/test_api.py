@@ -115,25 +115,31 @@ def test_a_compare_is_served_while_another_visitor_trains(served):
     """Another visitor's compare does not wait for the whole run (the training steps aside between steps);
     the training then goes on to the very same gates as without the interruption."""
     url, keys, studio = served
-    steps, engine, answered = 8, studio.engine, threading.Event()
+    steps, engine = 8, studio.engine
+    started, sending, answered, stalled = threading.Event(), threading.Event(), threading.Event(), []
     alone = train_submit(client(url), keys, steps).result(timeout=600)
     train = engine.train
 
     def held(*args, on_step=None, **kwargs):
-        """engine.train whose run, until the compare's answer is back, goes past a step only once someone waits
-        for the model (whom it then lets go first): the answer provably comes while the training runs."""
+        """engine.train whose run, until the compare's answer is back, goes past a step only once the compare is
+        on its way and someone waits for the model (whom it then lets go first): the answer provably comes
+        while the training runs."""
         def step(number, *rest):
             on_step(number, *rest)
+            started.set()
             deadline = time.monotonic() + 60
-            while not answered.is_set() and engine._lock.waiting() == 0 and time.monotonic() < deadline:
+            while not answered.is_set() and not (sending.is_set() and engine._lock.waiting()) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.001)
+            if time.monotonic() >= deadline:
+                stalled.append(number)
         return train(*args, on_step=step, **kwargs)
 
     engine.train = held
     try:
         job = train_submit(client(url), keys, steps)
-        while not (job.status().code.name == "ITERATING" or job.done()):
-            time.sleep(0.05)
+        assert started.wait(60)
+        sending.set()
         gallery, _, _ = compare_call(client(url), keys, ["base"])
         still_training = not job.done()
         answered.set()
@@ -142,6 +148,7 @@ def test_a_compare_is_served_while_another_visitor_trains(served):
         answered.set()
         del engine.train
     assert gallery and still_training, "the compare came back only after the training ended"
+    assert not stalled, f"nobody asked for the model after training step {stalled}"
     assert interrupted[0].startswith(f"**Trained after {steps} steps**")
     from mole_core.mixture import load_mixture
     a, b = load_mixture(alone[-1]), load_mixture(interrupted[-1])
