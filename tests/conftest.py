@@ -24,9 +24,10 @@ def tiny_pipe(tmp_path):
     return build_pipeline(tmp_path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world_engine():
-    """An Engine on the embedded pixel world (skipped where the world is not in the checkout)."""
+    """An Engine on the embedded pixel world (skipped where the world is not in the checkout), one for the whole
+    run: every call leaves it as it found it (a result depends on the call's arguments alone)."""
     from mole_core.image.engine import Engine
     if not (Path(DEFAULT_MODEL) / "model_index.json").exists():
         pytest.skip("the embedded world is not in this checkout")
