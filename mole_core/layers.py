@@ -213,7 +213,7 @@ class Group:
         self.router = router                              # routing.TriggerRouter (route="trigger") or None
         self.cache: torch.Tensor | None = None            # (B, N) or (B, T, N) effective weights of this pass
                                                           # (routed groups: the gate's own softmax)
-        self.routed: dict = {}                            # routed groups: (role, T, router stamp) -> weights
+        self.routed: dict = {}                            # routed groups: routing map version -> weights
         self.bases: dict = {}                             # routed groups: leader's / mean layout -> log weights
         self.coef: dict = {}                              # (weights key, member layout, dtype) -> c (B, T|1, R)
         self.leader_module: "_MoleBase | None" = None     # the member that evaluates the gate
@@ -303,14 +303,14 @@ class Group:
     def _routed_weights(self, member: "_MoleBase", h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Trigger-routed groups: G = softmax(logits/τ + log present + β log(r + ε)) at this member's T tokens
         (= the gate's softmax times present times (r + ε)^β, renormalised; routing.py), then forced weights and
-        the mask. The leader's logits are evaluated once per pass; the weights once per (role, T, router stamp):
-        the stamp changes only when an attention stores new maps, so members reading the same tokens in
-        between share them."""
+        the mask. The leader's logits are evaluated once per pass; the weights once per routing map version
+        (`TriggerRouter.version`: it changes only when an attention stores new maps for these tokens), so members
+        reading the same tokens in between share them."""
         router, rt, T = self.router, self.runtime, h.shape[1]
         leader = self._is_leader(member)
         if leader:
             self.cache = self._evaluate_logits(member, h)                  # (B, T, N) logits / τ, unrouted
-        key = ("routed", router.role(member.key), T, router.stamp)
+        key = ("routed", *router.version(self.network, T, member.key))
         if key in self.routed:
             return self.routed[key], key
         if router.all_absent(self.network):                                # no expert named: all off

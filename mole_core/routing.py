@@ -287,9 +287,10 @@ class TriggerRouter:
         self.present: dict[str, torch.Tensor] = {}     # network -> (N,) bool of the current call (route_absent)
         self._absent: dict[str, bool] = {}             # network -> no expert present (decided in the pre-hooks)
         self._log_present: dict[str, torch.Tensor] = {}   # network -> (N,) 0 / -inf where some expert is absent
-        self.stamp = 0                                 # +1 per stored attention map in a denoiser pass: routed
+        self.stamp = 0                                 # +1 per stored attention map in a denoiser pass
+        self.versions: dict[int, int] = {}             # image tokens T -> maps stored for T in this pass: routed
                                                        # weights and log maps are reused while it stays the same
-        self._logmaps: dict[tuple, torch.Tensor | None] = {}   # (network, role, T, stamp) -> log(r + ε)
+        self._logmaps: dict[tuple, torch.Tensor | None] = {}   # (network, role, T, version) -> log(r + ε)
         self.trigger_ids: dict[str, list[list[tuple[int, ...]]]] = {}   # encoder -> per expert, its id sequences
         self.special: dict[str, set[int]] = {}         # encoder -> its special token ids
         self.text_maps: dict[str, torch.Tensor] = {}   # encoder -> (B, L, N) of its current call
@@ -380,6 +381,7 @@ class TriggerRouter:
         self.text_maps, self.recorded, self.denoiser_tokens, self.masses, self._prev_text = {}, [], None, {}, None
         self.columns = self.column_tokens = None
         self.present, self._absent, self._log_present, self._logmaps, self.stamp = {}, {}, {}, {}, 0
+        self.versions = {}
 
     def _set_present(self, network: str, maps: torch.Tensor | None, device=None) -> None:
         """Which experts a network's call names (maps (B, L, N) on the host; None: unknown, nothing is off), and
@@ -424,7 +426,7 @@ class TriggerRouter:
     def _denoiser_pre(self, module, args, kwargs):
         position = 2 if self.denoiser == "unet" else 1       # UNet(sample, t, ehs); transformers(x, ehs, ...)
         ehs = kwargs.get("encoder_hidden_states", args[position] if len(args) > position else None)
-        self.stamp, self._logmaps = 0, {}                   # a new pass: its maps are computed anew
+        self.stamp, self.versions, self._logmaps = 0, {}, {}   # a new pass: its maps are computed anew
         if ehs is None:
             self.denoiser_tokens, self.masses = None, {}
             return
@@ -485,6 +487,7 @@ class TriggerRouter:
     def store_mass(self, T: int, mass: torch.Tensor) -> None:
         self.masses[T] = mass.detach()
         self.stamp += 1                                # the pixels' maps changed: routed weights are recomputed
+        self.versions[T] = self.versions.get(T, 0) + 1
 
     def joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_start: int,
                         image: slice) -> torch.Tensor:
@@ -537,10 +540,20 @@ class TriggerRouter:
             return None
         return m
 
+    def version(self, network: str, T: int, key: str | None = None) -> tuple:
+        """Names the routing map a module reading T tokens gets in this pass (`map_for`): it changes only when
+        an attention stores new maps for the image tokens it reads (text tokens' maps stay for the pass)."""
+        role = self.role(key) if network == self.denoiser else None
+        text = self.denoiser_tokens
+        L = 0 if text is None else text.shape[1]
+        if network != self.denoiser or role == "text" or (role is None and T == L):
+            return role, T, 0
+        return role, T, self.versions.get(T - L if role == "joint" else T, 0)
+
     def log_map(self, network: str, B: int, T: int, key: str | None = None) -> torch.Tensor | None:
         """log(r + ε) (B, T, N) float32 for a module of `network` reading T tokens (see `map_for`), or None where
-        r is not known; computed once per (network, role, T, stamp) and shared by every group of the pass."""
-        slot = (network, self.role(key) if network == self.denoiser else None, T, self.stamp)
+        r is not known; computed once per (network, `version`) and shared by every group of the pass."""
+        slot = (network, *self.version(network, T, key))
         if slot not in self._logmaps:
             r = self.map_for(network, B, T, key)
             self._logmaps[slot] = None if r is None else torch.log(r.float() + self.eps)
