@@ -21,7 +21,14 @@ Per-token gates (MoleConfig(gate="token"), not in the paper): the same Gate read
 expert outputs instead of their mean and gives weights (B, T, N), so two subjects at two places in one
 image can get different experts. Members of a group whose token count differs from the leader's (cross-
 attention keys/values read the text, not the pixels) use the leader's weights averaged over its tokens.
-Recording and the balance loss see the per-sample mean over tokens.
+Recording and the balance loss see the per-sample mean over tokens. The per-token gate is computed in rank
+space, never forming the (B, T, N, d_out) expert outputs: E = M h is linear in the stacked down-projections h
+(R channels), so its mean over the N·d_out features is u·h, its variance hᵀ Q h (Q: R × R, from the experts'
+B and scales) and W (E − mean) = C v with v = h V Λ^½ (Q = V Λ Vᵀ); the gate's logits are then
+F.linear(F.layer_norm(h K), D, b) with K = √k [VΛ^½, −VΛ^½] (R × 2k, fixed per module) and D, b from the
+projection and τ (prepared once per gate state outside training). The same function as layer_norm + proj on
+the concatenated outputs (tested to float rounding), at the cost of R-sized rows: in FLUX's single blocks the
+leader is proj_mlp (d_out 12,288).
 
 Static gates (MoleConfig(gate="static"): MoLE's static ablation; LoraHub's one weight per LoRA, here learned
 by gradient): G = softmax(l / τ) with ONE logit l_i per expert and one τ for the whole attachment — every
@@ -29,10 +36,14 @@ group's Gate holds the same two Parameters — so the weights never depend on th
 equal-weight linear merge, like the other kinds.
 
 Trigger-routed gates (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): the leader's
-softmax is cached unrouted; every member then takes it at its own tokens (the mean over the leader's tokens
-for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with β the gate's
-`route_beta`, renormalises, and only then applies forced weights and the mask — computed once per token count
-and routing map of the pass (the router's `stamp`), not once per member.
+logits / τ are cached unrouted; every member then takes the gate at its own tokens (the mean of the leader's
+softmax over its tokens for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with
+β the gate's `route_beta` (and by 0 for an expert whose trigger the call does not name, route_absent="off"),
+renormalises — computed as one softmax of logits/τ + log present + β log(r + ε) — and only then applies
+forced weights and the mask. Computed once per routing-map version (`TriggerRouter.version`: it changes when an
+attention stores new maps for those tokens), not once per member; log(r + ε) once per version for all groups.
+A call that names no expert's trigger is the base model: outside training the layers skip their experts
+(decided in the routing's pre-hooks, a Python bool).
 
 On a GPU (issue 26): a member costs three ops beyond its base layer (A_cat x; h ⊙ c; one addmm / baddbmm
 adding B_cat (h ⊙ c) into the base output); the gate and the per-rank scales c are computed once per group and

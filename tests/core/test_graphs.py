@@ -150,8 +150,8 @@ def test_per_token_gate_in_rank_space_is_the_gate_on_expert_outputs():
                                scale=0.5 + i) for i, r in enumerate(ranks)]
         experts[-1].B.zero_()
         gate = Gate(len(ranks))
-        layer = MoleLinear(nn.Linear(d_in, d_out), "m", experts, Group("g", "", gate, Runtime(["a", "b", "c"][:len(ranks)]),
-                                                                          per_token=True))
+        group = Group("g", "", gate, Runtime(["a", "b", "c"][:len(ranks)]), per_token=True)
+        layer = MoleLinear(nn.Linear(d_in, d_out), "m", experts, group)
         gate.materialise(d_out)
         with torch.no_grad():
             gate.proj.weight.copy_(torch.randn(gate.proj.weight.shape, generator=g) * 0.1)
