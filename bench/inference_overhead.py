@@ -378,12 +378,25 @@ def routed_lines(rat: dict, fmt) -> list[str]:
 
 # ---- compute ops per forward, and CUDA-graphed times ----------------------------------------------
 
-def mole_variants() -> dict:
-    """The MoLE configurations the op counts and graphed times cover: per-sample and the product's default."""
-    from mole_core.defaults import DEFAULT_GATE
-    from mole_core.mix import mole_config_for
-    return {"MoLE per-sample": MoleConfig(granularity="block"),
-            f"MoLE default gate ({DEFAULT_GATE})": mole_config_for("block", DEFAULT_GATE)}
+def mole_variants(setup: Setup) -> dict:
+    """The MoLE attachments the op counts and graphed times cover (context managers): per-sample, and the
+    product's default gate attached with its triggers named in the text, as it is timed (`default_gate`)."""
+    @contextmanager
+    def per_sample():
+        handle = attach(setup.comps, setup.loras, MoleConfig(granularity="block"))
+        yield
+        handle.detach()
+
+    return {"MoLE per-sample": per_sample, f"MoLE default gate ({DEFAULT_GATE})": lambda: default_gate(setup)}
+
+
+def ops_target_lines(counts: dict, n: int) -> list[str]:
+    """'+X per adapted module' for per-sample MoLE and the default gate, and the issue's target."""
+    base, lines = counts["base"], []
+    for name, c in counts.items():
+        if name.startswith("MoLE"):
+            lines.append(f"- {name}: +{(c - base) / n:.2f} ops per adapted module (target ≤ 4)")
+    return lines
 
 
 def run_ops_and_graphs(setup: Setup, args, device, dtype, log=print) -> list[str]:
@@ -392,7 +405,7 @@ def run_ops_and_graphs(setup: Setup, args, device, dtype, log=print) -> list[str
     CUDA also each one's time with the forward compiled with torch.compile(mode="reduce-overhead") (replayed
     CUDA graphs) beside its eager time (median of --rounds after 3 warm-up calls, wall time, synchronised)."""
     from bench.ops import count_ops
-    model, comps, loras = setup.model, setup.comps, setup.loras
+    model, loras = setup.model, setup.loras
     n = len(loras[0].modules)
     counts, graphed, eager, notes = {}, {}, {}, []
 
@@ -423,22 +436,16 @@ def run_ops_and_graphs(setup: Setup, args, device, dtype, log=print) -> list[str
     model.set_adapters([lora.name for lora in loras], weights=[1 / N_LORAS] * N_LORAS)
     measure("diffusers unfused")
     model.unload_lora()
-    for name, config in mole_variants().items():
-        try:
-            handle = attach(comps, loras, config)
-        except ValueError as error:                                # e.g. routing this family cannot do yet
-            notes.append(f"{name}: not measured ({error})")
-            continue
-        try:
+    for name, attached in mole_variants(setup).items():
+        with attached():
             measure(name)
-        finally:
-            handle.detach()
     base = counts["base"]
     lines = ["", f"Compute ops per forward (bench/ops.py: aten ops reaching a kernel, views left out; on CUDA about "
                  f"one launch each), {n} adapted modules:", ""]
     for name, c in counts.items():
         extra = "" if name == "base" else f" (+{(c - base) / n:.2f} per adapted module)"
         lines.append(f"- ops per forward, {name}: {c:,}{extra}")
+    lines += ops_target_lines(counts, n)
     if graphed or eager:
         lines += ["", "CUDA graphs (torch.compile mode reduce-overhead) beside eager, ms per forward (wall):", "",
                   "| method | eager | graphed | graphed / base graphed |", "|---|---|---|---|"]

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from mole_core.atomic import write_csv
-from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime
+from mole_core.layers import Gate, Group, MoleConv2d, MoleLinear, Runtime, per_sample
 from mole_core.lora import Lora, LoraWeights, module_problem
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
@@ -410,7 +410,7 @@ class MoleHandle:
 
     # ---- losses and summaries --------------------------------------------------------------------
     def _last_gates(self) -> torch.Tensor:
-        Gs = [G for per_network in self._runtime.evaluated.values() for G in per_network]
+        Gs = [per_sample(G) for per_network in self._runtime.evaluated.values() for G in per_network]
         if not Gs:
             raise RuntimeError("No gate has been evaluated yet: run a forward pass of the model first.")
         return torch.cat(Gs)                                               # (M·B, N)

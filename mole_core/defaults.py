@@ -35,8 +35,8 @@ DEFAULT_GATE = "routed"
 # project's 2-core CPU machine, quiet (load under 1.5), one torch thread, 32×32 images: seconds per denoising
 # step of one image (guidance batches two) for the base model, a merge (or one LoRA), LoRA Switch, MoLE with
 # per-sample and with per-token (or routed) gates, two experts; and per gate-training step at batch 4, two
-# experts (per-token gates form every expert's output at every pixel). Under load the ratios held: merge 1.25×,
-# Switch 1.9×, MoLE per sample 1.3×, per token 2.6× the base model's step.
+# experts (per-token gates formed every expert's output at every pixel when this was measured). Under load the
+# ratios held: merge 1.25×, Switch 1.9×, MoLE per sample 1.3×, per token 2.6× the base model's step.
 COSTS = {"denoise_step": 0.022, "denoise_step_merge": 0.0275, "denoise_step_switch": 0.042,
          "denoise_step_mole_sample": 0.0286, "denoise_step_mole_token": 0.057,
          "train_step_sample": 0.107, "train_step_token": 0.126}

@@ -21,7 +21,14 @@ Per-token gates (MoleConfig(gate="token"), not in the paper): the same Gate read
 expert outputs instead of their mean and gives weights (B, T, N), so two subjects at two places in one
 image can get different experts. Members of a group whose token count differs from the leader's (cross-
 attention keys/values read the text, not the pixels) use the leader's weights averaged over its tokens.
-Recording and the balance loss see the per-sample mean over tokens.
+Recording and the balance loss see the per-sample mean over tokens. The per-token gate is computed in rank
+space, never forming the (B, T, N, d_out) expert outputs: E = M h is linear in the stacked down-projections h
+(R channels), so its mean over the N·d_out features is u·h, its variance hᵀ Q h (Q: R × R, from the experts'
+B and scales) and W (E − mean) = C v with v = h V Λ^½ (Q = V Λ Vᵀ); the gate's logits are then
+F.linear(F.layer_norm(h K), D, b) with K = √k [VΛ^½, −VΛ^½] (R × 2k, fixed per module) and D, b from the
+projection and τ (prepared once per gate state outside training). The same function as layer_norm + proj on
+the concatenated outputs (tested to float rounding), at the cost of R-sized rows: in FLUX's single blocks the
+leader is proj_mlp (d_out 12,288).
 
 Static gates (MoleConfig(gate="static"): MoLE's static ablation; LoraHub's one weight per LoRA, here learned
 by gradient): G = softmax(l / τ) with ONE logit l_i per expert and one τ for the whole attachment — every
@@ -29,10 +36,14 @@ group's Gate holds the same two Parameters — so the weights never depend on th
 equal-weight linear merge, like the other kinds.
 
 Trigger-routed gates (MoleConfig(gate="token", route="trigger"), mole_core/routing.py): the leader's
-softmax is cached unrouted; every member then takes it at its own tokens (the mean over the leader's tokens
-for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with β the gate's
-`route_beta`, renormalises, and only then applies forced weights and the mask — computed once per token count
-and routing map of the pass (the router's `stamp`), not once per member.
+logits / τ are cached unrouted; every member then takes the gate at its own tokens (the mean of the leader's
+softmax over its tokens for another layout), multiplies it by the routing term of those tokens, (r + ε)^β with
+β the gate's `route_beta` (and by 0 for an expert whose trigger the call does not name, route_absent="off"),
+renormalises — computed as one softmax of logits/τ + log present + β log(r + ε) — and only then applies
+forced weights and the mask. Computed once per routing-map version (`TriggerRouter.version`: it changes when an
+attention stores new maps for those tokens), not once per member; log(r + ε) once per version for all groups.
+A call that names no expert's trigger is the base model: outside training the layers skip their experts
+(decided in the routing's pre-hooks, a Python bool).
 
 On a GPU (issue 26): a member costs three ops beyond its base layer (A_cat x; h ⊙ c; one addmm / baddbmm
 adding B_cat (h ⊙ c) into the base output); the gate and the per-rank scales c are computed once per group and
@@ -110,6 +121,10 @@ class Gate(nn.Module):
                 self.route_beta.fill_(self.route_beta_init)
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.scaled_logits(outputs), dim=-1)         # (..., N)
+
+    def scaled_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """logits / τ (..., N) float32 of expert outputs (..., N, d_out): the softmax's input."""
         *lead, N, d_out = outputs.shape                                    # (..., N, d_out)
         if self.logits is not None:
             logits = self.logits.float().expand(*lead, N)                  # static: the same for every input
@@ -119,7 +134,7 @@ class Gate(nn.Module):
             z = outputs.float().reshape(*lead, N * d_out)                  # concat_i E_i
             z = F.layer_norm(z, (N * d_out,))
             logits = F.linear(z, self.proj.weight.float(), self.proj.bias.float())   # (..., N)
-        return torch.softmax(logits / self.log_tau.float().exp(), dim=-1)  # (..., N)
+        return logits / self.log_tau.float().exp()                         # (..., N)
 
 
 class Runtime:
@@ -189,7 +204,7 @@ class Runtime:
         self.pending = keep
 
 
-def _per_sample(G: torch.Tensor) -> torch.Tensor:
+def per_sample(G: torch.Tensor) -> torch.Tensor:
     """Gate weights (B, N) or per token (B, T, N) -> per sample (B, N): the mean over tokens."""
     return G.mean(1) if G.dim() == 3 else G
 
@@ -209,12 +224,39 @@ class Group:
         self.router = router                              # routing.TriggerRouter (route="trigger") or None
         self.cache: torch.Tensor | None = None            # (B, N) or (B, T, N) effective weights of this pass
                                                           # (routed groups: the gate's own softmax)
-        self.routed: dict = {}                            # routed groups: (T, router stamp) -> weights (B, T, N)
+        self.routed: dict = {}                            # routed groups: routing map version -> weights
+        self.bases: dict = {}                             # routed groups: leader's / mean layout -> log weights
         self.coef: dict = {}                              # (weights key, member layout, dtype) -> c (B, T|1, R)
+        self.leader_module: "_MoleBase | None" = None     # the member that evaluates the gate
+        self.prepared = None                              # per-token gates: (stamp, (D, b)), see start_pass
 
     def start_pass(self) -> None:
-        """A new forward of the network: forget this pass's weights."""
-        self.cache, self.routed, self.coef = None, {}, {}
+        """A new forward of the network: forget this pass's weights; outside training, keep the per-token gate's
+        rank-space weights while the gate's parameters stay as they are (`prepared`)."""
+        self.cache, self.routed, self.bases, self.coef = None, {}, {}, {}
+        self.prepared = self._prepared_weights()
+
+    def _prepared_weights(self):
+        """(D, b) of the leader's `rank_gate_weights`, computed here (in the network's pre-hook, eagerly) and reused
+        by the passes while the gate's tensors are unchanged; None in training (computed in the forward, with
+        gradient) and before the leader is known."""
+        gate, leader = self.gate, self.leader_module
+        if (not self.per_token or gate.proj is None or leader is None or leader.key != gate.leader
+                or torch.is_grad_enabled()):
+            return None
+        stamp = self._gate_stamp(leader)
+        if self.prepared is None or self.prepared[0] != stamp:
+            return stamp, leader.rank_gate_weights(gate)
+        return self.prepared
+
+    def _gate_stamp(self, leader: "_MoleBase") -> tuple:
+        """What the prepared weights depend on: the leader, and the gate's tensors (storage and in-place version)."""
+        tensors = (self.gate.proj.weight, self.gate.proj.bias, self.gate.log_tau)
+        return (leader.key, *((t.data_ptr(), t._version, t.dtype) for t in tensors))
+
+    def built(self) -> bool:
+        """The gate's shape is known (its leader ran once): a pass may skip it without losing that."""
+        return self.gate.leader is not None and (self.gate.logits is not None or self.gate.proj is not None)
 
     def _is_leader(self, member: "_MoleBase") -> bool:
         gate = self.gate
@@ -226,7 +268,10 @@ class Group:
                 f"'{gate.leader}' in this forward pass. The gate is evaluated by the first module of the "
                 f"group to run; this model runs its modules in a different order than when the gate "
                 f"was built (or a submodule was called outside its network's forward).")
-        return member.key == gate.leader
+        if member.key == gate.leader:
+            self.leader_module = member
+            return True
+        return False
 
     def _evaluate(self, member: "_MoleBase", h: torch.Tensor) -> torch.Tensor:
         """The gate's softmax (B, N) or (B, T, N) from the leader's stacked down-projections h (B, T, R)."""
@@ -234,8 +279,23 @@ class Group:
         if gate.logits is not None:                                        # static: the input does not count
             lead = (h.shape[0], h.shape[1]) if self.per_token else (h.shape[0],)
             return torch.softmax(gate.logits.float() / gate.log_tau.float().exp(), dim=-1).expand(*lead, -1)
+        if self.per_token:
+            return torch.softmax(self._evaluate_logits(member, h), dim=-1)  # (B, T, N)
         gate.materialise(member.d_out, h.device)
-        return gate(member.expert_outputs(h, self.per_token))             # (B, [T,] N)
+        return gate(member.expert_outputs(h, False))                       # (B, N)
+
+    def _evaluate_logits(self, member: "_MoleBase", h: torch.Tensor) -> torch.Tensor:
+        """The gate's logits / τ (B, T, N) (per-token gates; routed groups route them before the softmax)."""
+        gate = self.gate
+        if gate.logits is not None:
+            return (gate.logits.float() / gate.log_tau.float().exp()).expand(h.shape[0], h.shape[1], -1)
+        gate.materialise(member.d_out, h.device)
+        if self.prepared is not None and self.prepared[0][0] == member.key:
+            return member.token_logits(h, self.prepared[1])               # (B, T, N)
+        weights = member.rank_gate_weights(gate)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():   # eager inference: keep them
+            self.prepared = (self._gate_stamp(member), weights)
+        return member.token_logits(h, weights)
 
     def weights(self, member: "_MoleBase", h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Effective expert weights for `member` (B, N) or per token (B, T', N), and a key naming them within
@@ -245,36 +305,48 @@ class Group:
         if self._is_leader(member):
             rt = self.runtime
             G = self._evaluate(member, h)
-            rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
+            rt.evaluated.setdefault(self.network, []).append(G)   # reduced when read
             G = self._forced_and_masked(G)
             rt.record(self.name, self.network, G)
             self.cache = G
         return self.cache, ("gate",)
 
-    def _routed_weights(self, member: "_MoleBase", h: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """Trigger-routed groups: the gate's softmax (evaluated by the leader, cached) brought to this
-        member's T tokens, times the routing term of its tokens, then forced weights and the mask; computed
-        once per token count and routing map of the pass (the router's `stamp` changes with each new map)."""
-        gate, rt, T = self.gate, self.runtime, h.shape[1]
+    def _routed_weights(self, member: "_MoleBase", h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Trigger-routed groups: G = softmax(logits/τ + log present + β log(r + ε)) at this member's T tokens
+        (= the gate's softmax times present times (r + ε)^β, renormalised; routing.py), then forced weights and
+        the mask. The leader's logits are evaluated once per pass; the weights once per routing map version
+        (`TriggerRouter.version`: it changes only when an attention stores new maps for these tokens), so members
+        reading the same tokens in between share them."""
+        router, rt, T = self.router, self.runtime, h.shape[1]
         leader = self._is_leader(member)
         if leader:
-            self.cache = self._evaluate(member, h)                         # (B, T, N) softmax
-        stamp = getattr(self.router, "stamp", None)                        # None: no stamp, nothing reused
-        key = None if stamp is None else ("routed", T, stamp)
-        if key is not None and key in self.routed:
+            self.cache = self._evaluate_logits(member, h)                  # (B, T, N) logits / τ, unrouted
+        key = ("routed", *router.version(self.network, T, member.key))
+        if key in self.routed:
             return self.routed[key], key
-        G = self.cache
-        if G.shape[1] != T:
-            G = G.mean(1, keepdim=True).expand(G.shape[0], T, G.shape[2])  # another token layout
-        G = self.router.apply(G, self.network, gate.route_beta, member.key)
+        if router.all_absent(self.network):                                # no expert named: all off
+            G = self.cache.new_zeros(self.cache.shape[0], 1, self.cache.shape[2])
+        else:
+            logr = router.log_map(self.network, h.shape[0], T, member.key)
+            base = self._base_logits(T)
+            G = torch.softmax(base if logr is None else torch.addcmul(base, self.gate.route_beta.float(), logr), -1)
         if leader:
-            rt.evaluated.setdefault(self.network, []).append(_per_sample(G))
+            rt.evaluated.setdefault(self.network, []).append(G)   # reduced when read
         G = self._forced_and_masked(G)
         if leader:
             rt.record(self.name, self.network, G)
-        if key is not None:
-            self.routed[key] = G
+        self.routed[key] = G
         return G, key
+
+    def _base_logits(self, T: int) -> torch.Tensor:
+        """The unrouted log weights at T tokens, absent experts at -inf: the leader's logits / τ (B, T, N) at
+        its own token count, else the log of its softmax's mean over its tokens (B, 1, N); once per pass each."""
+        own = self.cache.shape[1] == T
+        if own not in self.bases:
+            base = self.cache if own else torch.log(torch.softmax(self.cache, -1).mean(1, keepdim=True))
+            present = self.router.log_present(self.network)
+            self.bases[own] = base if present is None else base + present
+        return self.bases[own]
 
     def _forced_and_masked(self, G: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
@@ -301,7 +373,7 @@ class Group:
             return self.coef[ckey]
         if G.dim() == 2:
             G = G.unsqueeze(1)                                             # (B, 1, N)
-        elif tokens == 1:
+        elif tokens == 1 and G.shape[1] != 1:
             G = G.mean(1, keepdim=True)          # another token layout than the leader's (e.g. text tokens)
         if self.runtime.strengths is not None:
             G = G * self.runtime.strengths
@@ -338,6 +410,46 @@ class _MoleBase(nn.Module):
         self.register_buffer("rank_mix", (self.rank_onehot * self.scales[self.expert_of_rank, None]).T.contiguous())
         self.layout = (tuple(ranks), tuple(scales))       # members with equal layouts share their scales c
         self.n_experts, self.d_out = len(experts), d_out
+        if group.per_token and group.gate.logits is None:
+            self._rank_space_gate()
+
+    def _rank_space_gate(self) -> None:
+        """Constants of the per-token gate computed in rank space (the same function as Gate on the expert
+        outputs, see `token_logits`). The gate's input is E = M h (N·d_out features), M = the experts' scaled
+        up-projections, block i = s_i B_i on expert i's rank channels; its mean is u·h, its (biased) variance
+        hᵀ Q h with Q = MᵀM / (N·d_out) − u uᵀ (R × R). With Q = V Λ Vᵀ (the k directions with λ > 0) and
+        v = h V Λ^½: var = ‖v‖², and W (E − mean) = C v with C = W (M − 1 uᵀ) V Λ^-½."""
+        N, d = self.n_experts, self.d_out
+        Bs = self.B_cat.double() * self.scales.double()[self.expert_of_rank]          # (d_out, R): s_r B_r
+        u = Bs.sum(0) / (N * d)                                                        # (R,)
+        same = (self.expert_of_rank[:, None] == self.expert_of_rank[None, :]).double()
+        lam, V = torch.linalg.eigh((Bs.T @ Bs) * same / (N * d) - torch.outer(u, u))    # Q's eigenpairs
+        keep = lam > lam.max() * 1e-14 if bool(lam.max() > 0) else torch.zeros_like(lam, dtype=torch.bool)
+        S, Vk = lam[keep].sqrt(), V[:, keep]
+        if S.numel() == 0:                        # no expert moves this output: E is constant, the gate gives b
+            S, Vk = torch.ones(1, dtype=V.dtype, device=V.device), torch.zeros_like(V[:, :1])
+        P = Vk * S                                                                     # (R, k): v = h P
+        k = P.shape[1]
+        # y = √k [v, −v] has mean 0 and variance ‖v‖²: F.layer_norm(y) = √k [v, −v] / √(‖v‖² + eps)
+        self.register_buffer("gate_K", (torch.cat([P, -P], 1) * k ** 0.5).float(), persistent=False)  # (R, 2k)
+        self.register_buffer("gate_VSinv", (Vk / S).float(), persistent=False)                       # (R, k)
+        self.register_buffer("gate_u", u.float(), persistent=False)                                   # (R,)
+
+    def rank_gate_weights(self, gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D (N, 2k), b (N,)) with logits / τ = F.linear(F.layer_norm(h K), D, b) for this leader and `gate`:
+        D = [C, −C] / (2√k τ), b = bias / τ (C: see `_rank_space_gate`)."""
+        N, d = self.n_experts, self.d_out
+        W, tau = gate.proj.weight.float(), gate.log_tau.float().exp()
+        WM = ((W.view(N, N, d) @ self.B_cat.float()) * self.rank_mix.float()).sum(1)     # (N, R) = W M
+        C = (WM - W.sum(1, keepdim=True) * self.gate_u) @ self.gate_VSinv              # (N, k)
+        D = torch.cat([C, -C], 1) / (2 * C.shape[1] ** 0.5 * tau)
+        return D, gate.proj.bias.float() / tau
+
+    def token_logits(self, h: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The per-token gate's logits / τ (B, T, N) from the stacked down-projections h (B, T, R): three ops of
+        R-sized rows, never the (B, T, N, d_out) expert outputs."""
+        y = h.float() @ self.gate_K                                                     # (B, T, 2k)
+        return F.linear(F.layer_norm(y, (y.shape[-1],)), *weights)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -362,7 +474,11 @@ class _MoleBase(nn.Module):
         return self.group.coefficients(self, h)
 
     def _all_off(self) -> bool:
-        return self.group.runtime.all_off
+        """Every expert off: the mask (decided when set), or a routed call naming no expert's trigger outside
+        training (decided in the routing's pre-hooks). A Python bool: no device sync."""
+        group = self.group
+        return group.runtime.all_off or (group.router is not None and not torch.is_grad_enabled()
+                                         and group.router.all_absent(group.network) and group.built())
 
 
 class MoleLinear(_MoleBase):

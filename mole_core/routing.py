@@ -144,8 +144,8 @@ class RecordingAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        tokens, mask = self.router.denoiser_tokens, getattr(self.router.runtime, "mask", None)
-        if (mask is not None and not bool(mask.any())) or self.router.all_absent(self.router.denoiser):
+        tokens = self.router.denoiser_tokens
+        if getattr(self.router.runtime, "all_off", False) or self.router.all_absent(self.router.denoiser):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if encoder_hidden_states is None or tokens is None or attn.spatial_norm is not None \
                 or attn.group_norm is not None or getattr(attn, "residual_connection", False):
@@ -285,6 +285,12 @@ class TriggerRouter:
         self.absent = absent                           # "off": experts whose trigger no prompt of the call has
         self.encoders: dict[str, nn.Module] = {n: m for n, m in model.items() if n != self.denoiser}
         self.present: dict[str, torch.Tensor] = {}     # network -> (N,) bool of the current call (route_absent)
+        self._absent: dict[str, bool] = {}             # network -> no expert present (decided in the pre-hooks)
+        self._log_present: dict[str, torch.Tensor] = {}   # network -> (N,) 0 / -inf where some expert is absent
+        self.stamp = 0                                 # +1 per stored attention map in a denoiser pass
+        self.versions: dict[int, int] = {}             # image tokens T -> maps stored for T in this pass: routed
+                                                       # weights and log maps are reused while it stays the same
+        self._logmaps: dict[tuple, torch.Tensor | None] = {}   # (network, role, T, version) -> log(r + ε)
         self.trigger_ids: dict[str, list[list[tuple[int, ...]]]] = {}   # encoder -> per expert, its id sequences
         self.special: dict[str, set[int]] = {}         # encoder -> its special token ids
         self.text_maps: dict[str, torch.Tensor] = {}   # encoder -> (B, L, N) of its current call
@@ -374,16 +380,35 @@ class TriggerRouter:
     def reset(self) -> None:
         self.text_maps, self.recorded, self.denoiser_tokens, self.masses, self._prev_text = {}, [], None, {}, None
         self.columns = self.column_tokens = None
-        self.present = {}
+        self.present, self._absent, self._log_present, self._logmaps, self.stamp = {}, {}, {}, {}, 0
+        self.versions = {}
+
+    def _set_present(self, network: str, maps: torch.Tensor | None, device=None) -> None:
+        """Which experts a network's call names (maps (B, L, N) on the host; None: unknown, nothing is off), and
+        what the layers read of it: a Python bool for "none present" and the (N,) log term on `device` (host
+        work here, in a pre-hook, so that no forward syncs with the device)."""
+        self._logmaps = {}
+        if maps is None:
+            for d in (self.present, self._absent, self._log_present):
+                d.pop(network, None)
+            return
+        present = self._present(maps)
+        self.present[network] = present
+        self._absent[network] = not bool(present.any())
+        if bool(present.all()):
+            self._log_present.pop(network, None)
+        else:
+            log = torch.zeros(self.n).masked_fill(~present.cpu(), float("-inf"))
+            self._log_present[network] = log.to(device) if device is not None else log
 
     def _text_pre(self, name: str, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None or name not in self.trigger_ids:
             self.text_maps.pop(name, None)
-            self.present.pop(name, None)
+            self._set_present(name, None)
             return
         self.text_maps[name] = trigger_positions(ids, self.trigger_ids[name], self.tokens, self.special[name])
-        self.present[name] = self._present(self.text_maps[name])
+        self._set_present(name, self.text_maps[name], ids.device)
 
     def _text_post(self, name: str, output):
         """Record the encoder's last hidden state and (when asked for) its penultimate one: what pipelines read."""
@@ -401,6 +426,7 @@ class TriggerRouter:
     def _denoiser_pre(self, module, args, kwargs):
         position = 2 if self.denoiser == "unet" else 1       # UNet(sample, t, ehs); transformers(x, ehs, ...)
         ehs = kwargs.get("encoder_hidden_states", args[position] if len(args) > position else None)
+        self.stamp, self.versions, self._logmaps = 0, {}, {}   # a new pass: its maps are computed anew
         if ehs is None:
             self.denoiser_tokens, self.masses = None, {}
             return
@@ -412,10 +438,8 @@ class TriggerRouter:
             self.masses = {}                            # another text (training batch): no stale maps
         self._prev_text = ehs.detach()
         tokens, matched = self._match(ehs.detach())
-        if matched:
-            self.present[self.denoiser] = self._present(tokens)
-        else:
-            self.present.pop(self.denoiser, None)       # text we did not see encoded: nothing is switched off
+        # text we did not see encoded: nothing is switched off
+        self._set_present(self.denoiser, tokens if matched else None, ehs.device)
         self.denoiser_tokens = tokens.to(ehs.device)
         columns = tokens.amax((0, 2)).nonzero().flatten()   # on the CPU: no device sync
         self.columns = columns.to(ehs.device)
@@ -448,17 +472,22 @@ class TriggerRouter:
         return (maps.sum((0, 1)) > 0) | self._untriggered(maps.device)
 
     def all_absent(self, network: str) -> bool:
-        p = self.present.get(network)
-        return self.absent == "off" and p is not None and not bool(p.any())
+        """route_absent="off" and no expert's trigger in this call of `network` (a Python bool: no sync)."""
+        return self.absent == "off" and self._absent.get(network, False)
+
+    def log_present(self, network: str) -> torch.Tensor | None:
+        """(N,) 0 for a present expert, -inf for an absent one (route_absent="off"); None when all count."""
+        return self._log_present.get(network) if self.absent == "off" else None
 
     def recording_active(self) -> bool:
         """Joint attention records masses: the denoiser's text has trigger tokens, some expert is on."""
-        mask = getattr(self.runtime, "mask", None)
         return (self.columns is not None and self.columns.numel() > 0 and not self.all_absent(self.denoiser)
-                and not (mask is not None and not bool(mask.any())))
+                and not getattr(self.runtime, "all_off", False))
 
     def store_mass(self, T: int, mass: torch.Tensor) -> None:
         self.masses[T] = mass.detach()
+        self.stamp += 1                                # the pixels' maps changed: routed weights are recomputed
+        self.versions[T] = self.versions.get(T, 0) + 1
 
     def joint_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_start: int,
                         image: slice) -> torch.Tensor:
@@ -511,18 +540,39 @@ class TriggerRouter:
             return None
         return m
 
+    def version(self, network: str, T: int, key: str | None = None) -> tuple:
+        """Names the routing map a module reading T tokens gets in this pass (`map_for`): it changes only when
+        an attention stores new maps for the image tokens it reads (text tokens' maps stay for the pass)."""
+        role = self.role(key) if network == self.denoiser else None
+        text = self.denoiser_tokens
+        L = 0 if text is None else text.shape[1]
+        if network != self.denoiser or role == "text" or (role is None and T == L):
+            return role, T, 0
+        return role, T, self.versions.get(T - L if role == "joint" else T, 0)
+
+    def log_map(self, network: str, B: int, T: int, key: str | None = None) -> torch.Tensor | None:
+        """log(r + ε) (B, T, N) float32 for a module of `network` reading T tokens (see `map_for`), or None where
+        r is not known; computed once per (network, `version`) and shared by every group of the pass."""
+        slot = (network, *self.version(network, T, key))
+        if slot not in self._logmaps:
+            r = self.map_for(network, B, T, key)
+            self._logmaps[slot] = None if r is None else torch.log(r.float() + self.eps)
+        logr = self._logmaps[slot]
+        return logr if logr is None or logr.shape[0] == B else None
+
     def apply(self, G: torch.Tensor, network: str, beta: torch.Tensor, key: str | None = None) -> torch.Tensor:
-        """G (B, T, N) softmax weights -> G ∝ G · (r + ε)^β where r is known, renormalised."""
-        if self.absent == "off" and network in self.present:
-            G = G * self.present[network].to(G.device, G.dtype)            # absent experts off, the rest renormalised
-            G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)              # (all absent: zeros = the base model)
-        r = self.map_for(network, G.shape[0], G.shape[1], key)
-        if r is None:
-            return G
-        logr = torch.log(r.to(G.device, torch.float32) + self.eps)
-        logr = logr - logr.max(-1, keepdim=True).values          # for stability; cancels in the softmax
-        W = G.float() * torch.exp(beta.float() * logr)
-        return (W / W.sum(-1, keepdim=True).clamp_min(1e-12)).to(G.dtype)
+        """G (B, T, N) softmax weights -> G ∝ G · present · (r + ε)^β where r is known, renormalised (the routed
+        weights one at a time; the layers compute the same as one softmax of log terms, `Group._routed_weights`)."""
+        if self.all_absent(network):
+            return torch.zeros_like(G)                                      # every expert off: the base model
+        logs = torch.log(G.float())
+        present = self.log_present(network)
+        if present is not None:
+            logs = logs + present.to(G.device)
+        logr = self.log_map(network, G.shape[0], G.shape[1], key)
+        if logr is not None:
+            logs = torch.addcmul(logs, beta.float(), logr.to(G.device))
+        return torch.softmax(logs, dim=-1).to(G.dtype)
 
 
 def _locate(row: torch.Tensor, hidden: torch.Tensor, widths: set[int]) -> tuple[int, int, int] | None:
