@@ -66,6 +66,7 @@ ROUTES = ("none", "trigger")
 ROUTE_TOKENS = ("trigger", "phrase")
 ROUTE_NORMS = ("mass", "share", "spatial")
 ROUTE_ABSENT = ("keep", "off")
+ROUTE_ENCODE = ("joint", "separate")
 DENOISERS = ("unet", "transformer")
 _KEEP = 16           # text-encoder outputs remembered for matching
 # Modules of an SD3 / FLUX transformer that read the text tokens (the context stream of the joint blocks).
@@ -274,7 +275,7 @@ class TriggerRouter:
     """The routing maps of one attachment and the hooks that fill them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, n_experts: int, tokens: str = "trigger", norm: str = "mass",
-                 eps: float = 1e-3, pixels: bool = True, absent: str = "keep"):
+                 eps: float = 1e-3, pixels: bool = True, absent: str = "keep", encode: str = "joint"):
         problem = route_problem(model)
         if problem:
             raise ValueError(f'route="trigger" needs a pipeline\'s networks (a ModuleDict with "unet" or '
@@ -300,6 +301,9 @@ class TriggerRouter:
         self._handles: list = []
         self._processors: dict[str, object] = {}
         self.runtime = None                            # layers.Runtime of the attachment (its mask)
+        self.encode = encode                           # "separate": each trigger phrase encoded on its own
+        self.input_ids: dict[str, torch.Tensor] = {}   # encoder -> the input ids of its current call
+        self._nested = False                           # inside a re-encoding (route_encode="separate")
 
     @property
     def unet_tokens(self) -> torch.Tensor | None:
@@ -381,15 +385,20 @@ class TriggerRouter:
         if ids is None or name not in self.trigger_ids:
             self.text_maps.pop(name, None)
             self.present.pop(name, None)
+            self.input_ids.pop(name, None)
             return
+        self.input_ids[name] = ids
         self.text_maps[name] = trigger_positions(ids, self.trigger_ids[name], self.tokens, self.special[name])
         self.present[name] = self._present(self.text_maps[name])
 
     def _text_post(self, name: str, output):
-        """Record the encoder's last hidden state and (when asked for) its penultimate one: what pipelines read."""
+        """Record the encoder's last hidden state and (when asked for) its penultimate one: what pipelines read.
+        route_encode="separate": first each trigger's phrase is re-encoded on its own (`_encode_separately`)."""
         maps = self.text_maps.get(name)
-        if maps is None:
+        if maps is None or self._nested:
             return
+        if self.encode == "separate":
+            output = self._encode_separately(name, output)
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
         states = getattr(output, "hidden_states", None)
         candidates = [h.detach() for h in (hidden, states[-2] if states and len(states) > 1 else None)
@@ -397,6 +406,29 @@ class TriggerRouter:
         if candidates:
             self.recorded.append((name, candidates, maps))
             self.recorded = self.recorded[-_KEEP:]
+        return output
+
+    @torch.no_grad()
+    def _encode_separately(self, name: str, output):
+        """The encoder's output with the states of each trigger phrase replaced by those of the phrase encoded on
+        its own (`phrase_prompts`: the prompt's preamble + that phrase), in rows naming two or more phrases; the
+        other tokens (preamble, end, padding) keep the joint encoding. The re-encoding runs through the same
+        hooked encoder (so its own LoRA tokens are routed to that phrase's expert), then this call's maps are
+        put back."""
+        ids = self.input_ids[name]
+        spans = phrase_spans(trigger_positions(ids, self.trigger_ids[name], "phrase", self.special[name]))
+        batch, where = phrase_prompts(ids, spans, pad=int(ids[0, -1]))     # padded with the row's own end
+        if batch is None:
+            return output
+        saved = (self.text_maps.get(name), self.present.get(name), ids)
+        hidden_wanted = getattr(output, "hidden_states", None) is not None
+        self._nested = True
+        try:
+            alone = self.encoders[name](batch, output_hidden_states=hidden_wanted)
+        finally:
+            self._nested = False
+            self.text_maps[name], self.present[name], self.input_ids[name] = saved
+        return splice_states(output, alone, where)
 
     def _denoiser_pre(self, module, args, kwargs):
         position = 2 if self.denoiser == "unet" else 1       # UNet(sample, t, ehs); transformers(x, ehs, ...)
@@ -523,6 +555,61 @@ class TriggerRouter:
         logr = logr - logr.max(-1, keepdim=True).values          # for stability; cancels in the softmax
         W = G.float() * torch.exp(beta.float() * logr)
         return (W / W.sum(-1, keepdim=True).clamp_min(1e-12)).to(G.dtype)
+
+
+def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(B, L, N) phrase ownership (trigger_positions(..., "phrase")) -> per row the (start, end) token spans of
+    its trigger phrases, in order: runs of tokens owned by one expert."""
+    out = []
+    owned = phrase_maps.amax(-1) > 0                                    # (B, L)
+    owner = phrase_maps.argmax(-1)                                      # (B, L)
+    for b in range(phrase_maps.shape[0]):
+        spans, start = [], None
+        for j in range(phrase_maps.shape[1] + 1):
+            here = j < phrase_maps.shape[1] and bool(owned[b, j])
+            if start is not None and (not here or owner[b, j] != owner[b, start]):
+                spans.append((start, j))
+                start = None
+            if here and start is None:
+                start = j
+        out.append(spans)
+    return out
+
+
+def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int]]], pad: int):
+    """The token rows that encode each trigger phrase on its own: [first token (BOS), the preamble (tokens
+    before the row's first phrase), the phrase], padded with `pad` to the row's length; only rows with two or
+    more phrases. -> (ids (P, L) or None, [(row, span start, span end, offset of the span in its new row)])."""
+    rows, where = [], []
+    L = ids.shape[1]
+    for b, row_spans in enumerate(spans):
+        if len(row_spans) < 2:
+            continue
+        preamble = ids[b, :row_spans[0][0]].tolist()                    # BOS + words before the first phrase
+        for s, e in row_spans:
+            row = preamble + ids[b, s:e].tolist()
+            rows.append(row + [pad] * (L - len(row)))
+            where.append((b, s, e, len(preamble)))
+    if not rows:
+        return None, []
+    return torch.tensor(rows, dtype=ids.dtype, device=ids.device), where
+
+
+def splice_states(joint, alone, where):
+    """`joint` (an encoder's output: a ModelOutput or a tuple) with, for each (row, start, end, offset) of
+    `where`, the tokens start:end of that row taken from the matching row of `alone` (offset:offset + end −
+    start), in the last hidden state and in every hidden state both carry."""
+    def spliced(a, b):                                                   # (B, L, d), (P, L, d)
+        a = a.clone()
+        for k, (row, s, e, o) in enumerate(where):
+            a[row, s:e] = b[k, o:o + e - s].to(a.dtype)
+        return a
+    if isinstance(joint, (tuple, list)):
+        return type(joint)([spliced(joint[0], alone[0]), *joint[1:]])
+    joint.last_hidden_state = spliced(joint.last_hidden_state, alone.last_hidden_state)
+    if getattr(joint, "hidden_states", None) is not None and getattr(alone, "hidden_states", None) is not None:
+        joint.hidden_states = tuple(spliced(a, b) for a, b in zip(joint.hidden_states, alone.hidden_states))
+    return joint
 
 
 def _locate(row: torch.Tensor, hidden: torch.Tensor, widths: set[int]) -> tuple[int, int, int] | None:

@@ -75,6 +75,20 @@ def variant(name: str):
     return mole, train
 
 
+def read_confusion(scorer, images, captions) -> dict:
+    """{"<trigger>@<position>": {what the oracle read there: count}} over the images (where each subject went)."""
+    from mole_core.world.pixel import render as world
+    out = {}
+    for reading, caption in zip(scorer.oracle.read(list(images)), captions):
+        for item in caption.split(" and "):
+            words = item.split()
+            position = next(p for p, phrase in world.POSITION_PHRASE.items() if item.endswith(phrase))
+            cell = out.setdefault(f"{words[1]}@{position}", {})
+            seen = reading.identity_at(position)
+            cell[seen] = cell.get(seen, 0) + 1
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", default="face,checker")
@@ -125,13 +139,14 @@ def main():
                 caps.append(c)
         render_s = time.perf_counter() - t1
         sc = scorer.score(images, caps, targets)
+        confusion = read_confusion(scorer, images, caps)
         cf = sc["caption_fidelity"]
         row = {"variant": name, "keys": keys, "tag": args.tag, "n": len(cf), "caption_fidelity": float(cf.mean()),
                "ci95": float(1.96 * cf.std(ddof=1) / np.sqrt(len(cf))),
                "subjects": {t.key: float(np.nanmean(sc[f"subject:{t.key}"])) for t in targets},
                "train_s": train_s, "render_s_per_image": render_s / len(images), "mean_gates": mean_gates,
                "route_beta": [min(betas), sum(betas) / len(betas), max(betas)] if betas else None,
-               "captions": captions, "seeds": seeds, "steps": args.steps, "lr": args.lr, "batch": args.batch_size}
+               "confusion": confusion, "captions": captions, "seeds": seeds, "steps": args.steps, "lr": args.lr, "batch": args.batch_size}
         if plain:
             pimgs, pcaps = [], []
             for c in plain:
