@@ -88,6 +88,8 @@ class MoleConfig:
     route_encode: str = "joint"     # "separate": in a prompt naming two or more triggers, each trigger's phrase
                                     # is encoded on its own (after the prompt's preamble), so a phrase named
                                     # later does not read the earlier ones (a causal CLIP); "joint": as given
+    route_attend: float = 0.0       # λ ≥ 0: the UNet's cross-attention logits of a pixel get λ·log(r_i + ε) on
+                                    # expert i's text tokens (a pixel attends to the phrase it is routed to)
 
     @property
     def describe(self) -> str:
@@ -470,7 +472,8 @@ def _router(model: nn.Module, config: MoleConfig, n_experts: int):
     if not (float(config.route_eps) > 0):
         raise ValueError(f"route_eps must be above 0; got {config.route_eps!r}.")
     return TriggerRouter(model, n_experts, config.route_tokens, config.route_norm, float(config.route_eps),
-                         bool(config.route_pixels), config.route_absent, config.route_encode)
+                         bool(config.route_pixels), config.route_absent, config.route_encode,
+                         float(config.route_attend))
 
 
 def attach(model: nn.Module, loras: list[Lora], config: MoleConfig | None = None) -> MoleHandle:

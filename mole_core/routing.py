@@ -64,7 +64,7 @@ from torch import nn
 
 ROUTES = ("none", "trigger")
 ROUTE_TOKENS = ("trigger", "phrase")
-ROUTE_NORMS = ("mass", "share", "spatial")
+ROUTE_NORMS = ("mass", "share", "spatial", "balanced", "argmax")
 ROUTE_ABSENT = ("keep", "off")
 ROUTE_ENCODE = ("joint", "separate")
 DENOISERS = ("unet", "transformer")
@@ -157,6 +157,10 @@ class RecordingAttnProcessor:
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch_size, seq_len, _ = encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
+        bias = self.router.attention_bias(hidden_states.shape[1], batch_size, seq_len)   # (B, T, L) or None
+        if bias is not None:                                   # route_attend: pixels keep to their phrase
+            bias = bias.repeat_interleave(attn.heads, 0).to(hidden_states.dtype)        # (B·heads, T, L)
+            attention_mask = bias if attention_mask is None else attention_mask + bias
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -275,7 +279,8 @@ class TriggerRouter:
     """The routing maps of one attachment and the hooks that fill them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, n_experts: int, tokens: str = "trigger", norm: str = "mass",
-                 eps: float = 1e-3, pixels: bool = True, absent: str = "keep", encode: str = "joint"):
+                 eps: float = 1e-3, pixels: bool = True, absent: str = "keep", encode: str = "joint",
+                 attend: float = 0.0):
         problem = route_problem(model)
         if problem:
             raise ValueError(f'route="trigger" needs a pipeline\'s networks (a ModuleDict with "unet" or '
@@ -302,6 +307,7 @@ class TriggerRouter:
         self._processors: dict[str, object] = {}
         self.runtime = None                            # layers.Runtime of the attachment (its mask)
         self.encode = encode                           # "separate": each trigger phrase encoded on its own
+        self.attend = attend                           # λ of the cross-attention bias (0: none)
         self.input_ids: dict[str, torch.Tensor] = {}   # encoder -> the input ids of its current call
         self._nested = False                           # inside a re-encoding (route_encode="separate")
 
@@ -399,6 +405,7 @@ class TriggerRouter:
             return
         if self.encode == "separate":
             output = self._encode_separately(name, output)
+            maps = self.text_maps[name]
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
         states = getattr(output, "hidden_states", None)
         candidates = [h.detach() for h in (hidden, states[-2] if states and len(states) > 1 else None)
@@ -417,7 +424,7 @@ class TriggerRouter:
         put back."""
         ids = self.input_ids[name]
         spans = phrase_spans(trigger_positions(ids, self.trigger_ids[name], "phrase", self.special[name]))
-        batch, where = phrase_prompts(ids, spans, pad=int(ids[0, -1]))     # padded with the row's own end
+        batch, where = phrase_prompts(ids, spans)
         if batch is None:
             return output
         saved = (self.text_maps.get(name), self.present.get(name), ids)
@@ -519,11 +526,36 @@ class TriggerRouter:
 
     def _pixels(self, T: int) -> torch.Tensor | None:
         m = self.masses.get(T)
-        if m is not None and self.norm == "spatial":               # each expert's map over its own mean:
+        if m is None or self.norm == "mass":
+            return m
+        if self.norm == "balanced":
+            return balanced_shares(m, self.eps)
+        if self.norm in ("spatial", "argmax"):                     # each expert's map over its own mean:
             m = m / (m.mean(1, keepdim=True) + self.eps)              # where, not how much (mention order)
-        if m is not None and self.norm in ("share", "spatial"):
-            m = m / (m.sum(-1, keepdim=True) + self.eps)
-        return m
+        if self.norm == "argmax":
+            return hard_shares(m)
+        return m / (m.sum(-1, keepdim=True) + self.eps)
+
+    def attention_bias(self, T: int, B: int, L: int) -> torch.Tensor | None:
+        """route_attend = λ > 0: (B, T, L) added to the cross-attention logits of T pixels, in rows whose text
+        names two or more experts: λ·log(r_i(p) + ε) on the text tokens of expert i (0 on the pixel's own expert's
+        phrase), and λ·log ε on the tokens after the last phrase (the end token and padding, which a causal
+        encoder fills with a summary of the whole prompt where the first-named subject dominates); tokens before
+        the first phrase keep 0. A pixel then reads the phrase it is routed to. None when off or unknown."""
+        text = self.denoiser_tokens
+        if not self.attend or text is None or text.shape[0] != B or text.shape[1] != L:
+            return None
+        r = self._pixels(T)
+        if r is None or r.shape[0] != B:
+            return None
+        several = (text.amax(1) > 0).sum(-1, keepdim=True) >= 2                    # (B, 1) two phrases or more
+        logr = torch.log(r.float().to(text.device) + self.eps)                 # (B, T, N)
+        logr = (logr - logr.amax(-1, keepdim=True)) * several[:, :, None]       # 0 for the pixel's own expert
+        bias = logr @ text.float().transpose(1, 2)                              # (B, T, L)
+        position = torch.arange(L, device=text.device)
+        last = torch.where(text.amax(-1) > 0, position, -1).amax(-1, keepdim=True)  # (B, 1) last phrase token
+        ending = ((position > last) & several).float()                         # (B, L)
+        return self.attend * (bias + math.log(self.eps) * ending[:, None, :])
 
     def map_for(self, network: str, B: int, T: int, key: str | None = None) -> torch.Tensor | None:
         """(B, T, N) r for a module of `network` (key: its '<network>.<path>') reading T tokens, or None."""
@@ -557,6 +589,25 @@ class TriggerRouter:
         return (W / W.sum(-1, keepdim=True).clamp_min(1e-12)).to(G.dtype)
 
 
+def balanced_shares(m: torch.Tensor, eps: float, rounds: int = 10) -> torch.Tensor:
+    """(B, T, N) attention masses -> each pixel's shares of the experts (rows sum to 1), balanced so that every
+    expert attended somewhere holds the same total share of the image (Sinkhorn's alternate scaling of the
+    experts' columns and the pixels' rows): the first-named subject, which takes most attention everywhere,
+    keeps only the places where it is attended most compared with the others (as FreeFuse's balanced argmax).
+    An expert attended nowhere (its trigger not in that row's text) stays at 0; a row without masses stays 0."""
+    p = m.float().clamp_min(0)
+    for _ in range(rounds):
+        p = p / (p.mean(1, keepdim=True) + eps * 1e-3)           # every expert the same total
+        p = p / (p.sum(-1, keepdim=True) + eps * 1e-3)           # every pixel's shares sum to 1
+    return p
+
+
+def hard_shares(m: torch.Tensor) -> torch.Tensor:
+    """(B, T, N) scores -> one-hot (B, T, N) on each pixel's highest score; a row of zeros stays 0."""
+    hard = F.one_hot(m.argmax(-1), m.shape[-1]).to(m.dtype)
+    return hard * (m.amax(-1, keepdim=True) > 0)
+
+
 def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
     """(B, L, N) phrase ownership (trigger_positions(..., "phrase")) -> per row the (start, end) token spans of
     its trigger phrases, in order: runs of tokens owned by one expert."""
@@ -576,19 +627,21 @@ def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
-def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int]]], pad: int):
-    """The token rows that encode each trigger phrase on its own: [first token (BOS), the preamble (tokens
-    before the row's first phrase), the phrase], padded with `pad` to the row's length; only rows with two or
-    more phrases. -> (ids (P, L) or None, [(row, span start, span end, offset of the span in its new row)])."""
+def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int]]]):
+    """The token rows that encode each trigger phrase on its own: [the preamble (the first token, BOS, and the
+    words before the row's first phrase), the phrase, the row's own ending (end token, padding)], cut or padded
+    with its last token to the row's length; only rows with two or more phrases.
+    -> (ids (P, L) or None, [(row, span start, span end, where the span starts in its new row)])."""
     rows, where = [], []
     L = ids.shape[1]
     for b, row_spans in enumerate(spans):
         if len(row_spans) < 2:
             continue
         preamble = ids[b, :row_spans[0][0]].tolist()                    # BOS + words before the first phrase
+        ending = ids[b, row_spans[-1][1]:].tolist() or [int(ids[b, -1])]  # end token and padding
         for s, e in row_spans:
-            row = preamble + ids[b, s:e].tolist()
-            rows.append(row + [pad] * (L - len(row)))
+            row = (preamble + ids[b, s:e].tolist() + ending)[:L]
+            rows.append(row + [row[-1]] * (L - len(row)))
             where.append((b, s, e, len(preamble)))
     if not rows:
         return None, []
