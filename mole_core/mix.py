@@ -42,7 +42,8 @@ NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
 # expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
 # trigger no prompt names is off. Train it with balance α = 0 (a uniform balance target fights the routing).
-ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off", balance_alpha=0.0)
+ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off", balance_alpha=0.0,
+              route_encode="separate", route_attend=1.0, route_compose_from=3)
 GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token gates with ROUTED trigger routing
 MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
 # The fields each method reads (the rest are ignored by it, and left out of its Python, `Mix.to_python`).

@@ -280,7 +280,7 @@ class TriggerRouter:
 
     def __init__(self, model: nn.Module, n_experts: int, tokens: str = "trigger", norm: str = "mass",
                  eps: float = 1e-3, pixels: bool = True, absent: str = "keep", encode: str = "joint",
-                 attend: float = 0.0):
+                 attend: float = 0.0, compose_from: int = 2):
         problem = route_problem(model)
         if problem:
             raise ValueError(f'route="trigger" needs a pipeline\'s networks (a ModuleDict with "unet" or '
@@ -308,6 +308,7 @@ class TriggerRouter:
         self.runtime = None                            # layers.Runtime of the attachment (its mask)
         self.encode = encode                           # "separate": each trigger phrase encoded on its own
         self.attend = attend                           # λ of the cross-attention bias (0: none)
+        self.compose_from = compose_from               # rows naming this many experts: separate / attend act
         self.input_ids: dict[str, torch.Tensor] = {}   # encoder -> the input ids of its current call
         self._nested = False                           # inside a re-encoding (route_encode="separate")
 
@@ -418,13 +419,14 @@ class TriggerRouter:
     @torch.no_grad()
     def _encode_separately(self, name: str, output):
         """The encoder's output with the states of each trigger phrase replaced by those of the phrase encoded on
-        its own (`phrase_prompts`: the prompt's preamble + that phrase), in rows naming two or more phrases; the
+        its own (`phrase_prompts`: the prompt's preamble + that phrase), in rows naming route_compose_from phrases
+        or more (at least two); the
         other tokens (preamble, end, padding) keep the joint encoding. The re-encoding runs through the same
         hooked encoder (so its own LoRA tokens are routed to that phrase's expert), then this call's maps are
         put back."""
         ids = self.input_ids[name]
         spans = phrase_spans(trigger_positions(ids, self.trigger_ids[name], "phrase", self.special[name]))
-        batch, where = phrase_prompts(ids, spans)
+        batch, where = phrase_prompts(ids, spans, self.compose_from)
         if batch is None:
             return output
         saved = (self.text_maps.get(name), self.present.get(name), ids)
@@ -538,7 +540,7 @@ class TriggerRouter:
 
     def attention_bias(self, T: int, B: int, L: int) -> torch.Tensor | None:
         """route_attend = λ > 0: (B, T, L) added to the cross-attention logits of T pixels, in rows whose text
-        names two or more experts: λ·log(r_i(p) + ε) on the text tokens of expert i (0 on the pixel's own expert's
+        names route_compose_from experts or more (at least two): λ·log(r_i(p) + ε) on the text tokens of expert i (0 on the pixel's own expert's
         phrase), and λ·log ε on the tokens after the last phrase (the end token and padding, which a causal
         encoder fills with a summary of the whole prompt where the first-named subject dominates); tokens before
         the first phrase keep 0. A pixel then reads the phrase it is routed to. None when off or unknown."""
@@ -548,7 +550,7 @@ class TriggerRouter:
         r = self._pixels(T)
         if r is None or r.shape[0] != B:
             return None
-        several = (text.amax(1) > 0).sum(-1, keepdim=True) >= 2                    # (B, 1) two phrases or more
+        several = (text.amax(1) > 0).sum(-1, keepdim=True) >= max(2, self.compose_from)   # (B, 1) enough phrases
         logr = torch.log(r.float().to(text.device) + self.eps)                 # (B, T, N)
         logr = (logr - logr.amax(-1, keepdim=True)) * several[:, :, None]       # 0 for the pixel's own expert
         bias = logr @ text.float().transpose(1, 2)                              # (B, T, L)
@@ -627,15 +629,15 @@ def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
-def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int]]]):
+def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int]]], least: int = 2):
     """The token rows that encode each trigger phrase on its own: [the preamble (the first token, BOS, and the
     words before the row's first phrase), the phrase, the row's own ending (end token, padding)], cut or padded
-    with its last token to the row's length; only rows with two or more phrases.
+    with its last token to the row's length; only rows with `least` phrases or more (never fewer than two).
     -> (ids (P, L) or None, [(row, span start, span end, where the span starts in its new row)])."""
     rows, where = [], []
     L = ids.shape[1]
     for b, row_spans in enumerate(spans):
-        if len(row_spans) < 2:
+        if len(row_spans) < max(2, least):
             continue
         preamble = ids[b, :row_spans[0][0]].tolist()                    # BOS + words before the first phrase
         ending = ids[b, row_spans[-1][1]:].tolist() or [int(ids[b, -1])]  # end token and padding

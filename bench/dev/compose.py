@@ -115,7 +115,7 @@ def main():
     print("captions:", captions, flush=True)
     for name in args.variants.split(","):
         spec = variant(name)
-        t0, train_s, mean_gates, betas = time.perf_counter(), 0.0, None, []
+        t0, train_s, mean_gates, betas, held_out = time.perf_counter(), 0.0, None, [], None
         if spec is None:
             mix = Mix(name, tuple(keys))
         else:
@@ -128,6 +128,7 @@ def main():
                 mixture = engine.train(keys, mole, tc)
                 train_s = float(mixture.meta.get("seconds", 0.0))
                 mean_gates = mixture.meta.get("mean_gates")
+                held_out = mixture.meta.get("held_out")
                 betas = [float(v) for k, v in mixture.gate_state.items() if k.endswith("route_beta")]
                 mix = Mix("mole", tuple(keys), mixture=mixture)
         engine._kept.detach()
@@ -144,7 +145,7 @@ def main():
         row = {"variant": name, "keys": keys, "tag": args.tag, "n": len(cf), "caption_fidelity": float(cf.mean()),
                "ci95": float(1.96 * cf.std(ddof=1) / np.sqrt(len(cf))),
                "subjects": {t.key: float(np.nanmean(sc[f"subject:{t.key}"])) for t in targets},
-               "train_s": train_s, "render_s_per_image": render_s / len(images), "mean_gates": mean_gates,
+               "train_s": train_s, "render_s_per_image": render_s / len(images), "mean_gates": mean_gates, "held_out": held_out,
                "route_beta": [min(betas), sum(betas) / len(betas), max(betas)] if betas else None,
                "confusion": confusion, "captions": captions, "seeds": seeds, "steps": args.steps, "lr": args.lr, "batch": args.batch_size}
         if plain:

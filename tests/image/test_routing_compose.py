@@ -112,3 +112,21 @@ def test_attention_bias_on_other_experts_phrases_and_the_ending(tiny_pipe):
     assert torch.all(bias[0, 2:, 1:3].abs() < 1e-5)              # equal shares or no masses: phrases alike
     assert torch.all(bias[1] == 0)                               # one phrase only: no bias at all
     assert TriggerRouter(comps, 2).attention_bias(4, 2, 5) is None          # route_attend = 0: off
+
+
+def test_compose_from_three_leaves_two_subject_prompts_as_before(tiny_pipe):
+    """The default (mix.ROUTED: separate encoding and the attention bias from three named subjects on): a prompt
+    naming two experts renders exactly as the routing without them; one naming three does not."""
+    from mole_core.mix import ROUTED
+    three = "a gt on the left and a red square and a blue circle on the right"
+    before = {k: v for k, v in ROUTED.items() if k not in ("route_encode", "route_attend", "route_compose_from")}
+    handle = _routed(tiny_pipe, **{k: v for k, v in before.items() if k not in ("balance_alpha", "route")})
+    state = handle.gate_state_dict(), handle.gate_layout()
+    old_two, old_three = render(tiny_pipe), render(tiny_pipe, three)
+    handle.detach()
+    assert ROUTED["route_compose_from"] == 3 and ROUTED["route_encode"] == "separate" and ROUTED["route_attend"] > 0
+    handle = _routed(tiny_pipe, **{k: v for k, v in ROUTED.items() if k not in ("balance_alpha", "route")})
+    handle.load_gate_state_dict(*state)
+    np.testing.assert_array_equal(render(tiny_pipe), old_two)
+    assert not np.allclose(render(tiny_pipe, three), old_three, atol=1e-4)
+    handle.detach()
