@@ -42,6 +42,9 @@ NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
 # expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
 # trigger no prompt names is off. Train it with balance α = 0 (a uniform balance target fights the routing).
+# With three or more triggers in a prompt, each trigger phrase is also encoded on its own and each pixel's
+# cross-attention kept to its phrase (docs/results_default_composition.md: 3 and 4 subjects up; two subjects
+# exactly as before).
 ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off", balance_alpha=0.0,
               route_encode="separate", route_attend=1.0, route_compose_from=3)
 GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token gates with ROUTED trigger routing

@@ -31,6 +31,18 @@ route_norm: "mass" uses r as above; "share" divides each pixel's masses by their
 divides each expert's map by its mean over the image (m_i(p) / mean_q m_i(q)), then shares: on small models
 the text mentioned first takes most of the attention everywhere, and only the contrast between places says
 where a subject goes (as Prompt-to-Prompt normalises a token's map over the image).
+"balanced" scales each expert's masses until every expert holds the same total share of the image (Sinkhorn's
+alternate scaling, as FreeFuse balances its concept maps); "argmax" gives each pixel wholly to the expert with the
+highest spatially normalised mass.
+route_encode="separate" (text side): in a prompt naming route_compose_from or more triggers, each trigger phrase
+is encoded on its own — the prompt's preamble (its tokens before the first trigger) + that phrase + the prompt's
+ending, through the same hooked encoder, so its text-encoder tokens are that expert's — and its states are
+spliced into the prompt's (every hidden state the encoder returns): a phrase named later no longer reads the
+earlier ones through a causal encoder, where an unknown trigger word spoils what follows it.
+route_attend = λ > 0 (UNet cross-attention only): in the same prompts each pixel's attention logits get
+λ·log(r_i(p) + ε) on expert i's text tokens and λ·log ε on the tokens after the last phrase (end token and
+padding, the causal encoder's summary of the whole prompt); measured on the world, the summary is what keeps
+the third-named subject from being drawn at all (docs/results_default_composition.md).
 route_absent="off": an expert whose trigger is in no prompt of a network's call is switched off in that call;
 no trigger at all = the base model there, bit for bit (the attention processors then run the original code).
 
