@@ -431,7 +431,7 @@ class TriggerRouter:
     @torch.no_grad()
     def _encode_separately(self, name: str, output):
         """The encoder's output with the states of each trigger phrase replaced by those of the phrase encoded on
-        its own (`phrase_prompts`: the prompt's preamble + that phrase), in rows naming route_compose_from phrases
+        its own (`phrase_prompts`: the prompt's preamble + that phrase), in rows naming route_compose_from experts
         or more (at least two); the
         other tokens (preamble, end, padding) keep the joint encoding. The re-encoding runs through the same
         hooked encoder (so its own LoRA tokens are routed to that phrase's expert), then this call's maps are
@@ -622,9 +622,9 @@ def hard_shares(m: torch.Tensor) -> torch.Tensor:
     return hard * (m.amax(-1, keepdim=True) > 0)
 
 
-def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(B, L, N) phrase ownership (trigger_positions(..., "phrase")) -> per row the (start, end) token spans of
-    its trigger phrases, in order: runs of tokens owned by one expert."""
+def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """(B, L, N) phrase ownership (trigger_positions(..., "phrase")) -> per row the (start, end, expert) token
+    spans of its trigger phrases, in order: runs of tokens owned by one expert."""
     out = []
     owned = phrase_maps.amax(-1) > 0                                    # (B, L)
     owner = phrase_maps.argmax(-1)                                      # (B, L)
@@ -633,7 +633,7 @@ def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
         for j in range(phrase_maps.shape[1] + 1):
             here = j < phrase_maps.shape[1] and bool(owned[b, j])
             if start is not None and (not here or owner[b, j] != owner[b, start]):
-                spans.append((start, j))
+                spans.append((start, j, int(owner[b, start])))
                 start = None
             if here and start is None:
                 start = j
@@ -641,19 +641,19 @@ def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
-def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int]]], least: int = 2):
+def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int, int]]], least: int = 2):
     """The token rows that encode each trigger phrase on its own: [the preamble (the first token, BOS, and the
     words before the row's first phrase), the phrase, the row's own ending (end token, padding)], cut or padded
-    with its last token to the row's length; only rows with `least` phrases or more (never fewer than two).
+    with its last token to the row's length; only rows naming `least` experts or more (never fewer than two).
     -> (ids (P, L) or None, [(row, span start, span end, where the span starts in its new row)])."""
     rows, where = [], []
     L = ids.shape[1]
     for b, row_spans in enumerate(spans):
-        if len(row_spans) < max(2, least):
+        if len({k for _, _, k in row_spans}) < max(2, least):
             continue
         preamble = ids[b, :row_spans[0][0]].tolist()                    # BOS + words before the first phrase
         ending = ids[b, row_spans[-1][1]:].tolist() or [int(ids[b, -1])]  # end token and padding
-        for s, e in row_spans:
+        for s, e, _ in row_spans:
             row = (preamble + ids[b, s:e].tolist() + ending)[:L]
             rows.append(row + [row[-1]] * (L - len(row)))
             where.append((b, s, e, len(preamble)))

@@ -35,7 +35,8 @@ def test_phrase_spans_and_phrase_prompts(tiny_pipe):
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     spans = phrase_spans(trigger_positions(ids, trigger_token_ids(tok, TRIGGERS, NAMES), "phrase", special))
     words = tok.convert_ids_to_tokens(ids[0].tolist())
-    assert [[words[j] for j in range(s, e)] for s, e in spans[0]] == [
+    assert [k for _, _, k in spans[0]] == [0, 1]
+    assert [[words[j] for j in range(s, e)] for s, e, _ in spans[0]] == [
         ["g", "t</w>", "on</w>", "the</w>", "left</w>", "and</w>", "a</w>"],
         ["red</w>", "square</w>", "on</w>", "the</w>", "right</w>"]]
     batch, where = phrase_prompts(ids, spans)
