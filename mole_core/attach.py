@@ -84,6 +84,14 @@ class MoleConfig:
                                     # call, the rest renormalised; no trigger at all = the base model there)
     route_pixels: bool = True       # also route the UNet's pixels by cross-attention mass (False: only text
                                     # tokens: the text encoder and the cross-attention keys / values)
+    route_encode: str = "joint"     # "separate": in a prompt naming two or more triggers, each trigger's phrase
+                                    # is encoded on its own (after the prompt's preamble), so a phrase named
+                                    # later does not read the earlier ones (a causal CLIP); "joint": as given
+    route_attend: float = 0.0       # λ ≥ 0: the UNet's cross-attention logits of a pixel get λ·log(r_i + ε) on
+                                    # expert i's text tokens (a pixel attends to the phrase it is routed to)
+                                    # and λ·log ε on the prompt's end and padding tokens (routing.py)
+    route_compose_from: int = 2     # route_encode="separate" and route_attend act only in prompts naming at
+                                    # least this many experts' triggers (fewer: the routing as without them)
 
     @property
     def describe(self) -> str:
@@ -451,7 +459,7 @@ def _router(model: nn.Module, config: MoleConfig, n_experts: int):
     """The TriggerRouter a routed config asks for (None without routing); ValueError naming a bad setting."""
     if config.route == "none":
         return None
-    from mole_core.routing import ROUTE_ABSENT, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
+    from mole_core.routing import ROUTE_ABSENT, ROUTE_ENCODE, ROUTE_NORMS, ROUTE_TOKENS, ROUTES, TriggerRouter
     if config.route not in ROUTES:
         raise ValueError(f"Unknown route '{config.route}' (expected one of {', '.join(ROUTES)}).")
     if config.gate != "token":
@@ -461,10 +469,16 @@ def _router(model: nn.Module, config: MoleConfig, n_experts: int):
     if config.route_tokens not in ROUTE_TOKENS or config.route_norm not in ROUTE_NORMS:
         raise ValueError(f"route_tokens must be one of {', '.join(ROUTE_TOKENS)} and route_norm one of "
                          f"{', '.join(ROUTE_NORMS)}; got {config.route_tokens!r}, {config.route_norm!r}.")
+    if config.route_encode not in ROUTE_ENCODE:
+        raise ValueError(f"route_encode must be one of {', '.join(ROUTE_ENCODE)}; got {config.route_encode!r}.")
+    if not float(config.route_attend) >= 0 or not int(config.route_compose_from) >= 2:
+        raise ValueError(f"route_attend must be at least 0 and route_compose_from at least 2; got "
+                         f"{config.route_attend!r}, {config.route_compose_from!r}.")
     if not (float(config.route_eps) > 0):
         raise ValueError(f"route_eps must be above 0; got {config.route_eps!r}.")
     return TriggerRouter(model, n_experts, config.route_tokens, config.route_norm, float(config.route_eps),
-                         bool(config.route_pixels), config.route_absent)
+                         bool(config.route_pixels), config.route_absent, config.route_encode,
+                         float(config.route_attend), int(config.route_compose_from))
 
 
 def _targets(model: nn.Module, loras: list[Lora]) -> dict[str, nn.Module]:

@@ -42,8 +42,11 @@ NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
 # expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
 # trigger no prompt names is off. It trains with balance α = 0 (a uniform balance target fights the routing):
-# TrainConfig.alpha_for, where α lives.
-ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off")
+# TrainConfig.alpha_for, where α lives. With three or more triggers in a prompt, each trigger phrase is also
+# encoded on its own and each pixel's cross-attention kept to its phrase (docs/results_default_composition.md:
+# 3 and 4 subjects up; two subjects exactly as before).
+ROUTED = dict(route="trigger", route_tokens="phrase", route_norm="share", route_absent="off",
+              route_encode="separate", route_attend=1.0, route_compose_from=3)
 GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token gates with ROUTED trigger routing
 MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
 # The fields each method reads (the rest are ignored by it, and left out of its Python, `Mix.to_python`).

@@ -31,6 +31,18 @@ route_norm: "mass" uses r as above; "share" divides each pixel's masses by their
 divides each expert's map by its mean over the image (m_i(p) / mean_q m_i(q)), then shares: on small models
 the text mentioned first takes most of the attention everywhere, and only the contrast between places says
 where a subject goes (as Prompt-to-Prompt normalises a token's map over the image).
+"balanced" scales each expert's masses until every expert holds the same total share of the image (Sinkhorn's
+alternate scaling, as FreeFuse balances its concept maps); "argmax" gives each pixel wholly to the expert with the
+highest spatially normalised mass.
+route_encode="separate" (text side): in a prompt naming route_compose_from or more triggers, each trigger phrase
+is encoded on its own — the prompt's preamble (its tokens before the first trigger) + that phrase + the prompt's
+ending, through the same hooked encoder, so its text-encoder tokens are that expert's — and its states are
+spliced into the prompt's (every hidden state the encoder returns): a phrase named later no longer reads the
+earlier ones through a causal encoder, where an unknown trigger word spoils what follows it.
+route_attend = λ > 0 (UNet cross-attention only): in the same prompts each pixel's attention logits get
+λ·log(r_i(p) + ε) on expert i's text tokens and λ·log ε on the tokens after the last phrase (end token and
+padding, the causal encoder's summary of the whole prompt); measured on the world, the summary is what keeps
+the third-named subject from being drawn at all (docs/results_default_composition.md).
 route_absent="off": an expert whose trigger is in no prompt of a network's call is switched off in that call;
 no trigger at all = the base model there, bit for bit (the attention processors then run the original code).
 
@@ -64,8 +76,9 @@ from torch import nn
 
 ROUTES = ("none", "trigger")
 ROUTE_TOKENS = ("trigger", "phrase")
-ROUTE_NORMS = ("mass", "share", "spatial")
+ROUTE_NORMS = ("mass", "share", "spatial", "balanced", "argmax")
 ROUTE_ABSENT = ("keep", "off")
+ROUTE_ENCODE = ("joint", "separate")
 DENOISERS = ("unet", "transformer")
 _KEEP = 16           # text-encoder outputs remembered for matching
 # Modules of an SD3 / FLUX transformer that read the text tokens (the context stream of the joint blocks).
@@ -156,6 +169,10 @@ class RecordingAttnProcessor:
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch_size, seq_len, _ = encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
+        bias = self.router.attention_bias(hidden_states.shape[1], batch_size, seq_len)   # (B, T, L) or None
+        if bias is not None:                                   # route_attend: pixels keep to their phrase
+            bias = bias.repeat_interleave(attn.heads, 0).to(hidden_states.dtype)        # (B·heads, T, L)
+            attention_mask = bias if attention_mask is None else attention_mask + bias
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -274,7 +291,8 @@ class TriggerRouter:
     """The routing maps of one attachment and the hooks that fill them (see the module docstring)."""
 
     def __init__(self, model: nn.Module, n_experts: int, tokens: str = "trigger", norm: str = "mass",
-                 eps: float = 1e-3, pixels: bool = True, absent: str = "keep"):
+                 eps: float = 1e-3, pixels: bool = True, absent: str = "keep", encode: str = "joint",
+                 attend: float = 0.0, compose_from: int = 2):
         problem = route_problem(model)
         if problem:
             raise ValueError(f'route="trigger" needs a pipeline\'s networks (a ModuleDict with "unet" or '
@@ -306,6 +324,11 @@ class TriggerRouter:
         self._handles: list = []
         self._processors: dict[str, object] = {}
         self.runtime = None                            # layers.Runtime of the attachment (its mask)
+        self.encode = encode                           # "separate": each trigger phrase encoded on its own
+        self.attend = attend                           # λ of the cross-attention bias (0: none)
+        self.compose_from = compose_from               # rows naming this many experts: separate / attend act
+        self.input_ids: dict[str, torch.Tensor] = {}   # encoder -> the input ids of its current call
+        self._nested = False                           # inside a re-encoding (route_encode="separate")
 
     @property
     def unet_tokens(self) -> torch.Tensor | None:
@@ -406,15 +429,21 @@ class TriggerRouter:
         if ids is None or name not in self.trigger_ids:
             self.text_maps.pop(name, None)
             self._set_present(name, None)
+            self.input_ids.pop(name, None)
             return
+        self.input_ids[name] = ids
         self.text_maps[name] = trigger_positions(ids, self.trigger_ids[name], self.tokens, self.special[name])
         self._set_present(name, self.text_maps[name], ids.device)
 
     def _text_post(self, name: str, output):
-        """Record the encoder's last hidden state and (when asked for) its penultimate one: what pipelines read."""
+        """Record the encoder's last hidden state and (when asked for) its penultimate one: what pipelines read.
+        route_encode="separate": first each trigger's phrase is re-encoded on its own (`_encode_separately`)."""
         maps = self.text_maps.get(name)
-        if maps is None:
+        if maps is None or self._nested:
             return
+        if self.encode == "separate":
+            output = self._encode_separately(name, output)
+            maps = self.text_maps[name]
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", None)
         states = getattr(output, "hidden_states", None)
         candidates = [h.detach() for h in (hidden, states[-2] if states and len(states) > 1 else None)
@@ -422,6 +451,36 @@ class TriggerRouter:
         if candidates:
             self.recorded.append((name, candidates, maps))
             self.recorded = self.recorded[-_KEEP:]
+        return output
+
+    @torch.no_grad()
+    def _encode_separately(self, name: str, output):
+        """The encoder's output with the states of each trigger phrase replaced by those of the phrase encoded on
+        its own (`phrase_prompts`: the prompt's preamble + that phrase), in rows naming route_compose_from experts
+        or more (at least two); the
+        other tokens (preamble, end, padding) keep the joint encoding. The re-encoding runs through the same
+        hooked encoder (so its own LoRA tokens are routed to that phrase's expert), then this call's maps are
+        put back."""
+        ids = self.input_ids[name]
+        spans = phrase_spans(trigger_positions(ids, self.trigger_ids[name], "phrase", self.special[name]))
+        batch, where = phrase_prompts(ids, spans, self.compose_from)
+        if batch is None:
+            return output
+        saved = {d: d.get(name) for d in (self.text_maps, self.present, self._absent, self._log_present)}
+        hidden_wanted = getattr(output, "hidden_states", None) is not None
+        self._nested = True
+        try:
+            alone = self.encoders[name](batch, output_hidden_states=hidden_wanted)
+        finally:
+            self._nested = False
+            self.input_ids[name] = ids
+            for d, value in saved.items():        # this call's maps and presence back (the nested call set them)
+                if value is None:
+                    d.pop(name, None)
+                else:
+                    d[name] = value
+            self._logmaps = {}
+        return splice_states(output, alone, where)
 
     def _denoiser_pre(self, module, args, kwargs):
         position = 2 if self.denoiser == "unet" else 1       # UNet(sample, t, ehs); transformers(x, ehs, ...)
@@ -516,11 +575,36 @@ class TriggerRouter:
 
     def _pixels(self, T: int) -> torch.Tensor | None:
         m = self.masses.get(T)
-        if m is not None and self.norm == "spatial":               # each expert's map over its own mean:
+        if m is None or self.norm == "mass":
+            return m
+        if self.norm == "balanced":
+            return balanced_shares(m, self.eps)
+        if self.norm in ("spatial", "argmax"):                     # each expert's map over its own mean:
             m = m / (m.mean(1, keepdim=True) + self.eps)              # where, not how much (mention order)
-        if m is not None and self.norm in ("share", "spatial"):
-            m = m / (m.sum(-1, keepdim=True) + self.eps)
-        return m
+        if self.norm == "argmax":
+            return hard_shares(m)
+        return m / (m.sum(-1, keepdim=True) + self.eps)
+
+    def attention_bias(self, T: int, B: int, L: int) -> torch.Tensor | None:
+        """route_attend = λ > 0: (B, T, L) added to the cross-attention logits of T pixels, in rows whose text
+        names route_compose_from experts or more (at least two): λ·log(r_i(p) + ε) on the text tokens of expert i (0 on the pixel's own expert's
+        phrase), and λ·log ε on the tokens after the last phrase (the end token and padding, which a causal
+        encoder fills with a summary of the whole prompt where the first-named subject dominates); tokens before
+        the first phrase keep 0. A pixel then reads the phrase it is routed to. None when off or unknown."""
+        text = self.denoiser_tokens
+        if not self.attend or text is None or text.shape[0] != B or text.shape[1] != L:
+            return None
+        r = self._pixels(T)
+        if r is None or r.shape[0] != B:
+            return None
+        several = (text.amax(1) > 0).sum(-1, keepdim=True) >= max(2, self.compose_from)   # (B, 1) enough phrases
+        logr = torch.log(r.float().to(text.device) + self.eps)                 # (B, T, N)
+        logr = (logr - logr.amax(-1, keepdim=True)) * several[:, :, None]       # 0 for the pixel's own expert
+        bias = logr @ text.float().transpose(1, 2)                              # (B, T, L)
+        position = torch.arange(L, device=text.device)
+        last = torch.where(text.amax(-1) > 0, position, -1).amax(-1, keepdim=True)  # (B, 1) last phrase token
+        ending = ((position > last) & several).float()                         # (B, L)
+        return self.attend * (bias + math.log(self.eps) * ending[:, None, :])
 
     def map_for(self, network: str, B: int, T: int, key: str | None = None) -> torch.Tensor | None:
         """(B, T, N) r for a module of `network` (key: its '<network>.<path>') reading T tokens, or None."""
@@ -573,6 +657,82 @@ class TriggerRouter:
         if logr is not None:
             logs = torch.addcmul(logs, beta.float(), logr.to(G.device))
         return torch.softmax(logs, dim=-1).to(G.dtype)
+
+
+def balanced_shares(m: torch.Tensor, eps: float, rounds: int = 10) -> torch.Tensor:
+    """(B, T, N) attention masses -> each pixel's shares of the experts (rows sum to 1), balanced so that every
+    expert attended somewhere holds the same total share of the image (Sinkhorn's alternate scaling of the
+    experts' columns and the pixels' rows): the first-named subject, which takes most attention everywhere,
+    keeps only the places where it is attended most compared with the others (as FreeFuse's balanced argmax).
+    An expert attended nowhere (its trigger not in that row's text) stays at 0; a row without masses stays 0."""
+    p = m.float().clamp_min(0)
+    for _ in range(rounds):
+        p = p / (p.mean(1, keepdim=True) + eps * 1e-3)           # every expert the same total
+        p = p / (p.sum(-1, keepdim=True) + eps * 1e-3)           # every pixel's shares sum to 1
+    return p
+
+
+def hard_shares(m: torch.Tensor) -> torch.Tensor:
+    """(B, T, N) scores -> one-hot (B, T, N) on each pixel's highest score; a row of zeros stays 0."""
+    hard = F.one_hot(m.argmax(-1), m.shape[-1]).to(m.dtype)
+    return hard * (m.amax(-1, keepdim=True) > 0)
+
+
+def phrase_spans(phrase_maps: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """(B, L, N) phrase ownership (trigger_positions(..., "phrase")) -> per row the (start, end, expert) token
+    spans of its trigger phrases, in order: runs of tokens owned by one expert."""
+    out = []
+    owned = phrase_maps.amax(-1) > 0                                    # (B, L)
+    owner = phrase_maps.argmax(-1)                                      # (B, L)
+    for b in range(phrase_maps.shape[0]):
+        spans, start = [], None
+        for j in range(phrase_maps.shape[1] + 1):
+            here = j < phrase_maps.shape[1] and bool(owned[b, j])
+            if start is not None and (not here or owner[b, j] != owner[b, start]):
+                spans.append((start, j, int(owner[b, start])))
+                start = None
+            if here and start is None:
+                start = j
+        out.append(spans)
+    return out
+
+
+def phrase_prompts(ids: torch.Tensor, spans: list[list[tuple[int, int, int]]], least: int = 2):
+    """The token rows that encode each trigger phrase on its own: [the preamble (the first token, BOS, and the
+    words before the row's first phrase), the phrase, the row's own ending (end token, padding)], cut or padded
+    with its last token to the row's length; only rows naming `least` experts or more (never fewer than two).
+    -> (ids (P, L) or None, [(row, span start, span end, where the span starts in its new row)])."""
+    rows, where = [], []
+    L = ids.shape[1]
+    for b, row_spans in enumerate(spans):
+        if len({k for _, _, k in row_spans}) < max(2, least):
+            continue
+        preamble = ids[b, :row_spans[0][0]].tolist()                    # BOS + words before the first phrase
+        ending = ids[b, row_spans[-1][1]:].tolist() or [int(ids[b, -1])]  # end token and padding
+        for s, e, _ in row_spans:
+            row = (preamble + ids[b, s:e].tolist() + ending)[:L]
+            rows.append(row + [row[-1]] * (L - len(row)))
+            where.append((b, s, e, len(preamble)))
+    if not rows:
+        return None, []
+    return torch.tensor(rows, dtype=ids.dtype, device=ids.device), where
+
+
+def splice_states(joint, alone, where):
+    """`joint` (an encoder's output: a ModelOutput or a tuple) with, for each (row, start, end, offset) of
+    `where`, the tokens start:end of that row taken from the matching row of `alone` (offset:offset + end −
+    start), in the last hidden state and in every hidden state both carry."""
+    def spliced(a, b):                                                   # (B, L, d), (P, L, d)
+        a = a.clone()
+        for k, (row, s, e, o) in enumerate(where):
+            a[row, s:e] = b[k, o:o + e - s].to(a.dtype)
+        return a
+    if isinstance(joint, (tuple, list)):
+        return type(joint)([spliced(joint[0], alone[0]), *joint[1:]])
+    joint.last_hidden_state = spliced(joint.last_hidden_state, alone.last_hidden_state)
+    if getattr(joint, "hidden_states", None) is not None and getattr(alone, "hidden_states", None) is not None:
+        joint.hidden_states = tuple(spliced(a, b) for a, b in zip(joint.hidden_states, alone.hidden_states))
+    return joint
 
 
 def _locate(row: torch.Tensor, hidden: torch.Tensor, widths: set[int]) -> tuple[int, int, int] | None:

@@ -75,6 +75,20 @@ def variant(name: str):
     return mole, train
 
 
+def read_confusion(scorer, images, captions) -> dict:
+    """{"<trigger>@<position>": {what the oracle read there: count}} over the images (where each subject went)."""
+    from mole_core.world.pixel import render as world
+    out = {}
+    for reading, caption in zip(scorer.oracle.read(list(images)), captions):
+        for item in caption.split(" and "):
+            words = item.split()
+            position = next(p for p, phrase in world.POSITION_PHRASE.items() if item.endswith(phrase))
+            cell = out.setdefault(f"{words[1]}@{position}", {})
+            seen = reading.identity_at(position)
+            cell[seen] = cell.get(seen, 0) + 1
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", default="face,checker")
@@ -101,7 +115,7 @@ def main():
     print("captions:", captions, flush=True)
     for name in args.variants.split(","):
         spec = variant(name)
-        t0, train_s, mean_gates, betas = time.perf_counter(), 0.0, None, []
+        t0, train_s, mean_gates, betas, held_out = time.perf_counter(), 0.0, None, [], None
         if spec is None:
             mix = Mix(name, tuple(keys))
         else:
@@ -114,6 +128,7 @@ def main():
                 mixture = engine.train(keys, mole, tc)
                 train_s = float(mixture.meta.get("seconds", 0.0))
                 mean_gates = mixture.meta.get("mean_gates")
+                held_out = mixture.meta.get("held_out")
                 betas = [float(v) for k, v in mixture.gate_state.items() if k.endswith("route_beta")]
                 mix = Mix("mole", tuple(keys), mixture=mixture)
         engine._kept.detach()
@@ -125,13 +140,14 @@ def main():
                 caps.append(c)
         render_s = time.perf_counter() - t1
         sc = scorer.score(images, caps, targets)
+        confusion = read_confusion(scorer, images, caps)
         cf = sc["caption_fidelity"]
         row = {"variant": name, "keys": keys, "tag": args.tag, "n": len(cf), "caption_fidelity": float(cf.mean()),
                "ci95": float(1.96 * cf.std(ddof=1) / np.sqrt(len(cf))),
                "subjects": {t.key: float(np.nanmean(sc[f"subject:{t.key}"])) for t in targets},
-               "train_s": train_s, "render_s_per_image": render_s / len(images), "mean_gates": mean_gates,
+               "train_s": train_s, "render_s_per_image": render_s / len(images), "mean_gates": mean_gates, "held_out": held_out,
                "route_beta": [min(betas), sum(betas) / len(betas), max(betas)] if betas else None,
-               "captions": captions, "seeds": seeds, "steps": args.steps, "lr": args.lr, "batch": args.batch_size}
+               "confusion": confusion, "captions": captions, "seeds": seeds, "steps": args.steps, "lr": args.lr, "batch": args.batch_size}
         if plain:
             pimgs, pcaps = [], []
             for c in plain:

@@ -147,6 +147,21 @@ def test_default_gate_is_the_base_without_triggers_and_routes_with_one(setup):
     assert not engine.check([routed], ask(family, NAMED)), "no warning where routing runs"
 
 
+def test_separate_phrases_run_on_every_family(setup, monkeypatch):
+    """The default's rule for prompts naming several subjects (each trigger phrase encoded on its own, by every
+    text encoder, T5 included; the cross-attention bias where a UNet has one), here from two subjects on: the
+    image changes, and a trigger-free prompt is still the base model bit for bit."""
+    from mole_core.mix import ROUTED
+    family, _, _, engine = setup
+    routed, prompt = Mix("mole", ("a", "b"), gate=DEFAULT_GATE), "a catdog on the left and a sks style square"
+    before = engine.generate(routed, ask(family, prompt)).image
+    monkeypatch.setitem(ROUTED, "route_compose_from", 2)
+    after = engine.generate(routed, ask(family, prompt)).image
+    assert not np.array_equal(pixels(after), pixels(before))
+    base, mole = engine.compare([Mix("base"), routed], ask(family, PLAIN))
+    assert np.array_equal(pixels(mole.image), pixels(base.image))
+
+
 def test_cli_generate_mole_without_gate_routes(setup, tmp_path, capsys):
     """`generate --method mole` with no --gate on the family's folder: the base image without triggers, another
     image with one; the label names the routed gate."""
