@@ -171,9 +171,34 @@ def parse_regions(values: dict | None, keys, field: str = "regions") -> dict[str
     return {k: parse_region(v, f"{field} of {k!r}") for k, v in values.items()}
 
 
-def caption_regions(items: dict[str, str]) -> dict[str, Region]:
-    """{key: position word ("left" | "center" | "right")} -> {key: Region} (CAPTION_BOXES)."""
-    return {k: Region(pos, box=CAPTION_BOXES[pos]) for k, pos in items.items()}
+_POSITION_WORDS = {"left": "left", "right": "right", "center": "center", "centre": "center", "middle": "center"}
+
+
+def caption_positions(caption: str, triggers: dict[str, list[str] | str]) -> dict[str, str]:
+    """{key: "left" | "center" | "right"}: for each LoRA whose trigger word is in the caption, the first position
+    word after it and before the next trigger ("a zwx on the left and a qrb in the center"; the pixel world's
+    grammar, mole_core.world.pixel.render.POSITION_PHRASE). LoRAs without a trigger or a position are left out."""
+    words = [w.strip(".,;:!?") for w in caption.lower().split()]
+    starts = {}
+    for key, trig in triggers.items():
+        for t in ([trig] if isinstance(trig, str) else list(trig or [])):
+            t = t.lower().split()
+            hits = [i for i in range(len(words) - len(t) + 1) if t and words[i:i + len(t)] == t]
+            if hits:
+                starts[key] = min(hits[0], starts.get(key, len(words)))
+    order = sorted(starts, key=starts.get)
+    out = {}
+    for n, key in enumerate(order):
+        end = starts[order[n + 1]] if n + 1 < len(order) else len(words)
+        found = [_POSITION_WORDS[w] for w in words[starts[key]:end] if w in _POSITION_WORDS]
+        if found:
+            out[key] = found[0]
+    return out
+
+
+def caption_regions(caption: str, triggers: dict[str, list[str] | str]) -> dict[str, Region]:
+    """{key: Region} from the caption's position words (`caption_positions`, each a third: CAPTION_BOXES)."""
+    return {k: Region(pos, box=CAPTION_BOXES[pos]) for k, pos in caption_positions(caption, triggers).items()}
 
 
 def stack(regions: dict[str, Region] | None, keys, h: int, w: int) -> torch.Tensor | None:
