@@ -100,7 +100,7 @@ def parse_region(value, field: str = "region") -> Region:
     text = value.strip()
     if text.lower() in PRESETS:
         return Region(text.lower(), box=PRESETS[text.lower()])
-    if "," in text and not Path(text).suffix:
+    if "," in text and not Path(text).is_file():
         return Region(text, box=_box(text, field))
     return Region(Path(text).name, mask=_mask_file(text, field))
 

@@ -461,8 +461,8 @@ class Engine:
             apply_mixture(handle, mix.mixture)
         else:
             handle.reset_gates()          # untrained: zero logits, equal weights
-        regions = self._region_maps(stack(parse_regions(mix.regions, mix.keys), mix.keys,
-                                          *self._latent_grid(request)))
+        placed = mix.regions if mix.regions is not None or mix.mixture is None else mix.mixture.regions
+        regions = self._region_maps(stack(parse_regions(placed, mix.keys), mix.keys, *self._latent_grid(request)))
         with handle.settings(mask=_mask(mix), strengths=mix.strengths, regions=regions), \
                 handle.recording() as rec:
             image = self._call_pipe(request, latents)
