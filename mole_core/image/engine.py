@@ -461,6 +461,8 @@ class Engine:
             apply_mixture(handle, mix.mixture)
         else:
             handle.reset_gates()          # untrained: zero logits, equal weights
+        if handle.router is not None:     # each image from its own text: no attention maps left by the previous
+            handle.router.reset()         # call (its first step would read them: the result depended on it)
         placed = mix.regions if mix.regions is not None or mix.mixture is None else mix.mixture.regions
         regions = self._region_maps(stack(parse_regions(placed, mix.keys), mix.keys, *self._latent_grid(request)))
         with handle.settings(mask=_mask(mix), strengths=mix.strengths, regions=regions), \
