@@ -204,6 +204,7 @@ def decoded(png: bytes) -> list:
     return np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")).tolist()
 
 
+@pytest.mark.slow
 def test_toggle_places_an_expert_in_a_region(served, page):
     """Toggle experts: choose 'left' for the first expert; the MoLE image re-renders placed (its caption says so),
     the coloured overlay and its legend appear; back to 'whole' gives the unplaced image again."""
@@ -218,7 +219,6 @@ def test_toggle_places_an_expert_in_a_region(served, page):
     page.locator("#toggle-button").click()
     src = wait_for_new_image(page, "#toggle-image", None)
     unplaced = image_bytes(page, "#toggle-image")
-    first_caption = page.locator("#toggle-caption").inner_text()
     page.locator("#region-0").get_by_label("left", exact=True).check()
     src = wait_for_new_image(page, "#toggle-image", src)
     page.wait_for_function("() => document.querySelector('#toggle-caption')?.innerText.includes('regions')")
@@ -230,6 +230,4 @@ def test_toggle_places_an_expert_in_a_region(served, page):
     page.locator("#region-0").get_by_label("whole", exact=True).check()
     wait_for_new_image(page, "#toggle-image", src)
     page.wait_for_function("() => !document.querySelector('#toggle-caption')?.innerText.includes('regions')")
-    last_caption = page.locator("#toggle-caption").inner_text()
-    Path("/tmp/a23/captions.txt").write_text(first_caption + "\n" + last_caption)
     assert decoded(image_bytes(page, "#toggle-image")) == decoded(unplaced)
