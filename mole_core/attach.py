@@ -318,8 +318,7 @@ class MoleHandle:
             if record is not None:
                 rt.recording = record
             if regions is not None:
-                regions.device = rt.device
-                rt.regions = regions
+                rt.regions = regions.to(rt.device)
             yield self
         finally:
             rt.mask, rt.strengths, rt.gates, rt.recording, rt.regions = saved

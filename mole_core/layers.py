@@ -40,7 +40,11 @@ pass; nothing in a forward syncs with the host (no .item(), no data-dependent sh
 the device, recorded gates are copied to the host after the network's forward), so a step can be captured as a
 CUDA graph (mole_core/graphs.py) and torch.compile traces it without graph breaks.
 
-Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
+Regions (mole_core/regions.py): after the weights of a member are known, a per-pixel expert-weight map (the
+user's regions, FreeFuse's masks) multiplies them at modules that read image tokens and renormalises them
+(`Group._regional`); a pixel no region covers gets weight 0 everywhere: the base model there.
+
+Call-time settings (mask, strengths, forced gate weights, recording, regions) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
 
 References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); peft `LoraLayer(base_layer)` for the

@@ -217,10 +217,17 @@ class RegionMaps:
     image tokens per side of the latent grid (SD3: its patch size; FLUX: 2, its packing). `at` is cached per
     (token count, role); the layers call it (layers.Group._regional)."""
 
-    def __init__(self, weights: torch.Tensor, denoiser: str, patch: int = 1, device=None):
+    def __init__(self, weights: torch.Tensor, denoiser: str, patch: int = 1):
         self.weights = weights.float()                       # (N, h, w)
-        self.denoiser, self.patch, self.device = denoiser, patch, device
+        self.denoiser, self.patch = denoiser, patch
         self._cache: dict = {}
+
+    def to(self, device) -> "RegionMaps":
+        """The map on `device` (the attachment's, before a call: every resolution is then made there, so a
+        forward copies nothing from the host)."""
+        if device is not None and self.weights.device != torch.device(device):
+            self.weights, self._cache = self.weights.to(device), {}
+        return self
 
     def grid_of(self, T: int) -> tuple[int, int] | None:
         """(rows, cols) of a T-token image layer, or None when T is no resolution of the map."""
@@ -260,7 +267,7 @@ class RegionMaps:
         m = m.flatten(1).T[None]                                           # (1, T_img, N), row-major
         if role == "joint":                                                # FLUX single blocks: [text, image]
             m = torch.cat([m.new_ones(1, T - image_T, n), m], dim=1)
-        return m if self.device is None else m.to(self.device)
+        return m
 
 
 def overlay(image, regions: dict[str, Region] | None, keys, alpha: float = 0.45):
