@@ -35,7 +35,7 @@ from mole_core.cli import add_precision_arguments, check_model, engine_precision
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, Limits
 from mole_core.image.engine import Engine
 from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
-from ui import bank_tab, compare_tab, evaluate_tab, export_tab, inspect_tab, toggle_tab, train_tab
+from ui import bank_tab, compare_tab, evaluate_tab, export_tab, inspect_tab, region_ui, toggle_tab, train_tab
 from ui.gpu import spaces_module
 from ui.session import LONG_QUEUE, MODEL_QUEUE, Studio, end_session, new_session, on_model, public_message
 from ui.text_tab import TEXT_CSS, TEXT_QUEUE, TextStudio, build_text_demo, build_text_mode
@@ -178,11 +178,18 @@ def _wire_compare(demo, studio: Studio, ui: dict) -> None:
 def _wire_toggle(demo, studio: Studio, ui: dict) -> None:
     b, c, t, g, state = ui["bank"], ui["compare"], ui["train"], ui["toggle"], ui["state"]
     inputs = [b["chosen"], c["prompt"], c["negative"], c["used_seed"], c["steps"], c["guidance"],
-              t["granularity"], t["gate_kind"], state, *g["switches"], *g["strengths"]]
-    triggers = [g["button"].click] + [s.input for s in g["switches"]]
+              t["granularity"], t["gate_kind"], state, *g["switches"], *g["strengths"], *g["regions"]]
+    triggers = [g["button"].click] + [s.input for s in g["switches"]] + [r.input for r in g["regions"]]
+    overlay = (partial(region_ui.show, studio), [b["chosen"], state, *g["regions"]],
+               [g["overlay"], g["legend"], state])
     gr.on(triggers, on_model(toggle_tab.toggle, toggle_tab.toggle_seconds, studio), inputs,
           [g["image"], g["caption"], state], api_name="toggle", trigger_mode="always_last", **FAST) \
-        .success(partial(inspect_tab.show_gates, studio), [state], _gate_outputs(ui), **PRIVATE)
+        .success(partial(inspect_tab.show_gates, studio), [state], _gate_outputs(ui), **PRIVATE) \
+        .success(*overlay, **PRIVATE)
+    gr.on([demo.load, b["chosen"].change], partial(region_ui.experts_dropdown, studio), [b["chosen"], state],
+          [g["draw_for"]], queue=False, **PRIVATE)
+    g["use_drawing"].click(region_ui.use_drawing, [b["chosen"], g["draw_for"], g["sketch"], state],
+                           [state, *g["regions"]], **PRIVATE).success(*overlay, **PRIVATE)
 
 
 def _wire_export(demo, studio: Studio, ui: dict) -> None:

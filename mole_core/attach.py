@@ -300,7 +300,7 @@ class MoleHandle:
         return t
 
     @contextmanager
-    def settings(self, mask=None, strengths=None, gates=None, record: Recording | None = None):
+    def settings(self, mask=None, strengths=None, gates=None, record: Recording | None = None, regions=None):
         """Per-call settings; the previous ones are restored on exit. None leaves a setting as it is.
 
         mask: dict name -> bool (missing names stay on) or N bools. Off experts are removed at every
@@ -310,9 +310,11 @@ class MoleHandle:
           (N,) / (B, N). Used as given (no renormalisation unless a mask is set): one-hot = that LoRA
           alone, constants w = the linear merge with weights w.
         record: a Recording that receives every gate evaluation.
+        regions: a mole_core.regions.RegionMaps (per-pixel expert weights at the image-token modules); None
+          leaves the current one (outside a call: none).
         """
         rt = self._runtime
-        saved = (rt.mask, rt.strengths, rt.gates, rt.recording)
+        saved = (rt.mask, rt.strengths, rt.gates, rt.recording, rt.regions)
         try:
             if mask is not None:
                 rt.mask = self._per_expert(mask, "mask", True) != 0
@@ -322,9 +324,11 @@ class MoleHandle:
                 rt.gates = self._per_expert(gates, "gates", None)
             if record is not None:
                 rt.recording = record
+            if regions is not None:
+                rt.regions = regions.to(rt.device)
             yield self
         finally:
-            rt.mask, rt.strengths, rt.gates, rt.recording = saved
+            rt.mask, rt.strengths, rt.gates, rt.recording, rt.regions = saved
 
     @contextmanager
     def recording(self, tokens: bool = False):

@@ -51,7 +51,11 @@ pass; nothing in a forward syncs with the host (no .item(), no data-dependent sh
 the device, recorded gates are copied to the host after the network's forward), so a step can be captured as a
 CUDA graph (mole_core/graphs.py) and torch.compile traces it without graph breaks.
 
-Call-time settings (mask, strengths, forced gate weights, recording) live in a `Runtime` object shared
+Regions (mole_core/regions.py): after the weights of a member are known, a per-pixel expert-weight map (the
+user's regions, FreeFuse's masks) multiplies them at modules that read image tokens and renormalises them
+(`Group._regional`); a pixel no region covers gets weight 0 everywhere: the base model there.
+
+Call-time settings (mask, strengths, forced gate weights, recording, regions) live in a `Runtime` object shared
 by the layers of one attachment; they are set through `MoleHandle.settings`, never stored as modes.
 
 References: MoLE (Wu et al., ICLR 2024, arXiv 2404.13628); peft `LoraLayer(base_layer)` for the
@@ -155,6 +159,7 @@ class Runtime:
         self.all_off = False                      # mask set and no expert on: the base model exactly
         self._mask = self._strengths = self._gates = None
         self.recording = None
+        self.regions = None                       # regions.RegionMaps: per-pixel expert weights, or None
         self.pending: list[tuple[str, str, torch.Tensor]] = []   # (group, network, weights) not yet recorded
         self.calls: dict[str, int] = {}
         self.evaluated: dict[str, list[torch.Tensor]] = {}
@@ -358,12 +363,25 @@ class Group:
             G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
         return G
 
+    def _regional(self, member: "_MoleBase", G: torch.Tensor, key, T: int) -> tuple[torch.Tensor, tuple | None]:
+        """Regions (mole_core/regions.py): at a module reading T image tokens, G'_i(p) = G_i(p) w_i(p) /
+        Σ_j G_j(p) w_j(p) (a pixel no region covers: all 0, the base model); elsewhere G unchanged."""
+        regions = self.runtime.regions
+        w = None if regions is None else regions.at(self.network, member.key, T)    # (1, T, N) or None
+        if w is None:
+            return G, key
+        G = G.unsqueeze(1) if G.dim() == 2 else G if G.shape[1] == T else G.mean(1, keepdim=True)
+        G = G * w.to(G.device, G.dtype)                                    # (B, T, N)
+        G = G / G.sum(-1, keepdim=True).clamp_min(1e-12)
+        return G, (None if key is None else (key, "regions", T))
+
     def coefficients(self, member: "_MoleBase", h: torch.Tensor) -> torch.Tensor:
         """Per-rank-channel scales c = G_i s_i strength_i for `member`: (B, 1, R), or (B, T, R) for per-token
         gates; computed once per pass for each (weights, rank layout and scales, dtype) and shared.
 
         h: the member's stacked down-projections in token layout (B, T, R)."""
         G, key = self.weights(member, h)                                   # (B, N) or (B, T', N)
+        G, key = self._regional(member, G, key, h.shape[1])
         if G.shape[0] != h.shape[0]:
             raise RuntimeError(f"MoLE group '{self.name}': gate computed for batch {G.shape[0]} by "
                                f"'{self.gate.leader}', but '{member.key}' got batch {h.shape[0]}.")

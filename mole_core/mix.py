@@ -5,6 +5,8 @@
     Mix("ties", ("face", "ring"), density=0.5)
     Mix("switch", ("face", "ring"), switch_every=5)
     Mix("single:face")
+    Mix("mole", ("face", "ring"), regions={"face": "left", "ring": "0.5,0,1,1"})   # mole_core.regions
+    Mix("freefuse", ("face", "ring"))        # FreeFuse: masks from each LoRA's trigger words (image/freefuse.py)
 
 The engine renders a Mix (`Engine.generate(mix, request)`, `Engine.compare(mixes, request)`), the CLI
 builds one from its flags, the app keeps one per ticked method in the session, the evaluation's cells
@@ -19,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig
+from mole_core.regions import parse_regions
 
 # method -> what it is (the app's and the CLI's help text); "single:<bank key>" is the one LoRA alone.
 METHODS = {
@@ -30,15 +33,17 @@ METHODS = {
     "dare": "DARE merge (Yu et al. 2024): drop entries with probability 1 − density, rescale, sum; rank r",
     "switch": "LoRA Switch (Zhong et al. 2024): one LoRA active at a time, the next every k denoising steps",
     "composite": "LoRA Composite (Zhong et al. 2024): every step runs each LoRA alone and averages (N× the cost)",
+    "freefuse": "FreeFuse (Liu et al. 2025): masks from each LoRA's trigger words' cross-attention at an early "
+                "step with the LoRAs off, balanced argmax; each LoRA at full strength inside its mask only",
     "arrow": "Arrow (Ostapenko et al. 2024, run by PEFT's create_arrow_model): training-free per-token routing of "
              "each layer's input to the LoRAs whose top singular vector it matches; text models only",
     "base": "the model without any LoRA",
 }
 # method -> its name on screens (the app's choices, result labels)
 NAMES = {"mole": "MoLE", "linear": "Linear merge", "svd": "SVD merge", "ties": "TIES", "dare": "DARE",
-         "switch": "LoRA Switch", "composite": "LoRA Composite", "arrow": "Arrow (PEFT)", "base": "Base model"}
+         "switch": "LoRA Switch", "composite": "LoRA Composite", "freefuse": "FreeFuse", "arrow": "Arrow (PEFT)", "base": "Base model"}
 MERGES = ("linear", "svd", "ties", "dare")           # weight-space merges: exportable as one LoRA file
-NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "arrow")
+NEEDS_SELECTION = ("mole", *MERGES, "switch", "composite", "freefuse", "arrow")
 # Trigger routing as measured best on the world's dev seeds (bench/dev/NOTES.md): each text token goes to the
 # expert whose trigger phrase it is in, each pixel by its cross-attention share of each phrase; an expert whose
 # trigger no prompt names is off. It trains with balance α = 0 (a uniform balance target fights the routing):
@@ -51,9 +56,9 @@ GATES = (*GATE_KINDS, "routed")      # what people choose; "routed" = per-token 
 MAX_WEIGHT = 100.0                                   # |merge weight| accepted (raw weights included)
 # The fields each method reads (the rest are ignored by it, and left out of its Python, `Mix.to_python`).
 _MERGE_FIELDS = ("weights", "normalize")
-APPLIES = {"mole": ("granularity", "gate", "mixture", "mask", "strengths"), "linear": _MERGE_FIELDS,
+APPLIES = {"mole": ("granularity", "gate", "mixture", "mask", "strengths", "regions"), "linear": _MERGE_FIELDS,
            "svd": (*_MERGE_FIELDS, "rank"), "ties": (*_MERGE_FIELDS, "rank", "density"),
-           "dare": (*_MERGE_FIELDS, "rank", "density"), "switch": ("switch_every",), "composite": (), "base": ()}
+           "dare": (*_MERGE_FIELDS, "rank", "density"), "switch": ("switch_every",), "composite": (), "freefuse": (), "base": ()}
 
 
 @dataclass
@@ -72,6 +77,9 @@ class Mix:
     mixture: object | None = None         # mole: a mole_core.mixture.Mixture (trained gates), or None
     mask: dict | None = None              # mole: key -> False switches that expert off (the rest renormalised)
     strengths: dict | None = None         # mole: key -> multiplier of that expert's contribution
+    regions: dict | None = None           # mole: key -> where that expert acts (mole_core.regions: a preset
+                                          # "left" | "right" | "top" | "bottom" | "centre" | "whole", a box
+                                          # "x0,y0,x1,y1" in fractions, a mask image path / array); None: everywhere
 
     def __post_init__(self):
         self.keys = tuple(self.keys)
@@ -129,11 +137,14 @@ class Mix:
             raise ValueError(f"Unknown granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
         if self.gate not in GATES:
             raise ValueError(f"Unknown gate kind {self.gate!r}: choose one of {', '.join(GATES)}.")
-        for what, names in (("mask", self.mask), ("strengths", self.strengths), ("weights", self.weights)):
+        for what, names in (("mask", self.mask), ("strengths", self.strengths), ("weights", self.weights),
+                            ("regions", self.regions)):
             unknown = sorted(set(names or {}) - set(self.keys))
             if unknown:
                 raise ValueError(f"The {what} name {', '.join(unknown)}, which is not in the selection "
                                  f"{', '.join(self.keys) or '(empty)'}.")
+        if self.regions:
+            parse_regions(self.regions, self.keys)                         # ValueError naming the key
         if self.mixture is not None and tuple(self.mixture.names) != self.keys:
             raise ValueError(f"The mixture was trained for the LoRAs {', '.join(self.mixture.names)}, "
                              f"but the selection is {', '.join(self.keys) or 'empty'}.")
@@ -154,6 +165,8 @@ class Mix:
             if name == "mixture":
                 value = f"load_mixture({mixture_file or 'mixture.safetensors'!r})"
                 parts.append(f"mixture={value}")
+            elif name == "regions":                                        # each as what the user gave
+                parts.append(f"regions={ {k: r.spec for k, r in parse_regions(value, self.keys).items()}!r}")
             else:
                 parts.append(f"{name}={value!r}")
         return f"Mix({', '.join(parts)})"

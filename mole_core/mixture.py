@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from mole_core.atomic import atomic_path
 from mole_core.attach import GATE_KINDS, GRANULARITIES, MoleConfig, MoleHandle
 from mole_core.lora import sha256_file
+from mole_core.regions import Region, parse_regions
 
 FORMAT = "mole-mixture/1"
 META_KEY = "mole.mixture"
@@ -40,10 +41,22 @@ class Mixture:
     gate_state: dict[str, torch.Tensor]    # MoleHandle.gate_state_dict()
     meta: dict = field(default_factory=dict)   # everything else in the file's metadata
     path: str | None = None
+    region_masks: dict[str, torch.Tensor] = field(default_factory=dict)   # expert -> its mask image (H, W)
 
     @property
     def layout(self) -> dict[str, dict]:
         return self.meta.get("layout", {})
+
+    @property
+    def regions(self) -> dict[str, Region] | None:
+        """{expert: Region} saved with the gates (save_mixture's `regions`), or None."""
+        saved = self.meta.get("regions") or {}
+        out = {}
+        for key, r in saved.items():
+            mask = self.region_masks.get(key)
+            out[key] = Region(r["spec"], box=tuple(r["box"]) if r.get("box") else None,
+                              mask=None if mask is None else mask.float().numpy())
+        return out or None
 
     @property
     def gate(self) -> str:
@@ -86,11 +99,13 @@ def _jsonable(obj):
 
 
 def save_mixture(path, handle: MoleHandle, lora_files: list[tuple[str, str | Path]], config=None,
-                 train_result=None, model_id: str = "") -> Path:
+                 train_result=None, model_id: str = "", regions: dict | None = None) -> Path:
     """Write the gates of `handle` and their provenance to `path` (.safetensors), atomically.
 
     config: the MoleConfig and/or TrainConfig used (a dataclass, or a list of them); train_result: the
-    TrainResult (steps, final losses, mean gates are recorded).
+    TrainResult (steps, final losses, mean gates are recorded). regions: {expert: where} (mole_core.regions:
+    presets and boxes in the metadata, mask images as tensors "regions.<expert>"), rendered with these gates
+    unless a Mix gives its own.
     """
     path = Path(path)
     names = [name for name, _ in lora_files]
@@ -115,6 +130,10 @@ def save_mixture(path, handle: MoleHandle, lora_files: list[tuple[str, str | Pat
         if getattr(train_result, "held_out", None):
             meta.update(held_out=train_result.held_out)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in handle.gate_state_dict().items()}
+    placed = parse_regions(regions, names) or {}
+    if placed:
+        meta["regions"] = {k: {"spec": r.spec, "box": r.box} for k, r in placed.items()}
+        tensors.update({f"regions.{k}": torch.from_numpy(r.mask) for k, r in placed.items() if r.mask is not None})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(meta)})
     return path
@@ -146,8 +165,11 @@ def load_mixture(path, display: str | None = None) -> Mixture:
         if not t.is_floating_point() or t.numel() == 0 or not torch.isfinite(t).all() or t.abs().max() > MAX_GATE_ABS:
             raise MixtureError(f"{where}: gate tensor '{key}' is empty, not finite or holds values above "
                                f"{MAX_GATE_ABS:g}; the file is refused.")
+    masks = {k[len("regions."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("regions.")]}
+    if any(m.dim() != 2 or m.min() < 0 or m.max() > 1 for m in masks.values()):
+        raise MixtureError(f"{where}: a region mask is not a 2-D map of values between 0 and 1; the file is refused.")
     return Mixture(names=list(meta["names"]), sha256s=list(meta["sha256"]), granularity=meta["granularity"],
-                   gate_state=tensors, meta=meta, path=str(path))
+                   gate_state=tensors, meta=meta, path=str(path), region_masks=masks)
 
 
 def _check_meta(meta, where: str) -> None:

@@ -12,12 +12,14 @@ from mole_core.defaults import (DEFAULT_DENOISE_STEPS, DEFAULT_GATE)
 from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix
 from mole_core.image.families import default_guidance
+from ui.region_ui import session_regions
 from ui.session import MAX_EXPERTS, Studio, bank_of, human
 from ui.train_tab import cost_source, duration
 
 
 COMPARE_METHODS = [("MoLE", "mole"), ("linear", "linear"), ("SVD", "svd"), ("TIES", "ties"), ("DARE", "dare"),
-                   ("LoRA Switch", "switch"), ("LoRA Composite (N× the cost)", "composite"), ("base", "base")]
+                   ("LoRA Switch", "switch"), ("LoRA Composite (N× the cost)", "composite"),
+                   ("FreeFuse (automatic masks)", "freefuse"), ("base", "base")]
 
 
 DEFAULT_METHODS = ["mole", "linear", "svd", "ties", "dare", "switch", "base"]   # Composite: N× cost, opt-in
@@ -142,8 +144,9 @@ def mixes_from_form(state: dict, keys, methods, weights, rank, normalize, densit
         elif method == "base":
             mixes.append(Mix("base"))
         else:
-            mixes.append(Mix(method, keys, mixture=mixture_for(state, keys) if method == "mole" else None,
-                             **shared))
+            mole = method == "mole"          # MoLE takes the regions placed in Toggle experts (region_ui)
+            mixes.append(Mix(method, keys, mixture=mixture_for(state, keys) if mole else None,
+                             regions=session_regions(state, keys) if mole else None, **shared))
     return mixes
 
 

@@ -50,6 +50,9 @@ def new_session() -> dict:
         "cancel": False,        # set by Cancel, read by the training loop and the study
         "compared": None,       # the last comparison: {"mixes": [Mix], "request": GenerateRequest}
         "gates": None,          # tidy gate rows of the last MoLE image
+        "toggle_image": None,   # the last Toggle experts image (the regions' overlay is drawn over it)
+        "regions": None,        # {key: Region} placed in Toggle experts (Compare's MoLE uses them too)
+        "drawn": {},            # key -> drawn mask (H, W) in [0, 1] (region_ui.use_drawing)
     }
 
 

@@ -134,6 +134,9 @@ def _add_generate(sub, granularities, gate_kinds) -> None:
                    help="MoLE experts to switch off (the rest renormalised)")
     p.add_argument("--strength", action="append", metavar="KEY=S",
                    help="MoLE strength of one expert, 0 to 10 (default 1)")
+    p.add_argument("--region", action="append", metavar="KEY=WHERE",
+                   help="MoLE: where one expert acts: left, right, top, bottom, centre, whole, a box x0,y0,x1,y1 "
+                        "(fractions) or a mask image file (white = inside); repeat per expert (default: everywhere)")
     p.add_argument("--granularity", choices=granularities, default="block", metavar="G",
                    help="MoLE without --mixture: which modules share a gate, %(choices)s (default: %(default)s)")
     p.add_argument("--gate", choices=gate_kinds, default=None, metavar="KIND",

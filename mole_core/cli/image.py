@@ -118,6 +118,23 @@ def cmd_train_gates(args) -> int:
     return 0
 
 
+def parse_regions_flag(items) -> dict | None:
+    """['KEY=WHERE', ...] -> {KEY: Region} (mole_core.regions); ValueError naming --region for a bad item."""
+    from mole_core.regions import parse_region
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, where = item.partition("=")
+        if not (key.strip() and sep and where.strip()):
+            raise ValueError(f"--region '{item}' must look like KEY=WHERE (WHERE: left, right, top, bottom, centre, "
+                             f"whole, x0,y0,x1,y1 or a mask image file).")
+        if key.strip() in out:
+            raise ValueError(f"--region gives {key.strip()!r} twice; give one region per LoRA.")
+        out[key.strip()] = parse_region(where.strip(), f"--region {key.strip()}")
+    return out
+
+
 def cmd_generate(args) -> int:
     """Render one image with one Mix (MoLE, a merge, a peer, the base or a single LoRA)."""
     quiet_libraries()
@@ -134,7 +151,8 @@ def cmd_generate(args) -> int:
               rank=args.rank, density=args.density, switch_every=args.switch_every,
               granularity=args.granularity, gate=args.gate,
               mixture=load_mixture(args.mixture) if args.mixture else None,
-              mask={k: False for k in off} or None, strengths=parse_key_values(args.strength, "--strength"))
+              mask={k: False for k in off} or None, strengths=parse_key_values(args.strength, "--strength"),
+              regions=parse_regions_flag(args.region))
     guidance = args.guidance if args.guidance is not None else default_guidance(args.model)
     request = GenerateRequest(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
                               guidance=guidance, height=args.height, width=args.width, true_cfg=args.true_cfg)

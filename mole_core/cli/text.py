@@ -24,7 +24,7 @@ def wants_text(args) -> bool:
 
 
 IMAGE_ONLY = {"generate": (("height", None), ("width", None), ("guidance", None), ("negative", ""), ("true_cfg", 1.0),
-                            ("cpu_offload", False), ("dtype", None)),
+                            ("cpu_offload", False), ("dtype", None), ("region", None)),
               "train-gates": (("cpu_offload", False), ("dtype", None))}                # (flag, the value it has when not given)
 
 

@@ -29,6 +29,8 @@ def image_kind(mix) -> str:
     """The cost kind of one image drawn with this Mix (a key of COSTS)."""
     if mix.method == "mole":
         return "denoise_step_mole_token" if mix.gate in ("token", "routed") else "denoise_step_mole_sample"
+    if mix.method == "freefuse":          # per-pixel weights on the MoLE layers, after the collect steps
+        return "denoise_step_mole_token"
     if mix.method == "base":
         return "denoise_step"
     if mix.method == "switch":
@@ -62,6 +64,8 @@ class Costs:
         per_step = self.table[image_kind(mix)]
         if mix.method == "mole":
             per_step *= expert_factor(n)
+        elif mix.method == "freefuse":        # + the collect steps (a quarter, freefuse.COLLECT_FRACTION)
+            per_step *= expert_factor(n) * 1.25
         elif mix.method == "composite":
             per_step *= n
         return per_step * denoise_steps

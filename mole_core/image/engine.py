@@ -55,6 +55,7 @@ from mole_core.graphs import Graphs, graphs_default
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training, mole_config_for
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
+from mole_core.regions import RegionMaps, parse_regions, stack
 from mole_core.routing import route_problem
 from mole_core.train import TrainConfig, TrainResult, train_gates
 from mole_core.image.task import DiffusionTask, examples_from_bank
@@ -224,10 +225,25 @@ class Engine:
                                  f"{len(set(keys))} are selected.")
             self._check_keys(list(dict.fromkeys(keys)), bank)
             for mix in mixes:
+                if mix.method == "freefuse":
+                    self._check_freefuse(mix, bank)
+            for mix in mixes:
                 if mix.mixture is not None:
                     self._check_mixture(mix.mixture, bank)
             self._check_request(request)
             return self._prompt_warnings(request) + self._routing_warnings(mixes, bank)
+
+    def _check_freefuse(self, mix: Mix, bank: Bank) -> None:
+        """FreeFuse finds each LoRA by its trigger words' attention: every LoRA needs one."""
+        from mole_core.routing import untriggered
+        missing = untriggered({k: bank.get(k).trigger for k in mix.keys})
+        if missing:
+            raise ValueError(f"FreeFuse places each LoRA where its trigger word is attended; "
+                             f"{', '.join(repr(k) for k in missing)} has no trigger word (the manifest's "
+                             f"\"trigger\"). Give one, or choose another method.")
+        problem = route_problem(self.components)
+        if problem:
+            raise ValueError(f"FreeFuse cannot run on this model: {problem}")
 
     def _check_request(self, request: GenerateRequest) -> None:
         limits = self.limits
@@ -441,12 +457,53 @@ class Engine:
             apply_mixture(handle, mix.mixture)
         else:
             handle.reset_gates()          # untrained: zero logits, equal weights
-        with handle.settings(mask=_mask(mix), strengths=mix.strengths), handle.recording() as rec:
+        if handle.router is not None:     # each image from its own text: no attention maps left by the previous
+            handle.router.reset()         # call (its first step would read them: the result depended on it)
+        placed = mix.regions if mix.regions is not None or mix.mixture is None else mix.mixture.regions
+        regions = self._region_maps(stack(parse_regions(placed, mix.keys), mix.keys, *self._latent_grid(request)))
+        with handle.settings(mask=_mask(mix), strengths=mix.strengths, regions=regions), \
+                handle.recording() as rec:
             image = self._call_pipe(request, latents)
         on = sum(1 for k in mix.keys if (mix.mask or {}).get(k, True))
         experts = f"{len(mix.keys)} experts" if on == len(mix.keys) else f"{on} of {len(mix.keys)} experts on"
         untrained = "" if mix.mixture is not None else ", untrained"
-        return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained}{fallback})"
+        placed = ", regions" if regions is not None else ""
+        return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained}{placed}{fallback})"
+
+    def _latent_grid(self, request) -> tuple[int, int]:
+        """(h, w) of the latent grid of this request's image (the regions' and FreeFuse's masks live there)."""
+        f = self.pipe.vae_scale_factor
+        height, width = self._size(request)
+        return height // f, width // f
+
+    def _region_maps(self, weights):
+        """A regions.RegionMaps for (N, h, w) weights on the latent grid (None: no regions)."""
+        if weights is None:
+            return None
+        return RegionMaps(weights, self.family.denoiser, self._patch())
+
+    def _patch(self) -> int:
+        """Image tokens per latent side of a transformer (FLUX: its 2×2 packing; SD3: its patch size); UNet: 1."""
+        family = self.family
+        if family.denoiser != "transformer":
+            return 1
+        return 2 if family.packed else int(getattr(getattr(self.pipe, family.denoiser).config, "patch_size", 1) or 1)
+
+    def _run_freefuse(self, mix: Mix, request, latents, bank: Bank):
+        from mole_core.image.freefuse import FREEFUSE_MOLE, collect_steps, masks_from_masses, record_masses
+        # 1. the masks: the base model's early attention on each LoRA's trigger tokens (phase 1)
+        handle = self._attached(mix.keys, FREEFUSE_MOLE, bank)
+        call = self._pipe_call(request, latents)
+        masses = record_masses(self.pipe, handle, call, collect_steps(request.steps))
+        present = handle.router.present.get(self.family.denoiser)
+        present = torch.zeros(len(mix.keys), dtype=torch.bool) if present is None or not masses else present.cpu()
+        masks = masks_from_masses(masses, present, self._latent_grid(request), self.family.denoiser, self._patch())
+        # 2. the image: each LoRA at full strength inside its mask only (phase 2); no trigger: the base model
+        equal = [1.0 / len(mix.keys)] * len(mix.keys)
+        with handle.settings(gates=equal, mask=present.tolist(), regions=self._region_maps(masks)):
+            image = self._call_pipe(request, latents)
+        shares = ", ".join(f"{k} {float(m.mean()):.0%}" for k, m in zip(mix.keys, masks))
+        return image, None, f"FreeFuse ({shares})"
 
     def _run_base(self, mix: Mix, request, latents, bank: Bank):
         with self._kept.experts_off():
@@ -480,9 +537,10 @@ class Engine:
 
     _RUNNERS = {"mole": _run_mole, "base": _run_base, "single": _run_single, "linear": _run_merge,
                 "svd": _run_merge, "ties": _run_merge, "dare": _run_merge, "switch": _run_switch,
-                "composite": _run_composite}
+                "composite": _run_composite, "freefuse": _run_freefuse}
 
-    def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
+    def _pipe_call(self, request: GenerateRequest, latents: torch.Tensor) -> dict:
+        """The pipeline's keyword arguments for this request (output_type left to the caller)."""
         height, width = self._size(request)
         # FLUX is guidance-distilled: its negative prompt acts only through true CFG (FluxPipeline's
         # true_cfg_scale > 1: a second transformer call per step); the other families take one as CFG's
@@ -490,12 +548,14 @@ class Engine:
         if self.family.packed:
             negative = {**negative, "true_cfg_scale": float(request.true_cfg)} if request.negative and \
                 float(request.true_cfg) > 1 else {}
+        return dict(prompt=request.prompt, **negative, height=height, width=width, num_inference_steps=request.steps,
+                    guidance_scale=float(request.guidance), latents=latents.to(self.device, self.dtype),
+                    # only stochastic schedulers draw from it; seeded so they repeat too
+                    generator=torch.Generator("cpu").manual_seed(request.seed))
+
+    def _call_pipe(self, request: GenerateRequest, latents: torch.Tensor) -> PIL.Image.Image:
         with torch.no_grad(), self.graphs.on(getattr(self.pipe, self.family.denoiser)):
-            out = self.pipe(prompt=request.prompt, **negative,
-                            height=height, width=width, num_inference_steps=request.steps,
-                            guidance_scale=float(request.guidance), latents=latents.to(self.device, self.dtype),
-                            # only stochastic schedulers draw from it; seeded so they repeat too
-                            generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
+            out = self.pipe(**self._pipe_call(request, latents), output_type="np")
         pixels = out.images[0]
         if not np.isfinite(pixels).all():
             raise ValueError("The image came out as NaN/Inf (not a picture): a LoRA's weights, a gate or a "

@@ -139,6 +139,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--density", type=float, default=d.mix.density, help="TIES / DARE: fraction of entries kept")
     parser.add_argument("--switch-every", type=int, default=d.mix.switch_every,
                         help="LoRA Switch: denoising steps per LoRA")
+    parser.add_argument("--regions", choices=("caption",),
+                        help="caption: also draw each MoLE row with each LoRA placed in the region its caption's "
+                             "position words name (left / center / right: a third of the width each)")
     parser.add_argument("--clip", help="a local CLIP model folder for CLIP text-/image-alignment")
     # How this process runs, not what the evaluation asks for, so not a field of the EvalConfig.
     parser.add_argument("--threads", type=int, default=None,
@@ -155,7 +158,8 @@ def config_from_args(args) -> EvalConfig:
         mix=Mix(rank=args.rank, density=args.density, switch_every=args.switch_every),
         n_prompts=args.prompts, templates=tuple(read_templates(args.templates)) if args.templates else (),
         seeds=args.seeds, seed_start=args.seed_start, denoise_steps=args.denoise_steps, guidance=args.guidance,
-        train_steps=args.steps, lr=args.lr, batch_size=args.batch_size, alpha=args.alpha, train_seed=args.seed)
+        train_steps=args.steps, lr=args.lr, batch_size=args.batch_size, alpha=args.alpha, train_seed=args.seed,
+        regions=getattr(args, "regions", None))
 
 
 def default_keys(bank) -> list[str]:

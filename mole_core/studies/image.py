@@ -64,6 +64,8 @@ class EvalConfig:
     batch_size: int | None = TRAIN_BATCH  # gate-training batch (None: TrainConfig's)
     alpha: float | None = None            # balance-loss weight α (None: TrainConfig.alpha_for, 0.5; 0 when routed)
     train_seed: int = 0                   # gate-training seed: data order and noise
+    regions: str | None = None            # "caption": each MoLE row also drawn with each LoRA placed in the
+                                          # region its caption's position words name (mole_core.regions)
 
     def __post_init__(self):
         self.methods, self.templates = tuple(self.methods), tuple(self.templates)
@@ -87,6 +89,8 @@ class EvalConfig:
                 raise ValueError(f"{what} must be a whole number of at least 1; got {value!r}.")
         if not isinstance(self.seed_start, int) or self.seed_start < 0:
             raise ValueError(f"The first seed must be a whole number ≥ 0; got {self.seed_start!r}.")
+        if self.regions not in (None, "caption"):
+            raise ValueError(f"Regions can come from the caption ('caption') or not at all; got {self.regions!r}.")
         if "mole" in self.methods and not (self.granularities and self.gates):
             raise ValueError("MoLE rows need at least one granularity and one gate kind.")
 
@@ -112,6 +116,7 @@ class Cell:
     """One row of a results table."""
     label: str        # row name, e.g. "MoLE (block)"
     mix: Mix          # how the row combines the LoRAs (a trained MoLE row carries its mixture)
+    regions: str | None = None   # "caption": each image's regions from its caption's position words
 
 
 def label_for(mix: Mix) -> str:
@@ -126,6 +131,7 @@ def label_for(mix: Mix) -> str:
             "dare": lambda: f"DARE (d={mix.density:g}{', ' + rank if rank else ''})",
             "switch": lambda: f"LoRA Switch (every {mix.switch_every} steps)",
             "composite": lambda: "LoRA Composite",
+            "freefuse": lambda: "FreeFuse",
             "base": lambda: "Base model"}[mix.method]()
 
 
@@ -146,6 +152,8 @@ def cells_for(config: EvalConfig, keys, mixture=None) -> list[Cell]:
         else:
             mixes = [config.mix.replace(method=method, keys=keys)]
         rows += [Cell(label_for(mix), mix) for mix in mixes]
+        if method == "mole" and config.regions == "caption":
+            rows += [Cell(f"{label_for(mix)} + regions from caption", mix, "caption") for mix in mixes]
     labels = [c.label for c in rows]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two rows would have the same name: {', '.join(labels)}; list each method once.")
@@ -167,6 +175,14 @@ def _unrouted_labels(cells: list[Cell], bank, keys) -> list[Cell]:
 
 def needs_training(cell: Cell) -> bool:
     return cell.mix.method == "mole" and cell.mix.mixture is None
+
+
+def _placed(cell: Cell, prompt: str, bank) -> Mix:
+    """The cell's Mix for one caption: with regions from the caption's position words when the cell asks."""
+    if cell.regions != "caption":
+        return cell.mix
+    from mole_core.regions import caption_regions
+    return cell.mix.replace(regions=caption_regions(prompt, {k: bank.get(k).trigger for k in cell.mix.keys}))
 
 
 @dataclass
@@ -206,7 +222,7 @@ def count_work(cells: list[Cell], n_prompts: int, n_plain: int, n_seeds: int, tr
     images = len(cells) * n_prompts * n_seeds
     if n_plain:
         images += (sum(c.mix.method != "base" for c in cells) + 1) * n_plain * n_seeds
-    return Work(images, train_steps * sum(needs_training(c) for c in cells))
+    return Work(images, train_steps * sum(needs_training(c) and c.regions is None for c in cells))
 
 
 def estimate_seconds(work: Work, seconds_per_image: float, seconds_per_train_step: float) -> float:
@@ -357,7 +373,7 @@ def draw(engine, cell: Cell, prompts, config: EvalConfig, progress: Progress | N
             if progress is not None:
                 progress.check_stop()
             request = GenerateRequest(prompt=prompt, seed=seed, steps=config.denoise_steps, guidance=config.guidance)
-            result = engine.generate(cell.mix, request, bank=bank)
+            result = engine.generate(_placed(cell, prompt, bank or engine.bank), request, bank=bank)
             images.append(result.image)
             captions.append(prompt)
             used_seeds.append(seed)
@@ -548,13 +564,14 @@ def evaluate(engine, keys, config: EvalConfig | None = None, suite: Suite | None
     progress = Progress(plan.work, on_progress, should_stop, *engine_costs(engine, config, plan))
     progress.report("starting")
     # 2. train one mixture per MoLE row
-    training = {}
+    training, trained_for = {}, {}
     for cell in plan.cells:
         if needs_training(cell):
-            trained, training[cell.label] = train_mixture(
-                engine, keys, config.mole_config(cell.mix.granularity, cell.mix.gate), config.train_config(),
-                progress, cell.label, bank)
-            cell.mix = cell.mix.replace(mixture=trained)
+            layout = (cell.mix.granularity, cell.mix.gate)     # a "+ regions" row reuses its MoLE row's gates
+            if layout not in trained_for:
+                trained_for[layout], training[cell.label] = train_mixture(
+                    engine, keys, config.mole_config(*layout), config.train_config(), progress, cell.label, bank)
+            cell.mix = cell.mix.replace(mixture=trained_for[layout])
     # 3. draw and score
     result = score_cells(engine, plan.cells, config, plan.targets, plan.prompts, plan.plain_prompts,
                          suite.scorers, progress, bank=bank)

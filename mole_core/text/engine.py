@@ -135,9 +135,11 @@ class TextEngine:
     def check(self, mix: Mix) -> None:
         """ValueError with a human sentence for a Mix the text engine cannot answer."""
         mix.check()
-        if mix.method in ("switch", "composite"):
+        if mix.method in ("switch", "composite", "freefuse"):
             raise ValueError(f"'{mix.method}' works per denoising step; a text model has none. Choose one of "
                              f"{', '.join(TEXT_METHODS)} or single:<key>.")
+        if mix.regions:
+            raise ValueError("Regions place experts in an image; a text model has none (leave regions empty).")
         if mix.method == "mole":
             _refuse_routing(mix.mole_config)
         if len(mix.keys) > self.limits.experts:

@@ -106,8 +106,8 @@ def test_entries_without_examples_or_manifest_never_break_the_page(world, tmp_pa
 def test_selection_drives_methods_weights_and_rows(studio, keys):
     methods, weights, *rest = compare_tab.on_selection(studio, keys, ["mole", "single:nope"], session.new_session())
     values = [value for _, value in methods.choices]
-    assert values[:8] == ["mole", "linear", "svd", "ties", "dare", "switch", "composite", "base"]
-    assert values[8:] == [f"single:{k}" for k in keys]
+    assert values[:9] == ["mole", "linear", "svd", "ties", "dare", "switch", "composite", "freefuse", "base"]
+    assert values[9:] == [f"single:{k}" for k in keys]
     assert methods.value == ["mole"]                                      # a vanished choice is dropped
     assert list(weights["expert"]) == keys
     rows, switches = rest[:session.MAX_EXPERTS], rest[session.MAX_EXPERTS:2 * session.MAX_EXPERTS]

@@ -195,3 +195,39 @@ def test_defaults_train_and_compare_on_the_first_example_prompt(served, page):
     open_tab(page, "Evaluate")
     headers = page.locator("#study-table").inner_text()
     assert "caption fidelity" in headers and "method" in headers
+
+
+def decoded(png: bytes) -> list:
+    import io
+    import numpy as np
+    import PIL.Image
+    return np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")).tolist()
+
+
+@pytest.mark.slow
+def test_toggle_places_an_expert_in_a_region(served, page):
+    """Toggle experts: choose 'left' for the first expert; the MoLE image re-renders placed (its caption says so),
+    the coloured overlay and its legend appear; back to 'whole' gives the unplaced image again."""
+    url, engine = served
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(url)
+    page.wait_for_selector("#bank-gallery img")
+    chosen = page.locator("#chosen input[type=checkbox]")
+    for i in range(chosen.count()):
+        chosen.nth(i).set_checked(i < 2)
+    open_tab(page, "Toggle experts")
+    page.locator("#toggle-button").click()
+    src = wait_for_new_image(page, "#toggle-image", None)
+    unplaced = image_bytes(page, "#toggle-image")
+    page.locator("#region-0").get_by_label("left", exact=True).check()
+    src = wait_for_new_image(page, "#toggle-image", src)
+    page.wait_for_function("() => document.querySelector('#toggle-caption')?.innerText.includes('regions')")
+    assert image_bytes(page, "#toggle-image") != unplaced
+    wait_for_new_image(page, "#region-overlay", None)
+    page.wait_for_function("() => document.querySelector('#region-legend')?.innerText.includes('left')")
+    assert "everywhere" in page.locator("#region-legend").inner_text()        # the second expert: no region
+    page.screenshot(path=str(ARTIFACTS / "browser_regions.png"), full_page=True)
+    page.locator("#region-0").get_by_label("whole", exact=True).check()
+    wait_for_new_image(page, "#toggle-image", src)
+    page.wait_for_function("() => !document.querySelector('#toggle-caption')?.innerText.includes('regions')")
+    assert decoded(image_bytes(page, "#toggle-image")) == decoded(unplaced)

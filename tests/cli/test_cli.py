@@ -261,7 +261,7 @@ def test_help_shows_the_numbers_and_the_choices(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "mole, linear, svd, ties, dare, switch, composite, arrow, base, single:KEY" in text
+    assert "mole, linear, svd, ties, dare, switch, composite, freefuse, arrow, base, single:KEY" in text
 
 
 def _imports_torch(code: str) -> bool:

@@ -155,6 +155,10 @@ def test_engine_compare_and_refusals(tiny):
     for bad in (Mix("switch", keys), Mix("single:nope")):
         with pytest.raises(ValueError):
             engine.generate(bad, "copy: abc")
+    with pytest.raises(ValueError, match="'freefuse' works per denoising step"):
+        engine.generate(Mix("freefuse", keys), "copy: abc")
+    with pytest.raises(ValueError, match="Regions place experts in an image"):
+        engine.generate(Mix("mole", keys, regions={"alpha": "left"}), "copy: abc")
     mixture = engine.train(keys, MoleConfig(), TrainConfig(steps=3, lr=1e-2, batch_size=2))
     assert mixture.names == list(keys)
     assert engine.generate(Mix("mole", keys, mixture=mixture), "alpha: abc").label.startswith("MoLE (block")
