@@ -320,6 +320,7 @@ class TriggerRouter:
         self.masses: dict[int, torch.Tensor] = {}      # image tokens T -> (B, T, N) attention masses
         self.unknown_attention: list[str] = []         # joint attention modules whose processor is not known
         self._prev_text: torch.Tensor | None = None
+        self._attend_text: tuple[torch.Tensor, torch.Tensor] | None = None   # route_attend's text side
         self._roles: dict[str, str | None] = {}
         self._handles: list = []
         self._processors: dict[str, object] = {}
@@ -404,7 +405,7 @@ class TriggerRouter:
         self.text_maps, self.recorded, self.denoiser_tokens, self.masses, self._prev_text = {}, [], None, {}, None
         self.columns = self.column_tokens = None
         self.present, self._absent, self._log_present, self._logmaps, self.stamp = {}, {}, {}, {}, 0
-        self.versions = {}
+        self.versions, self._attend_text = {}, None
 
     def _set_present(self, network: str, maps: torch.Tensor | None, device=None) -> None:
         """Which experts a network's call names (maps (B, L, N) on the host; None: unknown, nothing is off), and
@@ -466,7 +467,7 @@ class TriggerRouter:
         batch, where = phrase_prompts(ids, spans, self.compose_from)
         if batch is None:
             return output
-        saved = {d: d.get(name) for d in (self.text_maps, self.present, self._absent, self._log_present)}
+        saved = [(d, d.get(name)) for d in (self.text_maps, self.present, self._absent, self._log_present)]
         hidden_wanted = getattr(output, "hidden_states", None) is not None
         self._nested = True
         try:
@@ -474,7 +475,7 @@ class TriggerRouter:
         finally:
             self._nested = False
             self.input_ids[name] = ids
-            for d, value in saved.items():        # this call's maps and presence back (the nested call set them)
+            for d, value in saved:                # this call's maps and presence back (the nested call set them)
                 if value is None:
                     d.pop(name, None)
                 else:
@@ -487,7 +488,7 @@ class TriggerRouter:
         ehs = kwargs.get("encoder_hidden_states", args[position] if len(args) > position else None)
         self.stamp, self.versions, self._logmaps = 0, {}, {}   # a new pass: its maps are computed anew
         if ehs is None:
-            self.denoiser_tokens, self.masses = None, {}
+            self.denoiser_tokens, self.masses, self._attend_text = None, {}, None
             return
         prev = self._prev_text
         same = prev is not None and prev.shape == ehs.shape and torch.equal(prev, ehs.detach())
@@ -500,6 +501,7 @@ class TriggerRouter:
         # text we did not see encoded: nothing is switched off
         self._set_present(self.denoiser, tokens if matched else None, ehs.device)
         self.denoiser_tokens = tokens.to(ehs.device)
+        self._attend_text = self._attend_terms(tokens, ehs.device)
         columns = tokens.amax((0, 2)).nonzero().flatten()   # on the CPU: no device sync
         self.columns = columns.to(ehs.device)
         self.column_tokens = tokens[:, columns].to(ehs.device)
@@ -585,26 +587,41 @@ class TriggerRouter:
             return hard_shares(m)
         return m / (m.sum(-1, keepdim=True) + self.eps)
 
+    def _attend_terms(self, tokens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """route_attend's text side, on the host once per text (no device sync in a forward): the trigger
+        positions (B, N, L) of the rows naming route_compose_from experts or more (at least two; 0 elsewhere) and
+        λ-free log ε on the tokens after each such row's last phrase (B, 1, L). None when off or no row qualifies."""
+        if not self.attend:
+            return None
+        several = (tokens.amax(1) > 0).sum(-1) >= max(2, self.compose_from)         # (B,) enough phrases
+        if not bool(several.any()):
+            return None
+        position = torch.arange(tokens.shape[1])
+        last = torch.where(tokens.amax(-1) > 0, position, -1).amax(-1, keepdim=True)   # (B, 1) last phrase token
+        ending = ((position > last) & several[:, None]).float()                         # (B, L)
+        text = (tokens.float() * several[:, None, None]).transpose(1, 2)                # (B, N, L)
+        return text.to(device), (math.log(self.eps) * ending)[:, None, :].to(device)
+
     def attention_bias(self, T: int, B: int, L: int) -> torch.Tensor | None:
         """route_attend = λ > 0: (B, T, L) added to the cross-attention logits of T pixels, in rows whose text
-        names route_compose_from experts or more (at least two): λ·log(r_i(p) + ε) on the text tokens of expert i (0 on the pixel's own expert's
-        phrase), and λ·log ε on the tokens after the last phrase (the end token and padding, which a causal
-        encoder fills with a summary of the whole prompt where the first-named subject dominates); tokens before
-        the first phrase keep 0. A pixel then reads the phrase it is routed to. None when off or unknown."""
-        text = self.denoiser_tokens
-        if not self.attend or text is None or text.shape[0] != B or text.shape[1] != L:
+        names route_compose_from experts or more (at least two): λ·log(r_i(p) + ε) on the text tokens of expert i
+        (0 on the pixel's own expert's phrase), and λ·log ε on the tokens after the last phrase (the end token and
+        padding, which a causal encoder fills with a summary of the whole prompt where the first-named subject
+        dominates); tokens before the first phrase keep 0. A pixel then reads the phrase it is routed to. Computed
+        once per pixel map (T and its version in the pass). None when off, unknown or no row qualifies."""
+        terms = self._attend_text
+        if terms is None or terms[0].shape[0] != B or terms[0].shape[2] != L:
             return None
-        r = self._pixels(T)
-        if r is None or r.shape[0] != B:
-            return None
-        several = (text.amax(1) > 0).sum(-1, keepdim=True) >= max(2, self.compose_from)   # (B, 1) enough phrases
-        logr = torch.log(r.float().to(text.device) + self.eps)                 # (B, T, N)
-        logr = (logr - logr.amax(-1, keepdim=True)) * several[:, :, None]       # 0 for the pixel's own expert
-        bias = logr @ text.float().transpose(1, 2)                              # (B, T, L)
-        position = torch.arange(L, device=text.device)
-        last = torch.where(text.amax(-1) > 0, position, -1).amax(-1, keepdim=True)  # (B, 1) last phrase token
-        ending = ((position > last) & several).float()                         # (B, L)
-        return self.attend * (bias + math.log(self.eps) * ending[:, None, :])
+        slot = ("attend", T, self.versions.get(T, 0))
+        if slot not in self._logmaps:
+            r = self._pixels(T)
+            if r is None or r.shape[0] != B:
+                self._logmaps[slot] = None
+            else:
+                logr = torch.log(r.float() + self.eps)                               # (B, T, N)
+                logr = logr - logr.amax(-1, keepdim=True)                             # 0 for the pixel's own expert
+                self._logmaps[slot] = self.attend * (logr @ terms[0] + terms[1])     # (B, T, L)
+        return self._logmaps[slot]
 
     def map_for(self, network: str, B: int, T: int, key: str | None = None) -> torch.Tensor | None:
         """(B, T, N) r for a module of `network` (key: its '<network>.<path>') reading T tokens, or None."""

@@ -102,7 +102,8 @@ def test_attention_bias_on_other_experts_phrases_and_the_ending(tiny_pipe):
     text = torch.zeros(2, 5, 2)
     text[:, 1, 0] = text[:, 2, 1] = 1                            # token 1: expert 0's, token 2: expert 1's
     text[1, 2, 1] = 0                                            # row 1 names expert 0 only
-    router.denoiser_tokens = text
+    router.denoiser_tokens = text                                 # as the denoiser's pre-hook sets them
+    router._attend_text = router._attend_terms(text, text.device)
     router.masses[4] = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5], [0.0, 0.0]]).expand(2, 4, 2)
     bias = router.attention_bias(4, 2, 5)
     assert bias.shape == (2, 4, 5)
