@@ -211,6 +211,8 @@ def launch_options(engine: Engine | None = None) -> dict:
     if CSS_PATH.exists():
         options["css_paths"] = [CSS_PATH]
     options["css"] = TEXT_CSS                # the Text tab's token colours and answer table
+    if engine is not None:                   # Compare images at a whole multiple of their size (loads the model)
+        options["css"] += compare_tab.display_css(*engine.default_size())
     return options
 
 

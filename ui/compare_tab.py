@@ -187,6 +187,34 @@ def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guid
     return gallery, request.seed, "\n".join(f"- {w}" for w in warnings), state
 
 
+# ---- How the gallery shows the images -------------------------------------------------------------
+DISPLAY_SIDE = 256      # px: small images are enlarged by the whole factor that brings them closest to this
+
+
+def display_scale(height: int, width: int) -> int:
+    """The whole factor the Compare gallery enlarges the model's images by (8 for 32 px; 1, their own size,
+    from 256 px up): a whole factor with nearest-neighbour pixels keeps every pixel square and sharp."""
+    return max(1, DISPLAY_SIDE // max(int(height), int(width), 1))
+
+
+def display_css(height: int, width: int) -> str:
+    """CSS that shows each Compare image at `display_scale` × its size (never wider than the page), unsmoothed,
+    with its caption whole below it rather than over it (Gradio's gallery crops to square cells and lays
+    the caption over the image)."""
+    k = display_scale(height, width)
+    return f"""
+#results .grid-wrap {{ height: auto !important; max-height: none !important; overflow: visible; }}
+#results .grid-container {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+#results .gallery-item {{ flex: 0 0 auto; width: auto; max-width: 100%; }}
+#results .thumbnail-item {{ width: auto; height: auto; aspect-ratio: auto; display: flex; flex-direction: column;
+  align-items: flex-start; overflow: visible; }}
+#results .thumbnail-item img {{ width: {k * int(width)}px !important; max-width: 100%; height: auto !important;
+  object-fit: contain !important; image-rendering: pixelated; }}
+#results .caption-label {{ position: static; width: {k * int(width)}px; max-width: 100%; white-space: normal;
+  overflow: visible; text-overflow: clip; transform: none; margin: 4px 0 0 0; text-align: left; }}
+"""
+
+
 # ---- GPU time (Hugging Face ZeroGPU: ui.gpu) --------------------------------------------
 # What each model-running event expects to take, from its own inputs and the engine's costs; a ZeroGPU Space
 # asks spaces.GPU for that much (with a margin). Elsewhere the handlers run undecorated.
