@@ -107,6 +107,9 @@ class TextBank:
                 if entry.error:
                     raise ValueError(f"Text LoRA '{key}' cannot be used: {entry.error}")
                 return entry
+        if not self.folder.is_dir():
+            raise ValueError(f"The bank folder '{self.folder}' "
+                             f"{'is not a folder' if self.folder.exists() else 'does not exist'}.")
         raise ValueError(f"No text LoRA '{key}' in the bank '{self.folder.name}'; it has "
                          f"{', '.join(self.keys()) or 'none'}.")
 
