@@ -89,7 +89,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
                     "*Train gates* → *Compare* (the prompt is filled in) → *Toggle experts* / *Inspect gates*.")
         model_info = gr.Markdown(elem_id="model-info")
         with gr.Accordion("What is MoLE? (and the words this page uses)", open=False):
-            gr.Markdown(ABOUT)
+            gr.Markdown(ABOUT, elem_id="about")
         ui = {"state": state, "model_info": model_info}
         with gr.Tabs():
             for tab_id, title, tab in TABS:

@@ -12,6 +12,7 @@ from mole_core.defaults import (DEFAULT_DENOISE_STEPS, DEFAULT_GATE)
 from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix
 from mole_core.image.families import default_guidance
+from ui.fields import FieldNumber
 from ui.session import MAX_EXPERTS, Studio, bank_of, human
 from ui.train_tab import cost_source, duration
 
@@ -236,9 +237,9 @@ def layout(studio: Studio) -> dict:
                                 allow_custom_value=False, elem_id="example-prompts")
     c["negative"] = gr.Textbox(label="Negative prompt", max_length=2000)
     with gr.Row():
-        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**63 - 1)
+        c["seed"] = FieldNumber(0, label="Seed", precision=0, minimum=0, maximum=2**63 - 1)
         c["randomise"] = gr.Checkbox(False, label="Randomise seed")
-        c["used_seed"] = gr.Number(0, label="Used seed", precision=0, interactive=False, elem_id="used-seed")
+        c["used_seed"] = FieldNumber(0, label="Used seed", precision=0, interactive=False, elem_id="used-seed")
         c["steps"] = gr.Slider(1, limits.denoise_steps, DEFAULT_DENOISE_STEPS, step=1, label="Denoising steps",
                                elem_id="steps")
         c["guidance"] = gr.Slider(0, 15, default_guidance(studio.engine.model_id), step=0.5, label="Guidance")
