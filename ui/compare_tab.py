@@ -204,7 +204,8 @@ def display_css(height: int, width: int) -> str:
     the caption over the image)."""
     k = display_scale(height, width)
     return f"""
-#results .grid-wrap {{ height: auto !important; max-height: none !important; overflow: visible; }}
+#results .grid-wrap {{ height: auto !important; min-height: 0 !important; max-height: none !important;
+  overflow: visible; }}
 #results .grid-container {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 #results .gallery-item {{ flex: 0 0 auto; width: auto; max-width: 100%; }}
 #results .thumbnail-item {{ width: auto; height: auto; aspect-ratio: auto; display: flex; flex-direction: column;
@@ -258,7 +259,7 @@ def layout(studio: Studio) -> dict:
                 c["normalize"] = gr.Checkbox(True, label="Normalise weights to sum 1")
     c["button"] = gr.Button("Compare", variant="primary", elem_id="compare-button")
     c["estimate"] = gr.Markdown(elem_id="compare-estimate")
-    c["notes"] = gr.Markdown()
+    c["notes"] = gr.Markdown(elem_id="compare-notes")
     c["results"] = gr.Gallery(label="Same seed, side by side", columns=4, height="auto", format="png",
                               elem_id="results")
     return c
