@@ -83,7 +83,7 @@ def layout(studio: Studio) -> dict:
         c["button"] = gr.Button("Run the study", variant="primary")
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["estimate"] = gr.Markdown()
-    c["text"] = gr.Markdown()
+    c["text"] = gr.Markdown(elem_id="study-text")
     c["table"] = gr.Dataframe(pd.DataFrame(columns=STUDY_COLUMNS), label="Scores (± : 95% interval half-width)",
                               interactive=False, elem_id="study-table")
     c["chart"] = gr.Image(label="Scores with 95% intervals", type="pil", interactive=False)

@@ -238,8 +238,11 @@ def check_evaluate_screen(page) -> None:
         tab.get_by_label(label, exact=True).fill(value)
     tab.get_by_role("button", name="Run the study").click()
     page.wait_for_function("() => Array.from(document.querySelectorAll('#study-table td'))"
-                           ".some(td => td.innerText.trim().startsWith('MoLE'))")        # the study's rows are in
-    assert tab.locator("table").count() == 1, tab.inner_html()[:2000]
+                           ".some(td => td.textContent.trim().startsWith('MoLE'))")      # the study's rows are in
+    findings = page.locator("#study-text").inner_text()
+    assert findings.strip() and page.locator("#study-text table").count() == 0, findings   # no second table
+    assert not any(line.lstrip().startswith("|") for line in findings.splitlines()), findings
+    assert tab.locator("[role=grid]").count() == 1                    # one Scores table in the tab
     headers = [h.strip() for h in page.locator("#study-table th").all_inner_texts() if h.strip()]
     assert headers[:2] == ["method", "caption fidelity"], headers
     assert not any(h.isdigit() for h in headers), headers
