@@ -212,7 +212,10 @@ def launch_options(engine: Engine | None = None) -> dict:
         options["css_paths"] = [CSS_PATH]
     options["css"] = TEXT_CSS                # the Text tab's token colours and answer table
     if engine is not None:                   # Compare images at a whole multiple of their size (loads the model)
-        options["css"] += compare_tab.display_css(*engine.default_size())
+        try:
+            options["css"] += compare_tab.display_css(*engine.default_size())
+        except (ValueError, OSError):        # a model that cannot load: the page says why on its first load
+            pass
     return options
 
 
