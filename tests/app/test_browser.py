@@ -122,7 +122,9 @@ def test_select_train_compare_toggle_inspect(served, page):
                            ".every(i => i.complete && i.naturalWidth > 0)")
     captions = page.locator("#results").inner_text()
     assert "MoLE" in captions and "untrained" not in captions and "TIES" in captions and "Switch" in captions
+    page.mouse.move(0, 0)
     page.screenshot(path=str(ARTIFACTS / "browser_compare.png"), full_page=True)
+    check_compare_screen(page)
 
     # 4. Inspect: the heat-map of the MoLE image is there
     open_tab(page, "Inspect gates")
