@@ -100,7 +100,7 @@ def test_select_train_compare_toggle_inspect(served, page):
 
     # 2. Train gates: a few steps; the expected duration is stated first, the summary after
     open_tab(page, "Train gates")
-    assert "Expected: about" in page.locator("#train-estimate").inner_text()
+    page.wait_for_function("() => document.querySelector('#train-estimate')?.innerText.includes('Expected: about')")
     page.locator("#train-steps input").fill("2")
     page.locator("#train-button").click()
     page.wait_for_function("() => document.querySelector('#train-status')?.innerText.includes('Trained after 2')")
