@@ -131,10 +131,12 @@ def test_a_compare_is_served_while_another_visitor_trains(served):
 
 
 @pytest.mark.slow
-def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, tmp_path_factory):
+def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, tmp_path_factory, monkeypatch):
     """20 uploads and 20 exports from two visitors, then their sessions end (idle past the session lifetime):
-    the sessions' folders are gone and Gradio's cache holds no more bytes than before (delete_cache)."""
+    the sessions' folders are gone and Gradio's cache holds no more bytes than before (delete_cache).
+    The app gets a cache folder of its own: the machine-wide one also grows with every other Gradio app."""
     import shutil
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio_cache"))
 
     import gradio.utils
     from gradio_client import handle_file
