@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import shutil
-import math
 import re
 import tempfile
 from dataclasses import dataclass
