@@ -89,7 +89,7 @@ def build_demo(studio: Studio | Engine, delete_cache: tuple[int, int] = (600, 36
                     "*Train gates* → *Compare* (the prompt is filled in) → *Toggle experts* / *Inspect gates*.")
         model_info = gr.Markdown(elem_id="model-info")
         with gr.Accordion("What is MoLE? (and the words this page uses)", open=False):
-            gr.Markdown(ABOUT)
+            gr.Markdown(ABOUT, elem_id="about")
         ui = {"state": state, "model_info": model_info}
         with gr.Tabs():
             for tab_id, title, tab in TABS:
@@ -218,6 +218,11 @@ def launch_options(engine: Engine | None = None) -> dict:
     if CSS_PATH.exists():
         options["css_paths"] = [CSS_PATH]
     options["css"] = TEXT_CSS                # the Text tab's token colours and answer table
+    if engine is not None:                   # Compare images at a whole multiple of their size (loads the model)
+        try:
+            options["css"] += compare_tab.display_css(*engine.default_size())
+        except (ValueError, OSError):        # a model that cannot load: the page says why on its first load
+            pass
     return options
 
 

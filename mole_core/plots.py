@@ -35,8 +35,9 @@ def mean_by(rows: list[dict], *fields: str) -> dict[tuple, float]:
     return {key: sums[key] / counts[key] for key in sums}
 
 
-def gate_heatmap(rows: list[dict], cell=(72, 22)) -> Image.Image:
-    """Mean gate weight per group (rows, network order) × expert (columns), values printed in the cells."""
+def heatmap_table(rows: list[dict]) -> tuple[list, list, dict[tuple, float]]:
+    """(groups, experts, {(group, expert): mean weight}) as the heat-map prints them: a "no LoRA" column
+    holds each row's remainder when any row's experts sum below 1 (so every printed row sums to 1)."""
     table = mean_by(rows, "group", "expert")
     groups = list(dict.fromkeys(g for g, _ in table))
     experts = list(dict.fromkeys(e for _, e in table))
@@ -44,6 +45,12 @@ def gate_heatmap(rows: list[dict], cell=(72, 22)) -> Image.Image:
     if any(r > 0.005 for r in rest.values()):
         experts.append(NO_EXPERT)
         table.update({(g, NO_EXPERT): max(0.0, r) for g, r in rest.items()})
+    return groups, experts, table
+
+
+def gate_heatmap(rows: list[dict], cell=(72, 22)) -> Image.Image:
+    """Mean gate weight per group (rows, network order) × expert (columns), values printed in the cells."""
+    groups, experts, table = heatmap_table(rows)
     font = ImageFont.load_default(size=12)
     label_w = 8 + max(int(font.getlength(str(g))) for g in groups)
     cw, ch = max(cell[0], 8 + max(int(font.getlength(str(e))) for e in experts)), cell[1]

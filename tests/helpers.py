@@ -240,9 +240,16 @@ def launch(engine_or_studio, **options) -> tuple:
     demo = app.build_demo(engine_or_studio, **options)
     demo.queue()
     engine = getattr(engine_or_studio, "engine", engine_or_studio)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            quiet=True, **app.launch_options(engine))
-    return demo, url
+    options = app.launch_options(engine)
+    for attempt in range(3):    # Gradio gives up on its own server after a few seconds when the machine is busy
+        try:
+            _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                    quiet=True, **options)
+            return demo, url
+        except ValueError as err:
+            demo.close()
+            if "localhost is not accessible" not in str(err) or attempt == 2:
+                raise
 
 
 

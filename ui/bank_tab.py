@@ -10,7 +10,7 @@ from mole_core.image.bank import Bank
 from mole_core.defaults import (DEFAULT_GUIDANCE, DEFAULT_MODEL)
 from mole_core.image.families import default_guidance
 from mole_core.plots import placeholder
-from ui.compare_tab import prompt_examples
+from ui.compare_tab import display_scale, prompt_examples
 from ui.session import Studio, bank_of, human, public_message, session_dir
 
 
@@ -63,8 +63,11 @@ def model_line(studio: Studio) -> str:
     guidance = default_guidance(engine.model_id)
     source = ("the embedded world's measured best" if guidance == DEFAULT_GUIDANCE and engine.model_id == DEFAULT_MODEL
               else "its pipeline's own default")
-    return (f"Model: **{engine.model_name}** ({engine.family.title}), {width}×{height} px by default; guidance "
-            f"{guidance:g} ({source}).")
+    k = display_scale(height, width)
+    shown = (f" (Compare shows them {k}× larger, nearest-neighbour: each pixel a sharp {k}×{k} square)" if k > 1
+             else " (Compare shows them at that size)")
+    return (f"Model: **{engine.model_name}** ({engine.family.title}), {width}×{height} px by default{shown}; "
+            f"guidance {guidance:g} ({source}).")
 
 
 def pick_from_gallery(studio: Studio, keys: list[str], index: int, state: dict) -> list[str]:

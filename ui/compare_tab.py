@@ -13,6 +13,7 @@ from mole_core.image.engine import GenerateRequest
 from mole_core.mix import Mix
 from mole_core.image.families import default_guidance
 from ui.region_ui import session_regions
+from ui.fields import FieldNumber
 from ui.session import MAX_EXPERTS, Studio, bank_of, human
 from ui.train_tab import cost_source, duration
 
@@ -190,6 +191,35 @@ def compare(studio: Studio, keys, prompt, negative, seed, randomise, steps, guid
     return gallery, request.seed, "\n".join(f"- {w}" for w in warnings), state
 
 
+# ---- How the gallery shows the images -------------------------------------------------------------
+DISPLAY_SIDE = 256      # px: small images are enlarged by the whole factor that brings them closest to this
+
+
+def display_scale(height: int, width: int) -> int:
+    """The whole factor the Compare gallery enlarges the model's images by (8 for 32 px; 1, their own size,
+    from 256 px up): a whole factor with nearest-neighbour pixels keeps every pixel square and sharp."""
+    return max(1, DISPLAY_SIDE // max(int(height), int(width), 1))
+
+
+def display_css(height: int, width: int) -> str:
+    """CSS that shows each Compare image at `display_scale` × its size (never wider than the page), unsmoothed,
+    with its caption whole below it rather than over it (Gradio's gallery crops to square cells and lays
+    the caption over the image)."""
+    k = display_scale(height, width)
+    return f"""
+#results .grid-wrap {{ height: auto !important; min-height: 0 !important; max-height: none !important;
+  overflow: visible; }}
+#results .grid-container {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+#results .gallery-item {{ flex: 0 0 auto; width: auto; max-width: 100%; }}
+#results .thumbnail-item {{ width: auto; height: auto; aspect-ratio: auto; display: flex; flex-direction: column;
+  align-items: flex-start; overflow: visible; }}
+#results .thumbnail-item img {{ width: {k * int(width)}px !important; max-width: 100%; height: auto !important;
+  object-fit: contain !important; image-rendering: pixelated; }}
+#results .caption-label {{ position: static; width: {k * int(width)}px; max-width: 100%; white-space: normal;
+  overflow: visible; text-overflow: clip; transform: none; margin: 4px 0 0 0; text-align: left; }}
+"""
+
+
 # ---- GPU time (Hugging Face ZeroGPU: ui.gpu) --------------------------------------------
 # What each model-running event expects to take, from its own inputs and the engine's costs; a ZeroGPU Space
 # asks spaces.GPU for that much (with a margin). Elsewhere the handlers run undecorated.
@@ -211,9 +241,9 @@ def layout(studio: Studio) -> dict:
                                 allow_custom_value=False, elem_id="example-prompts")
     c["negative"] = gr.Textbox(label="Negative prompt", max_length=2000)
     with gr.Row():
-        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**63 - 1)
+        c["seed"] = FieldNumber(0, label="Seed", precision=0, minimum=0, maximum=2**63 - 1)
         c["randomise"] = gr.Checkbox(False, label="Randomise seed")
-        c["used_seed"] = gr.Number(0, label="Used seed", precision=0, interactive=False, elem_id="used-seed")
+        c["used_seed"] = FieldNumber(0, label="Used seed", precision=0, interactive=False, elem_id="used-seed")
         c["steps"] = gr.Slider(1, limits.denoise_steps, DEFAULT_DENOISE_STEPS, step=1, label="Denoising steps",
                                elem_id="steps")
         c["guidance"] = gr.Slider(0, 15, default_guidance(studio.engine.model_id), step=0.5, label="Guidance")
@@ -232,7 +262,7 @@ def layout(studio: Studio) -> dict:
                 c["normalize"] = gr.Checkbox(True, label="Normalise weights to sum 1")
     c["button"] = gr.Button("Compare", variant="primary", elem_id="compare-button")
     c["estimate"] = gr.Markdown(elem_id="compare-estimate")
-    c["notes"] = gr.Markdown()
+    c["notes"] = gr.Markdown(elem_id="compare-notes")
     c["results"] = gr.Gallery(label="Same seed, side by side", columns=4, height="auto", format="png",
                               elem_id="results")
     return c

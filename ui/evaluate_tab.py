@@ -7,6 +7,7 @@ import gradio as gr
 import pandas as pd
 
 from mole_core.studies.evaluate import SMALL_STUDY, run_small_study, small_study_seconds
+from ui.fields import FieldNumber
 from ui.worker import StepWorker as _Worker
 from ui.compare_tab import mixture_for
 from ui.session import Studio, bank_of, public_message
@@ -74,15 +75,15 @@ def layout(studio: Studio) -> dict:
                 "token, freshly trained, or the session's trained gates if they match), the merges, each LoRA "
                 "alone and the base model, on the same prompts and seeds, scored by the world's oracle.")
     with gr.Row():
-        c["seeds"] = gr.Number(SMALL_STUDY.seeds, label="Seeds", precision=0, minimum=1, maximum=limits.study_seeds)
-        c["prompts"] = gr.Number(SMALL_STUDY.n_prompts, label="Prompts", precision=0, minimum=1,
+        c["seeds"] = FieldNumber(SMALL_STUDY.seeds, label="Seeds", precision=0, minimum=1, maximum=limits.study_seeds)
+        c["prompts"] = FieldNumber(SMALL_STUDY.n_prompts, label="Prompts", precision=0, minimum=1,
                                  maximum=limits.study_prompts)
-        c["steps"] = gr.Number(SMALL_STUDY.train_steps, label="Gate-training steps", precision=0, minimum=1,
+        c["steps"] = FieldNumber(SMALL_STUDY.train_steps, label="Gate-training steps", precision=0, minimum=1,
                                maximum=limits.train_steps)
         c["button"] = gr.Button("Run the study", variant="primary")
         c["cancel"] = gr.Button("Cancel", variant="stop")
     c["estimate"] = gr.Markdown()
-    c["text"] = gr.Markdown()
+    c["text"] = gr.Markdown(elem_id="study-text")
     c["table"] = gr.Dataframe(pd.DataFrame(columns=STUDY_COLUMNS), label="Scores (± : 95% interval half-width)",
                               interactive=False, elem_id="study-table")
     c["chart"] = gr.Image(label="Scores with 95% intervals", type="pil", interactive=False)

@@ -30,4 +30,4 @@ def layout(studio: Studio) -> dict:
                                 elem_id="heatmap"),
             "step_plot": gr.LinePlot(x="step", y="weight", color="expert", height=260, x_title="denoising step",
                                      title="Mean gate per denoising step", x_axis_format="d"),
-            "csv": gr.File(label="Gate weights (CSV)", interactive=False)}
+            "csv": gr.File(label="Gate weights (CSV)", interactive=False, elem_id="gates-csv")}

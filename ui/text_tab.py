@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import shutil
-import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from mole_core.mix import MERGES, NAMES, Mix
 from mole_core.plots import gate_heatmap
 from mole_core.text.engine import TextEngine
 from mole_core.train import BALANCE_ALPHA, TrainConfig, divergence_note
+from ui.fields import FieldNumber
 from ui.worker import StepWorker
 
 TEXT_GATES = ("prompt", "sample", "token", "static")   # "prompt" (mole_core.text.gate): the text default
@@ -50,23 +50,6 @@ def end_text_session(state: dict) -> None:
     if isinstance(state, dict):
         state["cancel"] = True
         shutil.rmtree(state.get("mixture_dir") or "", ignore_errors=True)
-
-
-class FieldNumber(gr.Number):
-    """A gr.Number that refuses, by its label, a value that is not a finite number.
-
-    The browser sends numbers, but raw HTTP can send NaN, Infinity or text; Gradio's own preprocess then
-    fails inside `int(round(nan))` or a comparison and the visitor gets `{"error": null}`. The frontend is
-    gr.Number's own (`get_block_name`)."""
-
-    def get_block_name(self) -> str:
-        return "number"
-
-    def preprocess(self, payload):
-        if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))
-                                    or not math.isfinite(payload)):
-            raise gr.Error(f"{self.label} must be a finite number; got {str(payload)[:40]!r}.")
-        return super().preprocess(payload)
 
 
 def plain_markdown(text: str) -> str:

@@ -13,6 +13,7 @@ from mole_core.defaults import (DEFAULT_GATE, TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS
 from mole_core.mix import mole_config_for
 from mole_core.mixture import load_mixture
 from mole_core.train import TrainConfig
+from ui.fields import FieldNumber
 from ui.worker import StepWorker as _Worker
 from ui.session import Studio, bank_of, human, public_message, session_dir
 
@@ -42,7 +43,7 @@ def alpha_field(gate: str) -> gr.Number:
     paper's 0.5, editable."""
     routed = gate == "routed"
     alpha = TrainConfig().alpha_for(mole_config_for("block", gate))      # the default of this gate kind
-    return gr.Number(alpha, label="Balance α", minimum=0, maximum=100,
+    return FieldNumber(alpha, label="Balance α", minimum=0, maximum=100,
                      interactive=not routed, elem_id="train-alpha",
                      info="trigger routing trains with α = 0" if routed else "weight of the balance loss")
 
@@ -173,11 +174,11 @@ def layout(studio: Studio) -> dict:
     with gr.Row():
         c["granularity"] = gr.Radio(list(GRANULARITIES), value="block", label="Granularity")
         c["gate_kind"] = gr.Radio(GATE_CHOICES, value=DEFAULT_GATE, label="Gates")
-        c["steps"] = gr.Number(TRAIN_STEPS, label="Steps", precision=0, minimum=1, maximum=limits.train_steps,
+        c["steps"] = FieldNumber(TRAIN_STEPS, label="Steps", precision=0, minimum=1, maximum=limits.train_steps,
                                elem_id="train-steps")
-        c["lr"] = gr.Number(TRAIN_LR, label="Learning rate", minimum=1e-7, maximum=10)
+        c["lr"] = FieldNumber(TRAIN_LR, label="Learning rate", minimum=1e-7, maximum=10)
         c["alpha"] = alpha_field(DEFAULT_GATE)
-        c["seed"] = gr.Number(TrainConfig().seed, label="Seed", precision=0, minimum=0)
+        c["seed"] = FieldNumber(TrainConfig().seed, label="Seed", precision=0, minimum=0)
     c["estimate"] = gr.Markdown(elem_id="train-estimate")
     with gr.Row():
         c["button"] = gr.Button("Train gates", variant="primary", elem_id="train-button")

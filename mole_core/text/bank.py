@@ -112,7 +112,11 @@ class TextBank:
         return [e.key for e in self.entries if e.error is None]
 
     def get(self, key: str) -> TextEntry:
-        """The entry, broken or not; mole_core.bank.UnknownLora (a KeyError) for a key the bank does not hold."""
+        """The entry, broken or not; mole_core.bank.UnknownLora (a KeyError) for a key the bank does not hold,
+        ValueError when the bank folder is missing or not a folder (said as such, not "it holds none")."""
+        if not self.folder.is_dir():
+            raise ValueError(f"The bank folder '{self.folder}' "
+                             f"{'is not a folder' if self.folder.exists() else 'does not exist'}.")
         return find(self.entries, key)
 
     def _usable(self, key: str) -> TextEntry:

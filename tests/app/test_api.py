@@ -157,10 +157,12 @@ def test_a_compare_is_served_while_another_visitor_trains(served):
 
 
 @pytest.mark.slow
-def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, tmp_path_factory):
+def test_disk_returns_to_the_start_after_uploads_and_exports(tmp_path, request, tmp_path_factory, monkeypatch):
     """20 uploads and 20 exports from two visitors, then their sessions end (idle past the session lifetime):
-    the sessions' folders are gone and Gradio's cache holds no more bytes than before (delete_cache)."""
+    the sessions' folders are gone and Gradio's cache holds no more bytes than before (delete_cache).
+    The app gets a cache folder of its own: the machine-wide one also grows with every other Gradio app."""
     import shutil
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio_cache"))
 
     import gradio.utils
     from gradio_client import handle_file
@@ -223,3 +225,31 @@ def test_a_study_stops_when_its_visitor_goes(served, monkeypatch):
     done = len(steps)
     time.sleep(1)
     assert len(steps) == done < 800, "the study went on training after its visitor left"
+
+
+def test_nan_and_text_in_number_fields_over_raw_http_get_a_message(served):
+    """T6/T13 on the image tabs: raw HTTP (curl) can send NaN, Infinity or text where the page sends numbers;
+    each is refused naming the field (Gradio's own preprocess of a Number answered {"error": null})."""
+    import json
+    import urllib.request
+    url, keys, _ = served
+
+    def call(api, data: str) -> str:
+        request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=data.encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        event = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
+        return urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=300).read().decode()
+
+    k = json.dumps(keys)
+    table = json.dumps(NO_WEIGHTS | {"metadata": None})
+    for api, data, field in (
+            ("compare", f'{k}, "a", "", NaN, false, 2, 2.5, ["base"], {table}, 2, true, 0.5, 1, "block", "sample"',
+             "Seed must be a finite number"),
+            ("compare", f'{k}, "a", "", 0, false, NaN, 2.5, ["base"], {table}, 2, true, 0.5, 1, "block", "sample"',
+             "Denoising steps must be a finite number"),
+            ("train", f'{k}, "block", NaN, 0.01, 0.5, 0, "sample"', "Steps must be a finite number"),
+            ("train", f'{k}, "block", "5; rm -rf /", 0.01, 0.5, 0, "sample"', "Steps must be a finite number"),
+            ("train", f'{k}, "block", 2, Infinity, 0.5, 0, "sample"', "Learning rate must be a finite number"),
+            ("study", f'{k}, NaN, 1, 1', "Seeds must be a finite number")):
+        reply = call(api, '{"data": [' + data + ']}')
+        assert "event: error" in reply and field in reply, (api, data, reply)

@@ -446,3 +446,14 @@ def test_the_same_file_twice_under_another_name_is_refused(world, keys, tmp_path
     shutil.copy(mine, again)
     with pytest.raises(gr.Error, match="already in the bank as 'Mine'"):
         bank_tab.upload_lora(studio, str(again), "Mine again", "xyz", "", [], state)
+
+
+@pytest.mark.parametrize("side, k", [(16, 16), (32, 8), (48, 5), (64, 4), (256, 1), (512, 1), (1024, 1)])
+def test_compare_shows_images_at_a_whole_multiple_of_their_size(side, k):
+    """Up to 256 px an image is enlarged by the whole factor that fits 256 px (nearest-neighbour), from there
+    shown at its size; the CSS sizes each image to side·k and puts its caption below it (the browser test
+    measures it on the page)."""
+    assert compare_tab.display_scale(side, side) == k
+    css = compare_tab.display_css(side, side)
+    assert f"width: {side * k}px !important" in css and "image-rendering: pixelated" in css
+    assert "position: static" in css                         # the caption below the image, not over it

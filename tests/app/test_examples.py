@@ -44,14 +44,28 @@ def test_each_app_example_draws_every_subject_it_names(world_engine, oracle, ind
     assert reads(oracle, result.image, caption) == [True, True], caption
 
 
+def readme_routed_example() -> tuple[list[str], str, int]:
+    """(LoRA keys of its `train-gates`, prompt and seed of its `generate --method mole`) as README.md writes them."""
+    import re
+    import shlex
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text().replace("\\\n", " ")
+    lines = [shlex.split(line) for line in text.splitlines() if line.startswith("python -m mole_core ")]
+    train = next(w for w in lines if w[3] == "train-gates" and "--model" not in w)
+    generate = next(w for w in lines if w[3] == "generate" and w[w.index("--method") + 1] == "mole")
+    assert "--gate" not in train, "the README's example trains the default gate"
+    keys = [train[i + 1] for i, w in enumerate(train) if w == "--lora"]
+    return keys, generate[generate.index("--prompt") + 1], int(generate[generate.index("--seed") + 1])
+
+
 @pytest.mark.slow
 def test_the_readme_routed_generate_example_draws_both(world_engine, oracle):
-    """README: `train-gates --lora face --lora ring --gate routed`, then `generate --method mole --mixture ...
-    --prompt "a zwx on the left and a qlo on the right" --seed 0` (seed 1 drew one object)."""
-    caption = "a zwx on the left and a qlo on the right"
-    mixture = world_engine.train(["face", "ring"], mole_config_for("block", "routed"),
+    """README: `train-gates --lora face --lora ring` (the default gate: routed), then `generate --method mole
+    --mixture ... --prompt "a zwx on the left and a qlo on the right" --seed S`, read from README.md itself."""
+    keys, caption, seed = readme_routed_example()
+    mixture = world_engine.train(keys, mole_config_for("block", DEFAULT_GATE),
                                  TrainConfig(steps=TRAIN_STEPS, lr=TRAIN_LR, batch_size=TRAIN_BATCH, seed=0,
                                              balance_alpha=0.0))
-    request = GenerateRequest(prompt=caption, seed=0, steps=DEFAULT_DENOISE_STEPS, guidance=DEFAULT_GUIDANCE)
-    result = world_engine.generate(Mix("mole", ("face", "ring"), mixture=mixture), request)
-    assert reads(oracle, result.image, caption) == [True, True]
+    request = GenerateRequest(prompt=caption, seed=seed, steps=DEFAULT_DENOISE_STEPS, guidance=DEFAULT_GUIDANCE)
+    result = world_engine.generate(Mix("mole", tuple(keys), mixture=mixture), request)
+    assert reads(oracle, result.image, caption) == [True, True], (caption, seed)

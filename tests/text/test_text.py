@@ -215,6 +215,17 @@ def test_shipped_bank_manifests_parse():
         assert role == ("main" if e.key in LORA_TASKS else "distractor")
 
 
+def test_a_bank_that_is_no_folder_says_so(tmp_path):
+    """A missing bank folder, or a file given as one, is named as such (not "it has no LoRA")."""
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(ValueError, match="The bank folder '.*missing' does not exist"):
+        TextBank(tmp_path / "missing").get("reverse")
+    with pytest.raises(ValueError, match="The bank folder '.*file.json' is not a folder"):
+        TextBank(tmp_path / "file.json").get("reverse")
+    with pytest.raises(KeyError, match="Unknown LoRA 'reverse': the bank holds no LoRAs"):
+        TextBank(tmp_path).get("reverse")
+
+
 def _report_bars():
     return json.loads((Path(DEFAULT_TEXT_MODEL) / "build_report.json").read_text())["stages"]["eval"]["bars"]
 
