@@ -44,7 +44,7 @@ from mole_core.regions import RegionMaps
 # The MoLE attachment FreeFuse drives: per-token gates with the trigger-routing recorder (trigger tokens only,
 # the activation words); the gates themselves are always forced (equal), so no gate is trained or read.
 FREEFUSE_MOLE = MoleConfig(granularity="block", gate="token", route="trigger", route_tokens="trigger",
-                           route_norm="mass", route_absent="keep", route_learn_beta=False, balance_alpha=0.0)
+                           route_norm="mass", route_absent="keep", route_learn_beta=False)
 COLLECT_FRACTION = 0.25        # masks from the denoiser call at this fraction of the steps (at least step 1)
 BALANCE_ROUNDS = 30
 
