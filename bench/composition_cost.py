@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from mole_core.image.engine import Engine, GenerateRequest, Mix
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # run as a script from anywhere
+from mole_core.image.engine import Engine, GenerateRequest, Mix  # noqa: E402
 
 
 def main() -> None:
