@@ -343,8 +343,16 @@ class StandInEncoder(nn.Module):
         super().__init__()
         self.states = states
 
-    def forward(self, input_ids):
-        return (self.states,)
+    def forward(self, input_ids, output_hidden_states=None, **kwargs):
+        """The bench's states for the bench's text; for another batch (the router re-encoding each trigger
+        phrase on its own, route_encode="separate") the first row's states at that batch and length."""
+        if input_ids.shape == self.states.shape[:2]:
+            return (self.states,)
+        B, L = input_ids.shape
+        row = self.states[:1, :L]
+        if row.shape[1] < L:
+            row = torch.cat([row, row[:, -1:].expand(1, L - row.shape[1], -1)], 1)
+        return (row.expand(B, -1, -1),)
 
 
 @contextmanager
@@ -360,10 +368,14 @@ def default_gate(setup: Setup):
     for i, lora in enumerate(setup.loras):
         words[1 + i * L // len(setup.loras)] = f"trigger-{lora.name}"
     ids = torch.tensor([tokenizer(" ".join(words)).input_ids] * B)
-    encoder(ids)
-    setup.forward()
-    yield
-    handle.detach()
+    saved = setup.text.clone()
+    setup.text.copy_(encoder(ids)[0])     # the denoiser reads what the hooked encoder returned, as in a pipeline
+    try:                                  # (route_encode="separate" splices each trigger phrase encoded alone)
+        setup.forward()
+        yield handle
+    finally:
+        setup.text.copy_(saved)
+        handle.detach()
 
 
 def routed_ratios(ratio, spread) -> dict:
