@@ -26,12 +26,14 @@ gr.Progress, Blocks(delete_cache).
 from __future__ import annotations
 
 import argparse
+import sys
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
-from mole_core.cli import add_precision_arguments, check_model, engine_precision, hush_torchvision_notice
+from mole_core.cli import (add_precision_arguments, check_model, engine_precision, hush_torchvision_notice,
+                           quiet_libraries)
 from mole_core.defaults import DEFAULT_BANK, DEFAULT_MODEL, Limits
 from mole_core.image.engine import Engine
 from mole_core.text.engine import DEFAULT_TEXT_BANK, DEFAULT_TEXT_MODEL, TextEngine, is_text_model
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     add_precision_arguments(parser)    # --dtype, --cpu-offload
     args = parser.parse_args(argv)
     hush_torchvision_notice()
+    if not sys.stderr.isatty():        # a Space's log, a file: no carriage-return loading bars from the libraries
+        quiet_libraries()
     try:
         check_model(args.model, args.bank)    # a missing or unreadable model is refused at start, by name
     except ValueError as e:

@@ -40,6 +40,7 @@ PRESETS = {"whole": (0.0, 0.0, 1.0, 1.0), "left": (0.0, 0.0, 0.5, 1.0), "right":
 # right, mole_core.world.pixel.render.SLOT_X), so each word gets its third of the width.
 CAPTION_BOXES = {"left": (0.0, 0.0, 1 / 3, 1.0), "center": (1 / 3, 0.0, 2 / 3, 1.0), "right": (2 / 3, 0.0, 1.0, 1.0)}
 _FACTORS = (1, 2, 4, 8, 16, 32, 64)
+MAX_MASK_PIXELS = 4096 * 4096      # a mask image larger than this is refused before its pixels are decoded
 # Modules of an SD3 / FLUX transformer that read the text tokens (the same as routing's context stream).
 _TEXT_SIDE = re.compile(r"(^|\.)(context_embedder|add_[qkv]_proj|to_add_out|ff_context)(\.|$)")
 
@@ -132,15 +133,19 @@ def _mask_file(path: str, field: str) -> np.ndarray:
         raise ValueError(f"The {field} {name!r} is neither a preset ({', '.join(_preset_names())}), a box "
                          f"x0,y0,x1,y1 nor a mask image file that exists.")
     try:
-        with PIL.Image.open(path) as image:
-            return _mask_array(image, f"{field} {name!r}")
-    except (OSError, PIL.UnidentifiedImageError) as err:
+        with PIL.Image.open(path) as image:                        # reads the header only: the size is known
+            return _mask_array(image, f"{field} {name!r}")          # before any pixel is decoded
+    except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as err:
         raise ValueError(f"The {field} {name!r} is not an image that can be read ({type(err).__name__}).") from None
 
 
 def _mask_array(value, field: str) -> np.ndarray:
     """(H, W) float32 in [0, 1] from a PIL image (its alpha when it has one and the picture is blank, else
     its luminance) or an array."""
+    size = value.size if hasattr(value, "convert") else np.shape(value)[:2]
+    if math.prod(size) > MAX_MASK_PIXELS:
+        raise ValueError(f"The {field} is {size[0]} × {size[1]} pixels; a mask may have at most "
+                         f"{MAX_MASK_PIXELS:,} (it is resized to the latent grid anyway).")
     if hasattr(value, "convert"):
         alpha = value.getchannel("A") if "A" in value.getbands() else None
         gray = np.asarray(value.convert("L"), dtype=np.float32) / 255.0

@@ -25,13 +25,13 @@ import importlib
 import sys
 
 from mole_core.cli.common import (DTYPE_NAMES, MIX_DENSITY, MIX_SWITCH_EVERY, TRAIN_ALPHA, TRAIN_SEED, Choices,
-                                  CommandParser, check_model, hush_torchvision_notice)
+                                  CommandParser, check_model, hush_torchvision_notice, quiet_libraries)
 from mole_core.cli.image import cmd_evaluate, cmd_generate, cmd_inspect, cmd_merge, cmd_train_gates, engine_precision
 from mole_core.cli.text import run as run_text, wants_text
 from mole_core.defaults import (DEFAULT_BANK, DEFAULT_DENOISE_STEPS, DEFAULT_GATE, DEFAULT_GUIDANCE, DEFAULT_MODEL,
                                 TRAIN_BATCH, TRAIN_LR, TRAIN_STEPS)
 
-__all__ = ["main", "build_parser", "add_precision_arguments", "engine_precision", "check_model", "hush_torchvision_notice", "TRAIN_ALPHA", "DTYPE_NAMES",
+__all__ = ["main", "build_parser", "add_precision_arguments", "engine_precision", "check_model", "hush_torchvision_notice", "quiet_libraries", "TRAIN_ALPHA", "DTYPE_NAMES",
            "MIX_DENSITY", "MIX_SWITCH_EVERY"]
 
 

@@ -142,6 +142,17 @@ def test_an_unreadable_mask_file_is_refused(tmp_path):
         parse_region(str(tmp_path / "bad.png"), "regions of 'a'")
 
 
+def test_an_oversized_mask_is_refused_before_its_pixels_are_read(tmp_path, monkeypatch):
+    import PIL.Image
+    from mole_core import regions
+    PIL.Image.new("L", (40, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(regions, "MAX_MASK_PIXELS", 40 * 30 - 1)
+    with pytest.raises(ValueError, match="'big.png' is 40 × 30 pixels; a mask may have at most 1,199"):
+        parse_region(str(tmp_path / "big.png"), "regions of 'a'")
+    with pytest.raises(ValueError, match="is 40 × 30 pixels"):
+        parse_region(np.zeros((40, 30), np.float32), "regions of 'a'")
+
+
 def test_snippet_and_mixture_carry_the_regions(tmp_path):
     mix = Mix("mole", ("a", "b"), regions={"a": "left", "b": "0.5,0,1,1"})
     assert "regions={'a': 'left', 'b': '0.5,0,1,1'}" in mix.to_python()
