@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,6 +329,22 @@ class MoleHandle:
             yield self
         finally:
             rt.mask, rt.strengths, rt.gates, rt.recording, rt.regions = saved
+
+    @contextmanager
+    def apart(self, mask):
+        """A denoiser call of its own inside a call (regional passes, mole_core/image/regional.py): the experts of
+        `mask` only (as `settings`), everywhere (no regions), not recorded, not counted as a step, and the trigger
+        router's state put back on exit, so the call around it reads its routing as before."""
+        rt = self._runtime
+        saved = (rt.regions, rt.recording, dict(rt.calls))
+        aside = self.router.aside() if self.router is not None else nullcontext()
+        try:
+            rt.regions, rt.recording = None, None
+            with aside, self.settings(mask=mask):
+                yield self
+        finally:
+            rt.regions, rt.recording = saved[:2]
+            rt.calls.update(saved[2])
 
     @contextmanager
     def recording(self, tokens: bool = False):

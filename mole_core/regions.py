@@ -206,6 +206,34 @@ def caption_regions(caption: str, triggers: dict[str, list[str] | str]) -> dict[
     return {k: Region(pos, box=CAPTION_BOXES[pos]) for k, pos in caption_positions(caption, triggers).items()}
 
 
+_CLAUSE = re.compile(r"\s*(?:[,;]|\band\b|\bBREAK\b)\s*", re.IGNORECASE)
+
+
+def region_phrases(prompt: str, triggers: dict[str, list[str] | str], placed) -> dict[str, str]:
+    """{key: the text its regional pass reads} for each `placed` key: the prompt's clauses (split at commas,
+    semicolons, "and", "BREAK") that name its trigger, with the clauses that name no placed expert's trigger
+    kept in place ("a zwx on the left and a qlo on the right" -> zwx: "a zwx on the left"); so a placed expert
+    whose trigger the prompt does not name reads the clauses that name no placed expert (none left: the prompt)."""
+    clauses = [c for c in _CLAUSE.split(prompt) if c.strip()]
+    names = {k: _trigger_words(triggers.get(k)) for k in placed}
+    owners = [{k for k, trigs in names.items() if any(_has_words(c, t) for t in trigs)} for c in clauses]
+    out = {}
+    for key in placed:
+        keep = [c for c, o in zip(clauses, owners) if key in o or not o]
+        out[key] = ", ".join(keep) if keep else prompt
+    return out
+
+
+def _trigger_words(trigger) -> list[list[str]]:
+    trigs = [trigger] if isinstance(trigger, str) else list(trigger or [])
+    return [t.lower().split() for t in trigs if t and t.strip()]
+
+
+def _has_words(clause: str, words: list[str]) -> bool:
+    found = [w.strip(".,;:!?()") for w in clause.lower().split()]
+    return any(found[i:i + len(words)] == words for i in range(len(found) - len(words) + 1))
+
+
 def stack(regions: dict[str, Region] | None, keys, h: int, w: int) -> torch.Tensor | None:
     """(N, h, w) weights in `keys` order (an expert without a region: 1 everywhere), or None when every
     expert may act everywhere (no map: the layers run exactly as without regions)."""

@@ -67,6 +67,8 @@ MoLE (Wu et al., ICLR 2024) for the gates this term biases; diffusers `JointAttn
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import re
 
@@ -400,6 +402,17 @@ class TriggerRouter:
             denoiser.get_submodule(name).processor = proc
         self._processors = {}
         self.reset()
+
+    @contextmanager
+    def aside(self):
+        """Runs inside leave the call's routing state as it was (regional passes: mole_core/image/regional.py): the
+        maps, present experts and recorded texts are kept aside and put back on exit."""
+        kept = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(self).items()
+                if k not in ("model", "encoders", "_handles", "_processors", "runtime")}
+        try:
+            yield self
+        finally:
+            vars(self).update(kept)
 
     def reset(self) -> None:
         self.text_maps, self.recorded, self.denoiser_tokens, self.masses, self._prev_text = {}, [], None, {}, None

@@ -55,7 +55,8 @@ from mole_core.graphs import Graphs, graphs_default
 from mole_core.merge import merge_loras, merged_weights
 from mole_core.mix import MERGES, METHODS, Mix, check_training, mole_config_for
 from mole_core.mixture import Mixture, apply_mixture, load_mixture, save_mixture
-from mole_core.regions import RegionMaps, parse_regions, stack
+from mole_core.image.regional import Pass, conditioning, regional
+from mole_core.regions import RegionMaps, parse_regions, region_phrases, stack
 from mole_core.routing import route_problem
 from mole_core.train import TrainConfig, TrainResult, train_gates
 from mole_core.image.task import DiffusionTask, examples_from_bank
@@ -460,15 +461,34 @@ class Engine:
         if handle.router is not None:     # each image from its own text: no attention maps left by the previous
             handle.router.reset()         # call (its first step would read them: the result depended on it)
         placed = mix.regions if mix.regions is not None or mix.mixture is None else mix.mixture.regions
-        regions = self._region_maps(stack(parse_regions(placed, mix.keys), mix.keys, *self._latent_grid(request)))
-        with handle.settings(mask=_mask(mix), strengths=mix.strengths, regions=regions), \
-                handle.recording() as rec:
-            image = self._call_pipe(request, latents)
+        placed = parse_regions(placed, mix.keys)
+        regions = self._region_maps(stack(placed, mix.keys, *self._latent_grid(request)))
+        with handle.settings(mask=_mask(mix), strengths=mix.strengths, regions=regions):
+            passes = [] if regions is None else self._regional_passes(mix, request, latents, handle, placed, bank)
+            with handle.recording() as rec, regional(getattr(self.pipe, self.family.denoiser), handle, passes,
+                                                     self._patch()):
+                image = self._call_pipe(request, latents)
         on = sum(1 for k in mix.keys if (mix.mask or {}).get(k, True))
         experts = f"{len(mix.keys)} experts" if on == len(mix.keys) else f"{on} of {len(mix.keys)} experts on"
         untrained = "" if mix.mixture is not None else ", untrained"
         placed = ", regions" if regions is not None else ""
         return image, rec.table(), f"MoLE ({mole.describe}, {experts}{untrained}{placed}{fallback})"
+
+    def _regional_passes(self, mix: Mix, request, latents, handle, placed: dict, bank: Bank) -> list[Pass]:
+        """One regional pass per placed expert that is on (mole_core/image/regional.py): that expert and the
+        experts placed nowhere, reading the clauses of the prompt that name it."""
+        on = [k for k in mix.keys if (mix.mask or {}).get(k, True)]
+        mine = [k for k in on if k in placed]
+        phrases = region_phrases(request.prompt, {k: bank.get(k).trigger for k in mix.keys}, mine)
+        grid = self._latent_grid(request)
+        passes = []
+        for key in mine:
+            mask = [k == key or (k in on and k not in placed) for k in mix.keys]
+            with handle.apart(mask):
+                texts = conditioning(self.pipe, getattr(self.pipe, self.family.denoiser),
+                                     self._pipe_call(dataclasses.replace(request, prompt=phrases[key]), latents))
+            passes.append(Pass(mask, texts, placed[key].grid(*grid)))
+        return passes
 
     def _latent_grid(self, request) -> tuple[int, int]:
         """(h, w) of the latent grid of this request's image (the regions' and FreeFuse's masks live there)."""

@@ -20,7 +20,7 @@ from mole_core.attach import MoleConfig, attach
 from mole_core.mix import Mix
 from mole_core.mixture import load_mixture, save_mixture
 from mole_core.regions import (RegionMaps, caption_positions, caption_regions, overlay, parse_region,
-                               parse_regions, stack)
+                               parse_regions, region_phrases, stack)
 from tests.helpers import make_lora
 
 H = W = 4
@@ -184,3 +184,15 @@ def test_overlay_tints_each_region():
     image = overlay(None, {"a": parse_region("left"), "b": parse_region("right")}, ["a", "b"])
     pixels = np.asarray(image, dtype=int)
     assert pixels[128, 10, 0] > pixels[128, 10, 2] and pixels[128, 250, 2] > pixels[128, 250, 0]
+
+
+def test_region_phrases_keep_each_experts_clauses_and_the_shared_ones():
+    triggers = {"face": "zwx", "checker": "vrk", "ring": ["qlo"], "style": "sty"}
+    world = "a zwx on the left and a vrk in the center and a qlo on the right"
+    assert region_phrases(world, triggers, ["face", "checker", "ring"]) == {
+        "face": "a zwx on the left", "checker": "a vrk in the center", "ring": "a qlo on the right"}
+    photo = "a photo of zwx dog, qlo cat; on a beach BREAK sunny"
+    assert region_phrases(photo, triggers, ["face", "ring"]) == {
+        "face": "a photo of zwx dog, on a beach, sunny", "ring": "qlo cat, on a beach, sunny"}
+    assert region_phrases("a zwx and a vrk", triggers, ["face", "style"])["style"] == "a vrk"   # names no placed one
+    assert region_phrases("a zwx", triggers, ["checker", "face"])["checker"] == "a zwx"          # nothing left: all

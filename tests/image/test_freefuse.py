@@ -5,7 +5,10 @@ FLUX pipelines from config, the two random LoRAs of test_routing_families with t
 - a prompt without a trigger is the base model bit for bit;
 - the masks of N concepts partition the image (every pixel exactly one concept, none empty);
 - the pipeline is left as found: processors and weights, and the base image after a FreeFuse call;
-- regions: every region "whole" is the MoLE image bit for bit, a left / right placement changes it.
+- regions: every region "whole" is the MoLE image bit for bit, a left / right placement changes it;
+- a regional pass (mole_core/image/regional.py) covering the whole image is its expert alone, its phrase encoded
+  by the pipeline itself; a placement runs one more denoiser call per placed expert and step (FLUX with true CFG
+  too: two calls per step, each pass reading the text of its call).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from mole_core.image.engine import Engine, Mix
 from mole_core.image.freefuse import balanced_argmax, masks_from_masses
+from mole_core.image.regional import Pass, conditioning, regional
 from tests.image.test_routing_families import ask, family_dir, make_bank, pixels
 
 BOTH = "a catdog on the left and a sks style square"
@@ -75,6 +79,40 @@ def test_regions_whole_is_mole_and_a_placement_changes_it(setup):
                                            Mix("mole", ("a", "b"), regions={"a": "left", "b": "right"})], request)
     assert np.array_equal(pixels(plain.image), pixels(whole.image))
     assert not np.array_equal(pixels(plain.image), pixels(placed.image)) and "regions" in placed.label
+
+
+def test_a_regional_pass_covering_the_image_is_its_expert_alone(setup):
+    family, engine = setup
+    request = ask(family, BOTH)
+    alone = engine.generate(Mix("mole", ("a", "b"), mask={"b": False}), request)
+    mole, _ = engine._routable(Mix("mole", ("a", "b")), engine.bank)
+    handle = engine._attached(("a", "b"), mole, engine.bank)
+    denoiser, latents = getattr(engine.pipe, engine.family.denoiser), engine._latents(request)
+    with handle.apart([True, False]):
+        texts = conditioning(engine.pipe, denoiser, engine._pipe_call(request, latents))
+    whole = Pass([True, False], texts, torch.ones(engine._latent_grid(request)))
+    with regional(denoiser, handle, [whole], engine._patch()):
+        fused = engine._call_pipe(request, latents)
+    assert np.abs(pixels(alone.image) - pixels(fused)).max() <= 1       # explicit vs fused attention: rounding
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_a_placement_runs_one_call_per_placed_expert_and_step(setup, negative):
+    family, engine = setup
+    request = ask(family, BOTH)
+    request.negative, request.true_cfg = negative, 2.0 if negative else 1.0
+    denoiser, calls = getattr(engine.pipe, engine.family.denoiser), []
+    hook = denoiser.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        plain = engine.generate(Mix("mole", ("a", "b")), request)
+        n_plain, calls[:] = len(calls), []
+        placed = engine.generate(Mix("mole", ("a", "b"), regions={"a": "left", "b": "right"}), request)
+    finally:
+        hook.remove()
+    per_step = n_plain // request.steps                       # FLUX with a negative prompt: 2
+    assert per_step == (2 if family == "flux" and negative else 1)
+    assert len(calls) == 2 * per_step + 3 * n_plain          # two phrases' first steps, then 3 calls per call
+    assert np.isfinite(pixels(placed.image)).all() and not np.array_equal(pixels(plain.image), pixels(placed.image))
 
 
 def test_balanced_argmax_balances_and_partitions():
