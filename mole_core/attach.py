@@ -341,6 +341,8 @@ class MoleHandle:
         try:
             rt.regions, rt.recording = None, None
             with aside, self.settings(mask=mask):
+                if self.router is not None:        # the pass's own text decides nothing: its experts stay on
+                    self.router.absent = "keep"
                 yield self
         finally:
             rt.regions, rt.recording = saved[:2]

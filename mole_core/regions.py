@@ -18,6 +18,10 @@ transformer's context stream, the text encoders) are not spatial: their weights 
 
 All regions "whole" (or none) is no map at all: the layers run exactly as without regions.
 
+The engine also gives each placed expert a denoiser call of its own per step, reading the clauses of the prompt
+that name it (`region_phrases`), and fuses the predictions by the regions (mole_core/image/regional.py): inside one
+call the whole prompt is read everywhere, and a small model then draws the subjects the whole prompt suggests.
+
 References: FreeFuse (Liu et al., 2025, arXiv 2510.23515) for LoRA outputs confined to a mask; Prompt-to-Prompt
 (Hertz et al., 2022) for token maps at the UNet's resolutions.
 """

@@ -44,8 +44,9 @@ def layout(studio: Studio) -> dict:
     gr.Markdown("Switch experts off, weaken them or place each in a region: only the MoLE image is re-rendered "
                 "(prompt and seed of the last comparison), the remaining experts renormalised, no retraining. A "
                 "switch or a region re-renders at once; after moving a strength, press Render. Outside its region "
-                "an expert's weight is 0; a pixel no region covers is the base model. Compare's MoLE uses the same "
-                "regions.")
+                "an expert's weight is 0; a pixel no region covers is the base model. Each placed expert also draws "
+                "its region from its own part of the prompt (one more denoising pass per placed expert: a placed "
+                "image takes 1 + that many times as long). Compare's MoLE uses the same regions.")
     for i in range(MAX_EXPERTS):  # a fixed number of rows; the selection shows the first N
         with gr.Row(visible=False) as row:
             c["rows"].append(row)

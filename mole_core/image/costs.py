@@ -10,7 +10,7 @@ gate-training step of each gate kind, timed here (a short calibration at start-u
 A kind's cost is a running mean (the newest run weighs 0.3), so a machine that gets busier or quieter is
 followed within a few runs. Costs are kept for two experts; more experts cost `expert_factor(n)` times as
 much for MoLE images and gate training (measured: about +8% per expert), N LoRAs cost a LoRA Composite
-image N merge images.
+image N merge images, and a MoLE image with K placed experts costs 1 + K images (one regional pass each).
 
 References: none (bookkeeping); the reference timings are this project's 2-core CPU machine, quiet.
 """
@@ -38,6 +38,17 @@ def image_kind(mix) -> str:
     return "denoise_step_merge"       # the merges, one LoRA alone, and (per LoRA) LoRA Composite
 
 
+def regional_passes(mix) -> int:
+    """Denoiser calls a MoLE image makes per step beyond its own: one per placed expert when some expert is placed
+    somewhere other than the whole image (mole_core/image/regional.py)."""
+    regions = mix.regions if mix.regions is not None or mix.mixture is None else getattr(mix.mixture, "regions", None)
+    regions = regions or {}
+    placed = any(not (getattr(v, "whole", False) or (isinstance(v, str) and v.strip().lower() == "whole"))
+                 for v in regions.values())
+    off = {k for k, on in (mix.mask or {}).items() if not on}
+    return len([k for k in regions if k not in off]) if placed else 0
+
+
 def train_kind(gate: str) -> str:
     return "train_step_token" if gate in ("token", "routed") else "train_step_sample"
 
@@ -63,7 +74,7 @@ class Costs:
         n = max(2, len(mix.keys))
         per_step = self.table[image_kind(mix)]
         if mix.method == "mole":
-            per_step *= expert_factor(n)
+            per_step *= expert_factor(n) * (1 + regional_passes(mix))
         elif mix.method == "freefuse":        # + the collect steps (a quarter, freefuse.COLLECT_FRACTION)
             per_step *= expert_factor(n) * 1.25
         elif mix.method == "composite":
