@@ -337,12 +337,11 @@ class MoleHandle:
         router's state put back on exit, so the call around it reads its routing as before."""
         rt = self._runtime
         saved = (rt.regions, rt.recording, dict(rt.calls))
-        aside = self.router.aside() if self.router is not None else nullcontext()
+        # the pass's own text switches none of its experts off (absent="keep")
+        aside = self.router.aside(absent="keep") if self.router is not None else nullcontext()
         try:
             rt.regions, rt.recording = None, None
             with aside, self.settings(mask=mask):
-                if self.router is not None:        # the pass's own text decides nothing: its experts stay on
-                    self.router.absent = "keep"
                 yield self
         finally:
             rt.regions, rt.recording = saved[:2]

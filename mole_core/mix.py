@@ -95,6 +95,11 @@ class Mix:
                 "dare": f"DARE d={self.density:g} r={rank}"}[self.method]
 
     @property
+    def placement(self) -> dict | None:
+        """mole: where each expert acts — this mix's regions, else its mixture's (None: everywhere)."""
+        return self.regions if self.regions is not None or self.mixture is None else self.mixture.regions
+
+    @property
     def single(self) -> str | None:
         """The bank key of a "single:<key>" method, else None."""
         return self.method.split(":", 1)[1] if self.method.startswith("single:") else None

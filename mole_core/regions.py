@@ -187,12 +187,11 @@ def caption_positions(caption: str, triggers: dict[str, list[str] | str]) -> dic
     """{key: "left" | "center" | "right"}: for each LoRA whose trigger word is in the caption, the first position
     word after it and before the next trigger ("a zwx on the left and a qrb in the center"; the pixel world's
     grammar, mole_core.world.pixel.render.POSITION_PHRASE). LoRAs without a trigger or a position are left out."""
-    words = [w.strip(".,;:!?") for w in caption.lower().split()]
+    words = _words(caption)
     starts = {}
     for key, trig in triggers.items():
-        for t in ([trig] if isinstance(trig, str) else list(trig or [])):
-            t = t.lower().split()
-            hits = [i for i in range(len(words) - len(t) + 1) if t and words[i:i + len(t)] == t]
+        for t in _trigger_words(trig):
+            hits = _hits(words, t)
             if hits:
                 starts[key] = min(hits[0], starts.get(key, len(words)))
     order = sorted(starts, key=starts.get)
@@ -220,7 +219,7 @@ def region_phrases(prompt: str, triggers: dict[str, list[str] | str], placed) ->
     whose trigger the prompt does not name reads the clauses that name no placed expert (none left: the prompt)."""
     clauses = [c for c in _CLAUSE.split(prompt) if c.strip()]
     names = {k: _trigger_words(triggers.get(k)) for k in placed}
-    owners = [{k for k, trigs in names.items() if any(_has_words(c, t) for t in trigs)} for c in clauses]
+    owners = [{k for k, trigs in names.items() if any(_hits(_words(c), t) for t in trigs)} for c in clauses]
     out = {}
     for key in placed:
         keep = [c for c, o in zip(clauses, owners) if key in o or not o]
@@ -228,14 +227,20 @@ def region_phrases(prompt: str, triggers: dict[str, list[str] | str], placed) ->
     return out
 
 
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;:!?") for w in text.lower().split()]
+
+
 def _trigger_words(trigger) -> list[list[str]]:
+    """A trigger (a word, words, or a list of them) as lists of lower-case words."""
     trigs = [trigger] if isinstance(trigger, str) else list(trigger or [])
     return [t.lower().split() for t in trigs if t and t.strip()]
 
 
-def _has_words(clause: str, words: list[str]) -> bool:
-    found = [w.strip(".,;:!?()") for w in clause.lower().split()]
-    return any(found[i:i + len(words)] == words for i in range(len(found) - len(words) + 1))
+def _hits(words: list[str], trigger: list[str]) -> list[int]:
+    """Where the trigger's words start in `words`."""
+    n = len(trigger)
+    return [i for i in range(len(words) - n + 1) if n and words[i:i + n] == trigger]
 
 
 def stack(regions: dict[str, Region] | None, keys, h: int, w: int) -> torch.Tensor | None:

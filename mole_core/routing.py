@@ -404,12 +404,14 @@ class TriggerRouter:
         self.reset()
 
     @contextmanager
-    def aside(self):
+    def aside(self, **changes):
         """Runs inside leave the call's routing state as it was (regional passes: mole_core/image/regional.py): the
-        maps, present experts and recorded texts are kept aside and put back on exit."""
+        maps, present experts and recorded texts are kept aside and put back on exit; `changes` (e.g. absent="keep")
+        hold inside only."""
         kept = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(self).items()
                 if k not in ("model", "encoders", "_handles", "_processors", "runtime")}
         try:
+            vars(self).update(changes)
             yield self
         finally:
             vars(self).update(kept)

@@ -41,8 +41,7 @@ def image_kind(mix) -> str:
 def regional_passes(mix) -> int:
     """Denoiser calls a MoLE image makes per step beyond its own: one per placed expert when some expert is placed
     somewhere other than the whole image (mole_core/image/regional.py)."""
-    regions = mix.regions if mix.regions is not None or mix.mixture is None else getattr(mix.mixture, "regions", None)
-    regions = regions or {}
+    regions = mix.placement or {}
     placed = any(not (getattr(v, "whole", False) or (isinstance(v, str) and v.strip().lower() == "whole"))
                  for v in regions.values())
     off = {k for k, on in (mix.mask or {}).items() if not on}

@@ -460,8 +460,7 @@ class Engine:
             handle.reset_gates()          # untrained: zero logits, equal weights
         if handle.router is not None:     # each image from its own text: no attention maps left by the previous
             handle.router.reset()         # call (its first step would read them: the result depended on it)
-        placed = mix.regions if mix.regions is not None or mix.mixture is None else mix.mixture.regions
-        placed = parse_regions(placed, mix.keys)
+        placed = parse_regions(mix.placement, mix.keys)
         regions = self._region_maps(stack(placed, mix.keys, *self._latent_grid(request)))
         with handle.settings(mask=_mask(mix), strengths=mix.strengths, regions=regions):
             passes = [] if regions is None else self._regional_passes(mix, request, latents, handle, placed, bank)

@@ -87,10 +87,13 @@ def fusion_weights(weights: torch.Tensor, like: torch.Tensor, patch: int = 1) ->
 def regional(denoiser: nn.Module, handle, passes: list[Pass], patch: int = 1):
     """Inside, every call of `denoiser` returns the fused prediction (module docstring): after the call itself,
     one call per pass with that pass's experts (`handle.apart`) and text."""
+    if not passes:
+        yield
+        return
     state = {"inside": False, "calls": 0, "weights": {}}
 
     def fuse(module, args, kwargs, output):
-        if state["inside"] or not passes:
+        if state["inside"]:
             return None
         index, state["calls"] = state["calls"], state["calls"] + 1
         main = output[0] if isinstance(output, tuple) else output.sample
